@@ -1,0 +1,241 @@
+"""The append-only event log on disk: ``state/events.jsonl``, one canonical event a line.
+
+Crash semantics:
+- An append is one ``os.write`` of whole lines followed by ``fdatasync`` before it returns;
+  several events written together share one sync (group commit).
+- A power cut mid-write leaves a torn tail (bytes after the last newline, or trailing lines
+  that are not JSON). A writer that opens the log sets the torn bytes aside in
+  ``events.jsonl.torn-<time>``, truncates them, and logs it. They are never folded.
+- A bad line in the middle (bad JSON, id, signature, chain) is rejected with a reason and
+  logged; it stays in the file and nothing valid is lost (gossip refills any gap it leaves).
+- A failed write (disk full) is cut back to the last good offset and the log reloaded, so
+  memory never runs ahead of the disk.
+
+Concurrency: processes serialize appends with ``flock`` on ``events.lock`` (the agent and a
+CLI command may append at once); before appending, a writer reads what others appended.
+Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidEvent, MaildropError
+from .events import Event, make_event, parse_event
+from .keys import NodeKey
+from .ledger import Ledger
+from .model import Network
+
+log = logging.getLogger("maildrop.eventlog")
+
+
+@dataclass
+class Ingested:
+    accepted: list[Event] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+
+class EventLog:
+    """One node's event log: the file, the ledger of valid events and the model they fold to."""
+
+    def __init__(self, path: Path, *, pinned: Mapping[str, str] | None = None, writable: bool = True) -> None:
+        self.path = path
+        self.writable = writable
+        self.lock = threading.RLock()
+        self.ledger = Ledger(pinned)
+        self.network = Network()
+        self.rejected: list[str] = []
+        self.torn: Path | None = None
+        self._offset = 0
+        self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
+        if writable:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+        else:
+            try:
+                self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._fd = -1
+            try:
+                self._lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._lock_fd = -1
+        with self._flock(exclusive=writable):
+            self._read_new(initial=True)
+
+    # -- file plumbing ----------------------------------------------------------------------
+    @contextmanager
+    def _flock(self, exclusive: bool) -> Iterator[None]:
+        if self._lock_fd < 0:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _read_new(self, initial: bool = False) -> list[Event]:
+        """Read and fold every complete line after ``_offset``. Caller holds the flock."""
+        if self._fd < 0:
+            return []
+        size = os.fstat(self._fd).st_size
+        if size <= self._offset:
+            return []
+        data = os.pread(self._fd, size - self._offset, self._offset)
+        end = data.rfind(b"\n") + 1
+        body, tail = data[:end], data[end:]
+        lines = body.split(b"\n")[:-1] if body else []
+        # Trailing lines that are not JSON at all are torn too (e.g. zeros after a power cut).
+        torn_from = len(lines)
+        while torn_from > 0 and not _looks_like_json(lines[torn_from - 1]):
+            torn_from -= 1
+        if tail or torn_from < len(lines):
+            torn_bytes = b"\n".join(lines[torn_from:]) + (b"\n" if torn_from < len(lines) else b"") + tail
+            good_end = self._offset + sum(len(x) + 1 for x in lines[:torn_from])
+            self._set_aside(torn_bytes, good_end)
+            lines = lines[:torn_from]
+            end = good_end - self._offset
+        accepted: list[Event] = []
+        start_line = 0
+        for n, line in enumerate(lines, start_line + 1):
+            if not line.strip():
+                continue
+            try:
+                ev = parse_event(line)
+            except InvalidEvent as exc:
+                self._reject(f"line at byte {self._offset}+: {exc}", n)
+                continue
+            result = self.ledger.offer(ev)
+            if result.rejected:
+                self._reject(result.rejected, n)
+            for e in result.accepted:
+                self.network.apply(e)
+            accepted.extend(result.accepted)
+        self._offset += end
+        return accepted
+
+    def _set_aside(self, torn: bytes, good_end: int) -> None:
+        if not self.writable:
+            log.warning("eventlog.torn.ignored path=%s bytes=%d (a writer will set it aside)", self.path, len(torn))
+            return
+        aside = self.path.with_name(f"{self.path.name}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        with open(aside, "wb") as f:
+            f.write(torn)
+            f.flush()
+            os.fsync(f.fileno())
+        os.ftruncate(self._fd, good_end)
+        os.fsync(self._fd)
+        self.torn = aside
+        log.warning("eventlog.torn path=%s bytes=%d set_aside=%s", self.path, len(torn), aside)
+
+    def _reject(self, reason: str, line_no: int) -> None:
+        self.rejected.append(reason)
+        log.warning("eventlog.rejected path=%s line=%d reason=%s", self.path, line_no, reason)
+
+    def _write(self, events: Sequence[Event]) -> None:
+        """Append whole lines and fdatasync. Caller holds the flock. On failure cut back."""
+        buf = b"".join(e.to_line() for e in events)
+        before = self._offset
+        try:
+            view = memoryview(buf)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            os.ftruncate(self._fd, before)
+            self._reload()
+            raise MaildropError(f"cannot append to {self.path}: {os.strerror(exc.errno or errno.EIO)}") from exc
+        self._offset += len(buf)
+
+    def _reload(self) -> None:
+        self.ledger = Ledger(self.ledger.pinned)
+        self.network = Network()
+        self._offset = 0
+        self._read_new()
+
+    # -- the API ----------------------------------------------------------------------------
+    def refresh(self) -> list[Event]:
+        """Fold what other processes appended since we last looked (cheap when nothing did)."""
+        with self.lock:
+            if self._fd < 0 or os.fstat(self._fd).st_size <= self._offset:
+                return []
+            with self._flock(exclusive=False):
+                return self._read_new()
+
+    def append_own(
+        self, key: NodeKey, origin: str, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
+    ) -> list[Event]:
+        """Sign and append this node's next events (one write, one sync). Returns them."""
+        items = list(items)
+        if not items:
+            return []
+        if not self.writable:
+            raise MaildropError("event log opened read-only")
+        with self.lock, self._flock(exclusive=True):
+            self._read_new()
+            feed = self.ledger.feeds.get(origin)
+            seq = feed.head_seq if feed else 0
+            prev = feed.head_id if feed else None
+            out = []
+            for type_, data in items:
+                seq += 1
+                ev = make_event(key, origin, seq, prev, now, type_, data)
+                prev = ev.id
+                out.append(ev)
+            self._write(out)
+            for ev in out:
+                res = self.ledger.offer(ev)
+                if res.rejected:  # cannot happen unless our key differs from our feed's key
+                    raise MaildropError(f"own event refused by own log: {res.rejected}")
+                for e in res.accepted:
+                    self.network.apply(e)
+            return out
+
+    def ingest(self, events: Iterable[Event]) -> Ingested:
+        """Validate events from a peer and append the ones that join (one write, one sync)."""
+        result = Ingested()
+        with self.lock, self._flock(exclusive=True):
+            self._read_new()
+            for ev in events:
+                offered = self.ledger.offer(ev)
+                if offered.rejected:
+                    result.rejected.append(offered.rejected)
+                elif offered.duplicate:
+                    result.duplicates += 1
+                result.accepted.extend(offered.accepted)
+            if result.accepted:
+                self._write(result.accepted)
+                for e in result.accepted:
+                    self.network.apply(e)
+        for reason in result.rejected:
+            log.warning("gossip.event.rejected reason=%s", reason)
+        return result
+
+    @property
+    def size_bytes(self) -> int:
+        return self._offset
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._lock_fd = -1
+
+
+def _looks_like_json(line: bytes) -> bool:
+    s = line.strip()
+    return s.startswith(b"{") and s.endswith(b"}")

@@ -1,0 +1,118 @@
+"""The fold: order independence (property-based), links, transfer states, routes."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maildrop import events as E
+from maildrop.model import fold
+from maildrop.routing import next_hop, route
+from tests.factories import FeedWriter, network_of
+
+NODES = ["NodeA", "NodeB", "NodeC", "NodeD", "NodeE"]
+TIDS = ["a" * 32, "b" * 32, "c" * 32]
+
+
+def _random_feeds(rnd: random.Random) -> list:
+    """Several feeds with random links, observations and transfer facts."""
+    feeds = {n: FeedWriter(n, port=7000 + i) for i, n in enumerate(NODES)}
+    for f in feeds.values():
+        f.configured()
+    for _ in range(rnd.randint(5, 40)):
+        who = feeds[rnd.choice(NODES)]
+        other = rnd.choice([n for n in NODES if n != who.origin])
+        kind = rnd.choice(["cfg", "rm", "up", "down", "q", "rel", "dlv", "fail", "reconf"])
+        tid = rnd.choice(TIDS)
+        if kind == "cfg":
+            who.add(E.LINK_CONFIGURED, {"peer": other})
+        elif kind == "rm":
+            who.add(E.LINK_REMOVED, {"peer": other})
+        elif kind == "up":
+            who.add(E.LINK_UP, {"peer": other})
+        elif kind == "down":
+            who.add(E.LINK_DOWN, {"peer": other})
+        elif kind == "q":
+            who.add(E.TRANSFER_QUEUED, {"transfer": tid, "destination": other, "name": "f.txt",
+                                        "size": rnd.randint(0, 99), "sha256": "0" * 64})
+        elif kind == "rel":
+            who.add(E.TRANSFER_RELAYED, {"transfer": tid, "from": other})
+        elif kind == "dlv":
+            who.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "0" * 64, "name": "f.txt"})
+        elif kind == "fail":
+            who.add(E.TRANSFER_FAILED, {"transfer": tid, "reason": rnd.choice(["expired", "rejected"])})
+        else:
+            who.configured(address=f"127.0.0.1:{rnd.randint(1, 9)}")
+    return [ev for f in feeds.values() for ev in f.events]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), order=st.randoms(use_true_random=False), dup=st.integers(0, 5))
+def test_fold_is_the_same_for_any_order_of_the_same_set(seed, order, dup):
+    events = _random_feeds(random.Random(seed))
+    shuffled = list(events) + events[:dup]  # duplicates too: a set is a set
+    order.shuffle(shuffled)
+    a, b = fold(events), fold(shuffled)
+    assert a.as_dict() == b.as_dict()
+    assert {n: r for n in NODES for r in [route(a, "NodeA", n)]} == {
+        n: r for n in NODES for r in [route(b, "NodeA", n)]
+    }
+
+
+def test_link_needs_both_ends_and_down_removes_it():
+    feeds = network_of([("NodeA", "NodeB")])
+    feeds["NodeA"].link("NodeC")  # C never configures A: half a link
+    FeedWriter("NodeC").configured()
+    net = fold(ev for f in feeds.values() for ev in f.events)
+    assert net.links() == [("NodeA", "NodeB", "up")]
+    assert net.half_links() == [("NodeA", "NodeC")]
+    down = feeds["NodeB"].add(E.LINK_DOWN, {"peer": "NodeA"})
+    net.apply(down)
+    assert net.links() == [("NodeA", "NodeB", "down")]
+    assert route(net, "NodeA", "NodeB") is None
+    net.apply(feeds["NodeB"].add(E.LINK_UP, {"peer": "NodeA"}))
+    assert route(net, "NodeA", "NodeB") == ["NodeA", "NodeB"]
+
+
+def _net(edges):
+    feeds = network_of(edges)
+    return feeds, fold(ev for f in feeds.values() for ev in f.events)
+
+
+def test_routes_on_a_small_graph_with_a_down_link():
+    # A-B-C-E and A-D-E: two shortest paths of length 3 vs A-D-E of length 2.
+    feeds, net = _net([("NodeA", "NodeB"), ("NodeB", "NodeC"), ("NodeC", "NodeE"),
+                       ("NodeA", "NodeD"), ("NodeD", "NodeE")])
+    assert route(net, "NodeA", "NodeE") == ["NodeA", "NodeD", "NodeE"]
+    net.apply(feeds["NodeA"].add(E.LINK_DOWN, {"peer": "NodeD"}))
+    assert route(net, "NodeA", "NodeE") == ["NodeA", "NodeB", "NodeC", "NodeE"]
+    assert route(net, "NodeA", "NodeE", avoid=["NodeC"]) is None
+    assert next_hop(net, "NodeB", "NodeE") == "NodeC"
+
+
+def test_ties_are_broken_by_node_id():
+    _, net = _net([("NodeA", "NodeC"), ("NodeA", "NodeB"), ("NodeB", "NodeE"), ("NodeC", "NodeE")])
+    assert route(net, "NodeA", "NodeE") == ["NodeA", "NodeB", "NodeE"]
+    assert route(net, "NodeA", "NodeE", avoid=["NodeB"]) == ["NodeA", "NodeC", "NodeE"]
+    assert route(net, "NodeA", "NodeE", excluded=["NodeB", "NodeC"]) is None
+
+
+def test_transfer_states_and_who_may_say_what():
+    a, e, b = FeedWriter("NodeA"), FeedWriter("NodeE"), FeedWriter("NodeB")
+    for f in (a, e, b):
+        f.configured()
+    tid = "d" * 32
+    q = a.add(E.TRANSFER_QUEUED, {"transfer": tid, "destination": "NodeE", "name": "r.pdf",
+                                  "size": 5, "sha256": "1" * 64})
+    net = fold([*a.events, *e.events, *b.events])
+    assert net.transfers[tid].state == "queued"
+    net.apply(b.add(E.TRANSFER_RELAYED, {"transfer": tid, "from": "NodeA"}))
+    assert net.transfers[tid].state == "relayed"
+    # A receipt from a node that is not the destination does not count.
+    net.apply(b.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "1" * 64, "name": "r.pdf"}))
+    assert net.transfers[tid].state == "relayed"
+    net.apply(a.add(E.TRANSFER_FAILED, {"transfer": tid, "reason": "expired"}))
+    assert net.transfers[tid].state == "failed"
+    net.apply(e.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "1" * 64, "name": "r.pdf"}))
+    assert net.transfers[tid].state == "delivered"  # delivered beats every other state
+    assert q.data["name"] == net.transfers[tid].name
