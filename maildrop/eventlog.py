@@ -225,6 +225,19 @@ class EventLog:
             log.warning("gossip.event.rejected reason=%s", reason)
         return result
 
+    # -- the gossip Store interface (see gossip.Store) -------------------------------------
+    def fingerprint(self) -> str:
+        with self.lock:
+            return self.ledger.fingerprint()
+
+    def version_vector(self) -> dict[str, int]:
+        with self.lock:
+            return self.ledger.version_vector()
+
+    def since(self, their_vv: Mapping[str, int], limit: int | None = None) -> list[Event]:
+        with self.lock:
+            return self.ledger.since(their_vv, limit)
+
     @property
     def size_bytes(self) -> int:
         return self._offset

@@ -1,0 +1,142 @@
+"""Gossip: the Fingerprint and Gossip calls over a FrameStream.
+
+Fingerprint: the caller sends its fingerprint; equal fingerprints end the round (one round
+trip, about two hundred bytes). Gossip: the caller sends its version vector; the callee
+answers with the events the caller lacks, in batches of at most ``BATCH`` events, the last
+batch carrying the callee's own vector; the caller ingests them and sends back, in batches,
+the events the callee lacks; the callee answers ``gossip.done``. Cost grows with the
+difference, not with the log.
+
+Received events are parsed and validated (via the store's ``ingest``) before anything is
+stored; invalid ones are counted and logged, never stored. Works on any ``Store``: pure
+of files and sockets itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import ids
+from .errors import InvalidEvent, ProtocolError
+from .events import Event, parse_event
+from .protocol import Frame, FrameStream
+
+BATCH = 500
+MAX_BATCHES = 10_000
+log = logging.getLogger("maildrop.gossip")
+
+
+class IngestResult(Protocol):
+    accepted: list[Event]
+    rejected: list[str]
+
+
+class Store(Protocol):
+    def fingerprint(self) -> str: ...
+    def version_vector(self) -> dict[str, int]: ...
+    def since(self, their_vv: Mapping[str, int], limit: int | None = None) -> list[Event]: ...
+    def ingest(self, events: Iterable[Event]) -> IngestResult: ...
+
+
+@dataclass
+class RoundStats:
+    in_sync: bool = False
+    received: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    sent: int = 0
+
+
+def clean_vv(vv: Any) -> dict[str, int]:
+    """A version vector from the network: keep well-formed entries only."""
+    if not isinstance(vv, dict):
+        raise ProtocolError("version vector is not an object")
+    return {o: s for o, s in vv.items() if ids.is_node_id(o) and isinstance(s, int)
+            and not isinstance(s, bool) and s >= 0}
+
+
+def encode_batch(events: list[Event]) -> bytes:
+    return b"".join(e.to_line() for e in events)
+
+
+def decode_batch(frame: Frame) -> tuple[list[Event], int]:
+    """Parse a batch body; returns the structurally valid events and the count of bad lines."""
+    good, bad = [], 0
+    lines = frame.body.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if len(lines) != frame["count"]:
+        raise ProtocolError(f"events: count {frame['count']} but {len(lines)} lines")
+    for line in lines:
+        try:
+            good.append(parse_event(line))
+        except InvalidEvent as exc:
+            bad += 1
+            log.warning("gossip.event.invalid reason=%s", exc)
+    return good, bad
+
+
+def _send_batches(stream: FrameStream, events: list[Event], **last: Any) -> None:
+    for i in range(0, max(len(events), 1), BATCH):
+        chunk = events[i : i + BATCH]
+        more = i + BATCH < len(events)
+        extra = {} if more else last
+        stream.send("events", encode_batch(chunk), more=more, count=len(chunk), **extra)
+
+
+def _recv_batches(stream: FrameStream, store: Store, stats: RoundStats) -> Frame:
+    for _ in range(MAX_BATCHES):
+        frame = stream.recv(expect={"events"})
+        events, bad = decode_batch(frame)
+        stats.received += len(events) + bad
+        stats.rejected += bad
+        if events:
+            res = store.ingest(events)
+            stats.accepted += len(res.accepted)
+            stats.rejected += len(res.rejected)
+        if not frame["more"]:
+            return frame
+    raise ProtocolError("too many event batches")
+
+
+def call(stream: FrameStream, store: Store) -> RoundStats:
+    """One gossip round as the caller: Fingerprint, then Gossip if they differ."""
+    stats = RoundStats()
+    stream.send("fingerprint", fp=store.fingerprint())
+    reply = stream.recv(expect={"fingerprint.reply"})
+    if reply["same"]:
+        stats.in_sync = True
+        return stats
+    stream.send("gossip", vv=store.version_vector())
+    last = _recv_batches(stream, store, stats)
+    their_vv = clean_vv(last.header.get("vv", {}))
+    missing = store.since(their_vv)
+    stats.sent = len(missing)
+    _send_batches(stream, missing)
+    stream.recv(expect={"gossip.done"})
+    return stats
+
+
+def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> None:
+    mine = store.fingerprint()
+    stream.send("fingerprint.reply", fp=mine, same=(frame["fp"] == mine))
+
+
+def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats:
+    """The callee's half of Gossip: send what the caller lacks, take what we lack."""
+    stats = RoundStats()
+    their_vv = clean_vv(frame["vv"])
+    missing = store.since(their_vv)
+    stats.sent = len(missing)
+    _send_batches(stream, missing, vv=store.version_vector())
+    _recv_batches(stream, store, stats)
+    stream.send("gossip.done", accepted=stats.accepted, rejected=stats.rejected)
+    return stats
+
+
+def events_json(events: Iterable[Event]) -> list[dict[str, Any]]:
+    return [json.loads(e.to_line()) for e in events]

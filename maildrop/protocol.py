@@ -1,0 +1,167 @@
+"""The wire protocol spoken on a maildrop SSH channel: framing and the closed list of ops.
+
+A frame is ``u32 big-endian header length | header | body``. The header is a canonical JSON
+object with ``"v"`` (protocol version, first thing checked) and ``"op"``; when a body
+follows, ``"len"`` gives its length. Headers are at most 64 KiB, bodies at most 8 MiB. After
+an ``accept`` the sender streams the file's raw bytes (no framing) — see docs/protocol.md.
+
+A bad frame, an unknown op, a wrong version or a field of the wrong type raises
+ProtocolError; the caller closes that channel and logs the reason. Dispatch is by the
+``OPS`` table only, never by looking up arbitrary names.
+
+Pure: works on any object with ``recv(n)`` and ``sendall(b)``; imports no sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import ProtocolError
+from .events import canonical
+
+VERSION = 1
+MAX_HEADER = 64 * 1024
+MAX_BODY = 8 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+# op -> {field: type}. Every op may also carry "v", "op" and (with a body) "len".
+OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "fingerprint": {"fp": str},
+    "fingerprint.reply": {"fp": str, "same": bool},
+    "gossip": {"vv": dict},
+    "events": {"more": bool, "count": int},
+    "gossip.done": {"accepted": int, "rejected": int},
+    "offer": {"transfer": str, "queued": dict, "route": list},
+    "accept": {"offset": int},
+    "have": {},
+    "refuse": {"reason": str, "detail": str},
+    "stored": {},
+    "ping": {},
+    "pong": {},
+    "error": {"reason": str},
+}
+_OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "events": {"vv": dict},
+    "offer": {"cut_through": bool},
+}
+
+
+class Stream(Protocol):
+    def recv(self, n: int) -> bytes: ...
+    def sendall(self, data: bytes) -> None: ...
+
+
+@dataclass
+class Frame:
+    op: str
+    header: dict[str, Any]
+    body: bytes = b""
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.header[key]
+
+
+def encode(op: str, body: bytes = b"", **fields: Any) -> bytes:
+    """One frame, ready to send."""
+    header = {"v": VERSION, "op": op, **fields}
+    if body:
+        header["len"] = len(body)
+    hb = canonical(header)
+    if len(hb) > MAX_HEADER:
+        raise ProtocolError(f"header of {op} too large ({len(hb)} bytes)")
+    return _LEN.pack(len(hb)) + hb + body
+
+
+def check_header(header: Any, expect: Collection[str] | None = None) -> str:
+    """Validate a decoded header against the op table; return the op or raise ProtocolError."""
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header is not a JSON object")
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} not supported (want {VERSION})")
+    op = header.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"unknown op {str(op)[:40]!r}")
+    if expect is not None and op not in expect and op != "error":
+        raise ProtocolError(f"unexpected op {op!r} (expected {', '.join(sorted(expect))})")
+    schema = OPS[op]
+    for name, typ in schema.items():
+        if name not in header:
+            raise ProtocolError(f"{op}: field {name!r} missing")
+        val = header[name]
+        if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+            raise ProtocolError(f"{op}: field {name!r} has the wrong type")
+    for name, typ in _OPTIONAL.get(op, {}).items():
+        if name in header and not isinstance(header[name], typ):
+            raise ProtocolError(f"{op}: field {name!r} has the wrong type")
+    return op
+
+
+class FrameStream:
+    """Frames over one channel. Not thread-safe: one conversation per channel at a time."""
+
+    def __init__(self, chan: Stream, max_body: int = MAX_BODY) -> None:
+        self.chan = chan
+        self.max_body = max_body
+        self._buf = bytearray()
+
+    def send(self, op: str, body: bytes = b"", **fields: Any) -> None:
+        self.chan.sendall(encode(op, body, **fields))
+
+    def send_raw(self, data: bytes | memoryview) -> None:
+        self.chan.sendall(data)
+
+    def _fill(self, n: int) -> None:
+        while len(self._buf) < n:
+            chunk = self.chan.recv(max(n - len(self._buf), 65536))
+            if not chunk:
+                raise EOFError("channel closed")
+            self._buf += chunk
+
+    def recv_exact(self, n: int) -> bytes:
+        self._fill(n)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def recv_some(self, limit: int) -> bytes:
+        """Up to ``limit`` raw bytes (at least one); EOFError when the channel closed."""
+        if self._buf:
+            out = bytes(self._buf[:limit])
+            del self._buf[:limit]
+            return out
+        chunk = self.chan.recv(limit)
+        if not chunk:
+            raise EOFError("channel closed")
+        return chunk
+
+    def recv(self, expect: Collection[str] | None = None) -> Frame:
+        """The next frame; ProtocolError if it is bad, EOFError if the channel closed.
+
+        An ``error`` frame from the peer is raised as ProtocolError carrying its reason.
+        """
+        self._fill(4)
+        (hlen,) = _LEN.unpack(self._buf[:4])
+        if hlen == 0 or hlen > MAX_HEADER:
+            raise ProtocolError(f"bad frame: header length {hlen}")
+        self._fill(4 + hlen)
+        raw = bytes(self._buf[4 : 4 + hlen])
+        del self._buf[: 4 + hlen]
+        try:
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ProtocolError("bad frame: header is not JSON") from None
+        op = check_header(header, expect)
+        body = b""
+        blen = header.get("len", 0)
+        if not isinstance(blen, int) or isinstance(blen, bool) or blen < 0 or blen > self.max_body:
+            raise ProtocolError(f"bad frame: body length {blen!r}")
+        if blen:
+            body = self.recv_exact(blen)
+        if op == "error":
+            raise ProtocolError(f"peer said: {header['reason'][:200]}")
+        return Frame(op, header, body)
