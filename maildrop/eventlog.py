@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -57,6 +58,7 @@ class EventLog:
         self.network = Network()
         self.rejected: list[str] = []
         self.torn: Path | None = None
+        self._known_conflicts: dict[str, str] = {}
         self._offset = 0
         self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
         if writable:
@@ -72,8 +74,10 @@ class EventLog:
                 self._lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._lock_fd = -1
+        self._conflicts_path = path.with_name("conflicts.jsonl")
         with self._flock(exclusive=writable):
             self._read_new(initial=True)
+        self._load_conflicts()
 
     # -- file plumbing ----------------------------------------------------------------------
     @contextmanager
@@ -140,6 +144,35 @@ class EventLog:
         os.fsync(self._fd)
         self.torn = aside
         log.warning("eventlog.torn path=%s bytes=%d set_aside=%s", self.path, len(torn), aside)
+
+    def _load_conflicts(self) -> None:
+        """Conflicts found earlier (forks, second feeds) stay known across restarts."""
+        try:
+            lines = self._conflicts_path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                self.ledger.conflicts.setdefault(str(rec["origin"]), str(rec["reason"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        self._known_conflicts = dict(self.ledger.conflicts)
+
+    def _record_conflicts(self, evidence: Sequence[Event]) -> None:
+        """Persist newly found conflicts with the offending events (caller holds the lock)."""
+        new = {o: r for o, r in self.ledger.conflicts.items() if o not in self._known_conflicts}
+        if not new or not self.writable:
+            return
+        with open(self._conflicts_path, "ab") as f:
+            for origin, reason in new.items():
+                ev = next((e.to_dict() for e in evidence if e.origin == origin), None)
+                f.write(json.dumps({"origin": origin, "reason": reason, "event": ev}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._known_conflicts.update(new)
+        for origin, reason in new.items():
+            log.error("eventlog.conflict origin=%s reason=%s (never routed to)", origin, reason)
 
     def _reject(self, reason: str, line_no: int) -> None:
         self.rejected.append(reason)
@@ -208,6 +241,7 @@ class EventLog:
     def ingest(self, events: Iterable[Event]) -> Ingested:
         """Validate events from a peer and append the ones that join (one write, one sync)."""
         result = Ingested()
+        events = list(events)
         with self.lock, self._flock(exclusive=True):
             self._read_new()
             for ev in events:
@@ -221,6 +255,8 @@ class EventLog:
                 self._write(result.accepted)
                 for e in result.accepted:
                     self.network.apply(e)
+            if result.rejected:
+                self._record_conflicts(events)
         for reason in result.rejected:
             log.warning("gossip.event.rejected reason=%s", reason)
         return result

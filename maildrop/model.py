@@ -140,6 +140,10 @@ class Network:
         v = self._link_cfg.get((a, b))
         return bool(v and v[1])
 
+    def configured_pairs(self) -> list[tuple[str, str]]:
+        """Every (a, b) where a's latest word is that it links to b."""
+        return sorted(k for k, (_, on) in self._link_cfg.items() if on)
+
     def observed_down(self, observer: str, peer: str) -> bool:
         v = self._link_obs.get((observer, peer))
         return bool(v and not v[1])

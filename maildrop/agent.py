@@ -1,0 +1,443 @@
+"""The agent: the imperative shell that wires log, model, spool, transport and watcher.
+
+Services, each a named thread with a ``run`` loop, started and supervised here:
+``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
+jittered interval and right after new events; reconnect with tenacity backoff; liveness and
+``link.up``/``link.down``), ``relay`` (plans and dispatches hops), ``watcher`` (outbox).
+The main thread supervises: it writes ``state/agent.json`` (soft state for ``status``),
+pings the systemd watchdog and folds events other processes appended.
+
+Crash: every fact is in the log before it is acted on and every file step is durable
+(see ``transfers``), so ``kill -9`` at any point is recovered by ``Custody.recover`` and
+gossip on the next start.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from . import events as E
+from . import gossip, sdnotify
+from .announce import config_events
+from .config import Config, format_hostport
+from .errors import MaildropError, ProtocolError, TransferRefused
+from .eventlog import EventLog
+from .events import Event
+from .keys import NodeKey, load_key
+from .protocol import FrameStream
+from .relay import Expire, Policy, Send, plan
+from .spool import Spool, durable_write, ensure_layout
+from .transfers import Custody
+from .transport.ssh import (
+    AuthRefused,
+    HostKeyMismatch,
+    PeerClient,
+    PeerIncompatible,
+    SSHServer,
+    is_transient,
+)
+from .watcher import OutboxWatcher
+
+log = logging.getLogger("maildrop.agent")
+
+PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
+SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
+STATUS_FILE = "agent.json"
+STATUS_EVERY = 1.0
+
+
+def open_log(config: Config, writable: bool = True) -> EventLog:
+    """The node's event log with this node's and its peers' keys pinned."""
+    pinned = {p.id: p.key for p in config.peers}
+    return EventLog(config.events_path, pinned=pinned, writable=writable)
+
+
+def announce(config: Config, key: NodeKey, elog: EventLog) -> list[Event]:
+    """Append the config facts that differ from the log's latest word (and only those)."""
+    with elog.lock:
+        items = config_events(elog.network, config.node_id, config.display_name,
+                              format_hostport(config.advertise), key.public_line,
+                              [p.id for p in config.peers])
+    return elog.append_own(key, config.node_id, items, time.time()) if items else []
+
+
+@dataclass
+class PeerLink:
+    """Soft state of one configured peer."""
+
+    id: str
+    address: tuple[str, int]
+    client: PeerClient
+    state: str = "unknown"  # "up" | "down" | "unknown"
+    last_seen: float | None = None
+    down_since: float | None = None
+    last_error: str = ""
+    kick: threading.Event = field(default_factory=threading.Event)
+    stream: FrameStream | None = None
+    chan: Any = None
+    rounds: int = 0
+
+
+class _RecentErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.items: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.items.append({"ts": record.created, "level": record.levelname.lower(),
+                           "message": record.getMessage()[:300]})
+
+
+class Agent:
+    """One node's agent. ``run(stop)`` blocks until ``stop`` is set or a service dies."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.me = config.node_id
+        self.stop = threading.Event()
+        self.key: NodeKey = load_key(config.key_path)
+        ensure_layout(config.root)
+        self.log = open_log(config)
+        self.spool = Spool(config.spool)
+        self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after)
+        self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
+                               max_file_size=config.max_file_size,
+                               min_free_space=config.min_free_space, on_change=self._changed)
+        self.links: dict[str, PeerLink] = {
+            p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key))
+            for p in config.peers
+        }
+        self._relay_kick = threading.Event()
+        self._hop_slots = {p: threading.Semaphore(config.parallel) for p in self.links}
+        self._executor = ThreadPoolExecutor(max_workers=max(4, config.parallel * max(1, len(self.links))),
+                                            thread_name_prefix="hop")
+        self._threads: dict[str, threading.Thread] = {}
+        self._errors = _RecentErrors()
+        self.server: SSHServer | None = None
+        self.started = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        logging.getLogger("maildrop").addHandler(self._errors)
+        new = announce(self.config, self.key, self.log)
+        if new:
+            log.info("agent.announced events=%d", len(new))
+        self.custody.recover()
+        self.server = SSHServer(self.key, self.config.listen, {p.id: p.key for p in self.config.peers},
+                                self, logger=logging.getLogger("maildrop.ssh"))
+        self.server.start()
+        for link in self.links.values():
+            self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
+        self._spawn("relay", self._relay_loop)
+        watcher = OutboxWatcher(self.config.outbox, self._on_outbox_file, settle=self.config.settle,
+                                rescan_interval=self.config.rescan_interval,
+                                polling=self.config.polling, logger=logging.getLogger("maildrop.watcher"))
+        self._spawn("watcher", watcher.run, self.stop)
+        host, port = self.server.address
+        log.info("agent.started node=%s listen=%s:%d peers=%d events=%d", self.me, host, port,
+                 len(self.links), self.log.ledger.count)
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        def body() -> None:
+            try:
+                target(*args)
+            except Exception:
+                log.exception("agent.service.crashed service=%s", name)
+                raise
+        t = threading.Thread(target=body, name=name, daemon=True)
+        self._threads[name] = t
+        t.start()
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Start, supervise until ``stop`` is set, stop cleanly. Returns an exit status."""
+        if stop is not None:
+            self.stop = stop
+        self.start()
+        self.write_status()
+        sdnotify.ready(f"node {self.me} listening on {format_hostport(self.server.address)}")  # type: ignore[union-attr]
+        wd = sdnotify.watchdog_interval()
+        status = 0
+        next_wd = 0.0
+        while not self.stop.wait(STATUS_EVERY if wd is None else min(STATUS_EVERY, wd)):
+            dead = [n for n, t in self._threads.items() if not t.is_alive()]
+            if dead:
+                log.error("agent.service.died services=%s; stopping so the supervisor restarts us",
+                          ",".join(dead))
+                status = 1
+                break
+            if self.log.refresh():
+                self._changed()
+            self.write_status()
+            if wd is not None and time.monotonic() >= next_wd:
+                sdnotify.watchdog_ping()
+                next_wd = time.monotonic() + wd
+        self.shutdown()
+        return status
+
+    def shutdown(self) -> None:
+        sdnotify.stopping()
+        self.stop.set()
+        self._relay_kick.set()
+        for link in self.links.values():
+            link.kick.set()
+        if self.server is not None:
+            self.server.stop()
+        for link in self.links.values():
+            link.client.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for name, t in self._threads.items():
+            t.join(3.0)
+            if t.is_alive():
+                log.warning("agent.stop.slow service=%s", name)
+        self.write_status(running=False)
+        self.log.close()
+        logging.getLogger("maildrop").removeHandler(self._errors)
+        log.info("agent.stopped node=%s", self.me)
+
+    def _changed(self) -> None:
+        """New facts or new custody: replan now and tell the peers soon."""
+        self._relay_kick.set()
+        for link in self.links.values():
+            link.kick.set()
+
+    # -- incoming calls (the transport's ChannelHandler) ---------------------------------------
+    def handle_channel(self, peer_id: str, channel: Any) -> None:
+        stream = FrameStream(channel)
+        link = self.links.get(peer_id)
+        while not self.stop.is_set():
+            try:
+                frame = stream.recv(expect=SERVE_OPS)
+            except (TimeoutError, EOFError, OSError):
+                return
+            except ProtocolError as exc:
+                log.warning("protocol.refused peer=%s reason=%s", peer_id, exc)
+                with contextlib.suppress(Exception):
+                    stream.send("error", reason=str(exc)[:200])
+                return
+            if link is not None:
+                self._observe(link, True)
+            if frame.op == "fingerprint":
+                gossip.answer_fingerprint(stream, frame, self.log)
+            elif frame.op == "gossip":
+                stats = gossip.answer_gossip(stream, frame, self.log)
+                self._after_gossip(peer_id, stats)
+            elif frame.op == "offer":
+                self.custody.receive(peer_id, stream, frame)
+            elif frame.op == "ping":
+                stream.send("pong")
+
+    def _after_gossip(self, peer_id: str, stats: gossip.RoundStats) -> None:
+        if stats.rejected:
+            log.warning("gossip.rejected peer=%s count=%d", peer_id, stats.rejected)
+        if stats.accepted:
+            log.debug("gossip.accepted peer=%s count=%d", peer_id, stats.accepted)
+            self._changed()
+
+    # -- gossip and liveness ---------------------------------------------------------------------
+    def _gossip_loop(self, link: PeerLink) -> None:
+        interval = self.config.gossip_interval
+        while not self.stop.is_set():
+            try:
+                for attempt in Retrying(
+                    retry=retry_if_exception(self._transient),
+                    wait=wait_random_exponential(multiplier=0.2, max=max(2 * interval, 1.0)),
+                    stop=lambda _rs: self.stop.is_set(),
+                    sleep=self.stop.wait,
+                    before_sleep=lambda rs, link=link: self._round_failed(link, rs.outcome.exception()),
+                    reraise=True,
+                ):
+                    with attempt:
+                        self._gossip_round(link)
+            except Exception as exc:  # permanent: wrong host key, auth refused
+                if self.stop.is_set():
+                    return
+                self._round_failed(link, exc)
+                log.error("gossip.peer.refused peer=%s reason=%s; fix the key in the config", link.id, exc)
+                self.stop.wait(max(30.0, interval * 6))
+                continue
+            link.kick.wait(interval * random.uniform(0.8, 1.2))
+            link.kick.clear()
+
+    @staticmethod
+    def _transient(exc: BaseException) -> bool:
+        """Worth retrying: anything but a refusal that only an operator can fix (wrong host
+        key, login refused, incompatible peer). A broken channel, a timeout or a local hiccup
+        is retried with backoff."""
+        return is_transient(exc) or not isinstance(exc, PERMANENT)
+
+    def _gossip_round(self, link: PeerLink) -> None:
+        if link.stream is None:
+            link.chan = link.client.open_channel()
+            link.chan.settimeout(60.0)
+            link.stream = FrameStream(link.chan)
+        try:
+            stats = gossip.call(link.stream, self.log)
+        except BaseException:
+            self._close_gossip(link)
+            raise
+        link.rounds += 1
+        self._observe(link, True)
+        if stats.accepted or stats.rejected:
+            self._after_gossip(link.id, stats)
+
+    def _close_gossip(self, link: PeerLink) -> None:
+        with contextlib.suppress(Exception):
+            if link.chan is not None:
+                link.chan.close()
+        link.chan = link.stream = None
+
+    def _round_failed(self, link: PeerLink, exc: BaseException | None) -> None:
+        link.last_error = f"{exc.__class__.__name__}: {exc}"[:200] if exc else ""
+        log.debug("gossip.round.failed peer=%s error=%s", link.id, link.last_error)
+        self._observe(link, False)
+
+    def _observe(self, link: PeerLink, up: bool) -> None:
+        """Soft liveness, and a debounced ``link.up``/``link.down`` fact on a change."""
+        now = time.time()
+        with self.log.lock:
+            last = self.log.network.last_observation(self.me, link.id)
+        if up:
+            link.last_seen, link.down_since = now, None
+            if link.state != "up":
+                log.info("link.up peer=%s", link.id)
+            link.state = "up"
+            if last is None or not last[0]:
+                self._append(E.LINK_UP, {"peer": link.id})
+            return
+        if link.down_since is None:
+            link.down_since = now
+        if link.state != "down":
+            log.warning("link.unreachable peer=%s error=%s", link.id, link.last_error)
+        link.state = "down"
+        if now - link.down_since >= self.config.link_down_after and (last is None or last[0]):
+            log.warning("link.down peer=%s after=%.0fs", link.id, now - link.down_since)
+            self._append(E.LINK_DOWN, {"peer": link.id})
+
+    def _append(self, type_: str, data: dict[str, Any]) -> None:
+        self.log.append_own(self.key, self.me, [(type_, data)], time.time())
+        self._changed()
+
+    # -- outbox and relay -----------------------------------------------------------------------
+    def _on_outbox_file(self, path: Any, destination: str) -> None:
+        self.custody.take(path, destination)
+
+    def _relay_loop(self) -> None:
+        while not self.stop.is_set():
+            self._relay_kick.clear()
+            now = time.time()
+            with self.custody.lock:
+                held = list(self.custody.held.values())
+                with self.log.lock:
+                    p = plan(self.log.network, self.me, held, now, self.policy,
+                             excluded=self.log.ledger.conflicts)
+                for a in p.actions:
+                    if isinstance(a, Send):
+                        h = self.custody.held.get(a.transfer)
+                        if h is None or a.hop not in self.links:
+                            continue
+                        h.in_flight = True
+                        self._executor.submit(self._send, a.transfer, a.hop)
+            for a in p.actions:
+                if isinstance(a, Expire):
+                    self.custody.expire(a.transfer, a.reason)
+                elif not isinstance(a, Send):
+                    self.custody.drop(a.transfer, a.reason)
+            timeout = 5.0 if p.wake_at is None else min(5.0, max(0.01, p.wake_at - time.time()))
+            self._relay_kick.wait(timeout)
+
+    def _send(self, tid: str, hop: str) -> None:
+        link = self.links[hop]
+        h = self.custody.held.get(tid)
+        if h is None:
+            return
+        try:
+            with self._hop_slots[hop]:
+                for attempt in Retrying(
+                    retry=retry_if_exception(self._transient),
+                    stop=stop_after_attempt(self.policy.reroute_after),
+                    wait=wait_random_exponential(multiplier=0.3, max=5.0),
+                    sleep=self.stop.wait,
+                    before_sleep=lambda rs: log.info(
+                        "relay.hop.retry transfer=%s peer=%s attempt=%d error=%s", tid, hop,
+                        rs.attempt_number, rs.outcome.exception()),
+                ):
+                    with attempt:
+                        if self.stop.is_set():
+                            return
+                        chan = link.client.open_channel()
+                        try:
+                            chan.settimeout(120.0)
+                            result = self.custody.offer_to(hop, chan, h)
+                        finally:
+                            with contextlib.suppress(Exception):
+                                chan.close()
+            log.info("relay.hop.done transfer=%s peer=%s result=%s", tid, hop, result)
+            self.custody.handed(tid, hop)
+        except TransferRefused as exc:
+            log.warning("relay.hop.refused transfer=%s peer=%s reason=%s detail=%s",
+                        tid, hop, exc.reason, exc.detail)
+            with self.custody.lock:
+                if exc.reason == "busy":
+                    h.retry_at = time.time() + 1.0
+                else:
+                    h.failures[hop] = self.policy.reroute_after
+                    h.retry_at = time.time() + 2.0
+        except (TimeoutError, RetryError, MaildropError, OSError, EOFError) as exc:
+            cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
+            log.warning("relay.hop.failed transfer=%s peer=%s error=%s; rerouting", tid, hop, cause)
+            with self.custody.lock:
+                h.failures[hop] = h.failures.get(hop, 0) + self.policy.reroute_after
+                h.retry_at = time.time() + 1.0
+        except Exception:
+            log.exception("relay.hop.crashed transfer=%s peer=%s", tid, hop)
+            with self.custody.lock:
+                h.retry_at = time.time() + 5.0
+        finally:
+            with self.custody.lock:
+                h.in_flight = False
+            self._relay_kick.set()
+
+    # -- soft state for status ----------------------------------------------------------------
+    def status(self, running: bool = True) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(), "node": self.me, "running": running,
+            "started": self.started, "updated": time.time(),
+            "listen": format_hostport(self.server.address) if self.server else None,
+            "peers": [{"id": lk.id, "address": format_hostport(lk.address), "state": lk.state,
+                       "last_seen": lk.last_seen, "last_error": lk.last_error}
+                      for lk in self.links.values()],
+            "inflight": self.custody.snapshot(),
+            "held": len(self.custody.held),
+            "errors": list(self._errors.items),
+        }
+
+    def write_status(self, running: bool = True) -> None:
+        try:
+            durable = json.dumps(self.status(running), sort_keys=True).encode()
+            path = self.config.state_dir / STATUS_FILE
+            tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
+            tmp.write_bytes(durable)
+            os.replace(tmp, path)  # soft state: atomic, not fsynced
+        except OSError as exc:
+            log.debug("agent.status.write_failed error=%s", exc)
+
+
+__all__ = ["Agent", "announce", "open_log", "durable_write"]

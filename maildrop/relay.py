@@ -1,0 +1,141 @@
+"""Relay planning: what to do next with each transfer this node holds. Pure.
+
+``plan(net, me, held, now, policy)`` returns actions; the agent carries them out:
+
+- ``Drop``: the destination's receipt is in the model (or the origin gave up and we are a
+  relay): let our copy go.
+- ``Expire``: we are the origin and ``expire_after`` has passed without a receipt.
+- ``Send``: offer it to the next hop on the route. A hop that failed ``reroute_after``
+  times is avoided (reroute); nodes the transfer already passed are avoided unless there
+  is no other way; conflicted nodes are never used.
+- The origin keeps its copy after the first hop stored it, until the receipt; with no
+  receipt after ``resend_after`` it resends over another path (the destination keeps each
+  transfer id once, so this never delivers twice).
+
+Nothing here sleeps or reads a clock: ``now`` comes in, ``wake_at`` goes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .model import DELIVERED, FAILED, Network
+from .routing import route
+
+
+@dataclass
+class Held:
+    """Soft state for one transfer in our spool (rebuilt from the spool and log on start)."""
+
+    transfer: str
+    origin: str
+    destination: str
+    queued_at: float
+    passed: tuple[str, ...] = ()  # nodes that held it before us (the route so far)
+    handed_to: str | None = None  # the hop that stored it (origin keeps its copy meanwhile)
+    handed_at: float | None = None
+    tried: set[str] = field(default_factory=set)  # hops the origin already handed it to
+    failures: dict[str, int] = field(default_factory=dict)  # consecutive failed tries per hop
+    retry_at: float = 0.0
+    in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class Policy:
+    expire_after: float = 7 * 86400.0
+    resend_after: float = 6 * 3600.0
+    reroute_after: int = 3  # failed tries of one hop before routing around it
+    idle_retry: float = 5.0  # how soon to look again when no route exists
+
+
+@dataclass(frozen=True)
+class Send:
+    transfer: str
+    hop: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    transfer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Expire:
+    transfer: str
+    reason: str
+
+
+Action = Send | Drop | Expire
+
+
+@dataclass
+class Plan:
+    actions: list[Action]
+    wake_at: float | None  # the earliest time something will be due, if nothing happens first
+
+
+def choose_hop(net: Network, me: str, h: Held, policy: Policy, excluded: Iterable[str] = ()) -> str | None:
+    """The next hop for ``h``, or None while no route exists."""
+    bad = {hop for hop, n in h.failures.items() if n >= policy.reroute_after}
+    if h.origin == me:
+        bad |= h.tried if h.handed_to is None and h.tried else set()
+    for avoid in (set(h.passed) | bad, bad, set(h.passed)):
+        path = route(net, me, h.destination, avoid=avoid - {h.destination}, excluded=excluded)
+        if path and len(path) > 1 and path[1] not in bad:
+            return path[1]
+    return None
+
+
+def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy,
+         excluded: Iterable[str] = ()) -> Plan:
+    actions: list[Action] = []
+    wake: list[float] = []
+    excluded = set(excluded)
+    for h in held:
+        tr = net.transfers.get(h.transfer)
+        state = tr.state if tr else None
+        if state == DELIVERED:
+            actions.append(Drop(h.transfer, "delivered"))
+            continue
+        if h.origin == me:
+            if state == FAILED:
+                actions.append(Drop(h.transfer, "failed"))
+                continue
+            deadline = h.queued_at + policy.expire_after
+            if now >= deadline:
+                actions.append(Expire(h.transfer, f"not delivered within {policy.expire_after:.0f} s"))
+                continue
+            wake.append(deadline)
+        elif state == FAILED:
+            actions.append(Drop(h.transfer, "origin gave up"))
+            continue
+        if h.in_flight:
+            continue
+        if h.handed_to is not None:
+            if h.origin != me:
+                actions.append(Drop(h.transfer, f"stored by {h.handed_to}"))
+                continue
+            resend = (h.handed_at or now) + policy.resend_after
+            if now < resend:
+                wake.append(resend)
+                continue
+            # No receipt in time: resend over another path than the ones tried.
+            h.tried.add(h.handed_to)
+            h.handed_to = h.handed_at = None
+        if now < h.retry_at:
+            wake.append(h.retry_at)
+            continue
+        hop = choose_hop(net, me, h, policy, excluded)
+        if hop is None and h.tried and h.origin == me:
+            h.tried.clear()  # every path was tried once: start over rather than give up early
+            hop = choose_hop(net, me, h, policy, excluded)
+        if hop is None:
+            if h.failures:
+                h.failures.clear()  # the avoided hops may be back; try them again later
+            h.retry_at = now + policy.idle_retry
+            wake.append(h.retry_at)
+            continue
+        actions.append(Send(h.transfer, hop))
+    return Plan(actions, min(wake) if wake else None)

@@ -1,0 +1,418 @@
+"""Custody of files: take from the outbox, receive from a peer, deliver, send to a hop.
+
+Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and ``eventlog``
+(facts) in the order that makes every crash safe. Record before acting:
+
+- take:    meta -> rename into the spool -> hash -> ``transfer.queued``.
+- receive: meta -> bytes into ``<tid>.part`` -> verify size+sha256 -> fsync -> rename to
+           ``<tid>.data`` -> ``transfer.relayed`` (or deliver) -> answer ``stored``.
+- deliver: meta says delivering -> hard-link into ``inbox/<origin>/`` (never overwriting)
+           -> ``transfer.delivered`` -> drop the spool copy.
+- send:    the sender lets go only after the receiver answered ``stored`` (or ``have``).
+
+``recover()`` finishes whatever a crash interrupted, from the spool and the log alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import events as E
+from . import ids
+from .errors import InvalidEvent, ProtocolError, TransferRefused
+from .eventlog import EventLog
+from .events import Event, parse_event, parse_ts
+from .keys import NodeKey
+from .model import DELIVERED
+from .protocol import Frame, FrameStream
+from .relay import Held
+from .spool import Spool, find_link, hash_file, link_unique, move_to_failed
+
+log = logging.getLogger("maildrop.transfers")
+
+CHUNK = 1024 * 1024
+MAX_ROUTE = 64
+
+
+@dataclass
+class Progress:
+    transfer: str
+    direction: str  # "out" or "in"
+    peer: str
+    size: int
+    done: int = 0
+    started: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"transfer": self.transfer, "direction": self.direction, "peer": self.peer,
+                "size": self.size, "bytes": self.done}
+
+
+class Custody:
+    """Everything this node does with file bytes. Thread-safe."""
+
+    def __init__(self, node_id: str, key: NodeKey, log_: EventLog, spool: Spool, inbox: Path,
+                 failed: Path, *, max_file_size: int, min_free_space: int,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.me = node_id
+        self.key = key
+        self.log = log_
+        self.spool = spool
+        self.inbox = inbox
+        self.failed = failed
+        self.max_file_size = max_file_size
+        self.min_free_space = min_free_space
+        self.on_change = on_change
+        self.lock = threading.RLock()
+        self.held: dict[str, Held] = {}
+        self.progress: dict[tuple[str, str], Progress] = {}
+        self._receiving: set[str] = set()
+        self._deliver_lock = threading.Lock()
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _append(self, type_: str, data: dict[str, Any]) -> Event:
+        ev = self.log.append_own(self.key, self.me, [(type_, data)], time.time())[0]
+        self.on_change()
+        return ev
+
+    def queued_event(self, tid: str) -> Event | None:
+        """The origin's signed ``transfer.queued`` for ``tid``, from the spool meta or the log."""
+        meta = self.spool.read_meta(tid)
+        if meta and isinstance(meta.get("queued"), dict):
+            try:
+                return parse_event(meta["queued"])
+            except InvalidEvent:
+                pass
+        with self.log.lock:
+            for ev in self.log.ledger.all_events():
+                if ev.type == E.TRANSFER_QUEUED and ev.data["transfer"] == tid:
+                    return ev
+        return None
+
+    def _hold(self, tid: str, origin: str, destination: str, queued_ts: str,
+              passed: tuple[str, ...]) -> None:
+        with self.lock:
+            if tid not in self.held:
+                self.held[tid] = Held(tid, origin, destination, parse_ts(queued_ts), passed=passed)
+        self.on_change()
+
+    # -- take (origin) -------------------------------------------------------------------------
+    def take(self, path: Path, destination: str) -> str | None:
+        """Take custody of a complete file dropped into ``outbox/<destination>/``."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return None
+        if not os.path.isfile(path) or os.path.islink(path):
+            return None
+        name = ids.safe_file_name(path.name)
+        if name is None:
+            final = move_to_failed(path, self.failed, f"unsafe-name-{secrets.token_hex(4)}",
+                                   f"the file name {path.name!r} cannot be sent safely; rename it")
+            log.warning("outbox.refused path=%s reason=unsafe-name moved_to=%s", path, final)
+            return None
+        tid = secrets.token_hex(16)
+        self.spool.take(path, tid, {"transfer": tid, "origin": self.me, "destination": destination,
+                                    "name": name, "state": "taking", "taken_at": time.time(),
+                                    "size_hint": st.st_size})
+        return self._queue(tid)
+
+    def _queue(self, tid: str) -> str:
+        meta = self.spool.read_meta(tid) or {}
+        size, sha = hash_file(self.spool.data(tid))
+        ev = self._append(E.TRANSFER_QUEUED, {"transfer": tid, "destination": meta["destination"],
+                                              "name": meta["name"], "size": size, "sha256": sha})
+        log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
+                 tid, meta["destination"], meta["name"], size)
+        if meta["destination"] == self.me:
+            self._deliver(tid, ev)
+        else:
+            self._hold(tid, self.me, meta["destination"], ev.ts, ())
+        return tid
+
+    # -- receive (relay or destination) ------------------------------------------------------
+    def receive(self, peer: str, stream: FrameStream, frame: Frame) -> None:
+        """Answer one ``offer`` from ``peer``: have / refuse / accept, then take the bytes."""
+        tid = frame["transfer"]
+        try:
+            queued, route = self._check_offer(peer, frame)
+        except TransferRefused as exc:
+            log.warning("relay.offer.refused peer=%s transfer=%s reason=%s detail=%s",
+                        peer, str(tid)[:40], exc.reason, exc.detail)
+            stream.send("refuse", reason=exc.reason, detail=exc.detail)
+            return
+        if self._already_have(tid, queued):
+            stream.send("have")
+            return
+        with self.lock:
+            if tid in self._receiving:
+                stream.send("refuse", reason="busy", detail="this transfer is arriving on another channel")
+                return
+            self._receiving.add(tid)
+        try:
+            self._receive_bytes(peer, stream, queued, route)
+        finally:
+            with self.lock:
+                self._receiving.discard(tid)
+                self.progress.pop((tid, "in"), None)
+
+    def _check_offer(self, peer: str, frame: Frame) -> tuple[Event, tuple[str, ...]]:
+        tid = frame["transfer"]
+        if not ids.is_transfer_id(tid):
+            raise TransferRefused("bad-offer", "transfer id is malformed")
+        try:
+            queued = parse_event(frame["queued"])
+        except InvalidEvent as exc:
+            raise TransferRefused("bad-offer", str(exc)) from None
+        if queued.type != E.TRANSFER_QUEUED or queued.data["transfer"] != tid:
+            raise TransferRefused("bad-offer", "queued event does not match the transfer")
+        with self.log.lock:
+            key = self.log.ledger.key_of(queued.origin)
+            known_dest = queued.data["destination"] in self.log.network.nodes
+        if key is None:
+            raise TransferRefused("unknown-origin", f"no key known for {queued.origin} yet")
+        if not queued.verify_signature(key):
+            raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
+        self.log.ingest([queued])
+        route = frame["route"]
+        if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
+            raise TransferRefused("bad-offer", "route is malformed")
+        d = queued.data
+        if d["destination"] != self.me and not known_dest:
+            raise TransferRefused("unknown-destination", f"{d['destination']} is not known here")
+        if d["size"] > self.max_file_size:
+            raise TransferRefused("too-large", f"{d['size']} bytes is over the limit of {self.max_file_size}")
+        need = d["size"] - self.spool.part_size(tid) + self.min_free_space
+        if self.spool.free_bytes() < need:
+            raise TransferRefused("no-space", "not enough free disk space for this file")
+        return queued, tuple(route)
+
+    def _already_have(self, tid: str, queued: Event) -> bool:
+        if queued.origin == self.me:
+            return True  # our own file came back around: we hold the original
+        with self.log.lock:
+            tr = self.log.network.transfers.get(tid)
+            if tr is not None and (self.me in tr.receipts or self.me in tr.custody):
+                return True
+        meta = self.spool.read_meta(tid)
+        return bool(meta and meta.get("state") in ("held", "delivering"))
+
+    def _receive_bytes(self, peer: str, stream: FrameStream, queued: Event,
+                       route: tuple[str, ...]) -> None:
+        tid, d = queued.data["transfer"], queued.data
+        size = d["size"]
+        meta = {"transfer": tid, "origin": queued.origin, "destination": d["destination"],
+                "name": d["name"], "size": size, "sha256": d["sha256"], "from": peer,
+                "passed": list(route), "queued": queued.to_dict(), "state": "receiving"}
+        if self.spool.read_meta(tid) != meta:
+            self.spool.write_meta(tid, meta)
+        offset = self.spool.part_size(tid)
+        if offset > size:
+            offset = 0
+        h = hashlib.sha256()
+        if offset:
+            hash_file(self.spool.part(tid), h)
+        fd = self.spool.open_part(tid, offset)
+        prog = Progress(tid, "in", peer, size, offset, time.time())
+        with self.lock:
+            self.progress[(tid, "in")] = prog
+        stream.send("accept", offset=offset)
+        if offset:
+            log.info("relay.resume transfer=%s peer=%s offset=%d size=%d", tid, peer, offset, size)
+        committed = False
+        try:
+            remaining = size - offset
+            while remaining:
+                chunk = stream.recv_some(min(remaining, CHUNK))
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+                h.update(chunk)
+                remaining -= len(chunk)
+                prog.done += len(chunk)
+            if h.hexdigest() != d["sha256"]:
+                os.close(fd)
+                committed = True
+                self.spool.discard(tid)
+                log.warning("relay.refused transfer=%s peer=%s reason=hash-mismatch", tid, peer)
+                stream.send("refuse", reason="hash-mismatch", detail="bytes do not match the sha256 of the queued event")
+                return
+            self.spool.commit_part(tid, fd)
+            committed = True
+        finally:
+            if not committed:
+                os.close(fd)  # the part stays: the next offer resumes from here
+        meta["state"] = "held"
+        self.spool.write_meta(tid, meta)
+        if d["destination"] == self.me:
+            self._deliver(tid, queued)
+        else:
+            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": peer})
+            self._hold(tid, queued.origin, d["destination"], queued.ts, route + (self.me,))
+            log.info("transfer.relayed transfer=%s from=%s size=%d", tid, peer, size)
+        stream.send("stored")
+
+    # -- deliver (destination) ---------------------------------------------------------------
+    def _deliver(self, tid: str, queued: Event) -> None:
+        """Publish into ``inbox/<origin>/`` once, then the receipt, then drop the spool copy."""
+        with self._deliver_lock:
+            with self.log.lock:
+                tr = self.log.network.transfers.get(tid)
+                done = tr is not None and self.me in tr.receipts
+            if not done:
+                meta = self.spool.read_meta(tid) or {}
+                if meta.get("state") != "delivering":
+                    meta["state"] = "delivering"
+                    self.spool.write_meta(tid, meta)
+                folder = self.inbox / queued.origin
+                data = self.spool.data(tid)
+                final = (find_link(data, folder) if folder.exists() else None) or link_unique(
+                    data, folder, queued.data["name"])
+                self._append(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": queued.data["sha256"],
+                                                    "name": final.name})
+                log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
+                         tid, queued.origin, final, queued.data["size"])
+            self.spool.discard(tid)
+            with self.lock:
+                self.held.pop(tid, None)
+
+    # -- send (origin or relay) ----------------------------------------------------------------
+    def offer_to(self, hop: str, channel: Any, held: Held) -> str:
+        """Offer one transfer to ``hop`` over an open channel; returns "stored" or "have".
+
+        Raises TransferRefused for a refusal, ProtocolError / EOFError / OSError when the
+        channel breaks (the caller's retry decides what is transient).
+        """
+        tid = held.transfer
+        queued = self.queued_event(tid)
+        if queued is None:
+            raise TransferRefused("lost", "no queued event for this transfer")
+        stream = FrameStream(channel)
+        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=list(held.passed) + [self.me])
+        reply = stream.recv(expect={"accept", "have", "refuse"})
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        if reply.op == "have":
+            return "have"
+        size = queued.data["size"]
+        offset = reply["offset"]
+        if not 0 <= offset <= size:
+            raise ProtocolError(f"accept offset {offset} outside 0..{size}")
+        prog = Progress(tid, "out", hop, size, offset, time.time())
+        with self.lock:
+            self.progress[(tid, "out")] = prog
+        try:
+            with open(self.spool.data(tid), "rb", buffering=0) as f:
+                f.seek(offset)
+                buf = bytearray(CHUNK)
+                remaining = size - offset
+                while remaining:
+                    n = f.readinto(memoryview(buf)[: min(CHUNK, remaining)])
+                    if not n:
+                        raise TransferRefused("lost", "spool copy is shorter than queued")
+                    stream.send_raw(memoryview(buf)[:n])
+                    remaining -= n
+                    prog.done += n
+            reply = stream.recv(expect={"stored", "refuse"})
+        finally:
+            with self.lock:
+                self.progress.pop((tid, "out"), None)
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        return "stored"
+
+    def handed(self, tid: str, hop: str) -> None:
+        """``hop`` stored it: a relay lets go now; the origin keeps its copy until the receipt."""
+        with self.lock:
+            h = self.held.get(tid)
+            if h is None:
+                return
+            h.in_flight = False
+            h.failures.clear()
+            if h.origin == self.me:
+                h.handed_to, h.handed_at = hop, time.time()
+                return
+            del self.held[tid]
+        self.spool.discard(tid)
+        log.info("relay.handed transfer=%s to=%s", tid, hop)
+
+    def drop(self, tid: str, reason: str) -> None:
+        with self.lock:
+            self.held.pop(tid, None)
+        self.spool.discard(tid)
+        log.info("transfer.dropped transfer=%s reason=%s", tid, reason)
+
+    def expire(self, tid: str, reason: str) -> None:
+        """Give up as the origin: the file to ``failed/`` with the reason, then the event."""
+        meta = self.spool.read_meta(tid) or {}
+        name = meta.get("name") or tid
+        dest = meta.get("destination", "?")
+        data = self.spool.data(tid)
+        text = f"transfer {tid} to {dest} failed: {reason}"
+        if data.exists():
+            final = move_to_failed(data, self.failed, name, text)
+        else:
+            final = self.failed / name
+        self._append(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})
+        with self.lock:
+            self.held.pop(tid, None)
+        self.spool.discard(tid)
+        log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s", tid, dest, reason, final)
+
+    # -- recovery ------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish what a crash interrupted. Idempotent; runs before any service starts."""
+        for tid in self.spool.transfer_ids():
+            try:
+                self._recover_one(tid)
+            except Exception:  # one bad spool entry must not stop the agent
+                log.exception("spool.recover.failed transfer=%s", tid)
+
+    def _recover_one(self, tid: str) -> None:
+        meta = self.spool.read_meta(tid)
+        data = self.spool.data(tid)
+        if meta is None:
+            return
+        state = meta.get("state")
+        if meta.get("origin") == self.me and state == "taking":
+            if not data.exists():
+                self.spool.discard(tid)  # crash before the rename: the file is still in the outbox
+                return
+            if self.queued_event(tid) is None:
+                log.info("spool.recover transfer=%s step=queue", tid)
+                self._queue(tid)
+                return
+        queued = self.queued_event(tid)
+        if queued is None:
+            log.warning("spool.recover transfer=%s no queued event; kept aside", tid)
+            return
+        with self.log.lock:
+            tr = self.log.network.transfers.get(tid)
+            delivered = tr is not None and tr.state == DELIVERED
+            custody = tr is not None and self.me in tr.custody
+        if not data.exists():
+            return  # only a part (resumes on the next offer) or nothing
+        dest = queued.data["destination"]
+        if dest == self.me:
+            self._deliver(tid, queued)
+            return
+        if delivered:
+            self.spool.discard(tid)
+            return
+        if queued.origin != self.me and not custody:
+            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": meta.get("from", queued.origin)})
+        passed = tuple(meta.get("passed", ())) + (() if queued.origin == self.me else (self.me,))
+        self._hold(tid, queued.origin, dest, queued.ts, passed)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [p.as_dict() for p in self.progress.values()]
