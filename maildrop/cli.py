@@ -156,7 +156,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     for opt, val in (("--listen", args.listen), ("--advertise", args.advertise)):
         if val is not None:
             try:
-                parse_hostport(val)
+                parse_hostport(val, allow_port_zero=(opt == "--listen"))
             except (ValueError, ConfigError) as exc:
                 raise UsageError(f"{opt}: {val!r} is not HOST:PORT ({exc}); expected e.g. 127.0.0.1:7001") from None
     root = Path(args.dir).absolute()
