@@ -1,0 +1,1000 @@
+"""SSH transport: the one module that imports paramiko.
+
+Owns: the SSH server every agent embeds (listener, login deadline, who may log in, which
+channels are served) and the client side (one long-lived, host-key-pinned connection per
+peer that hands out ``maildrop`` channels). Everything above it sees only ``Stream``s,
+``peer_id`` strings and maildrop errors; paramiko exceptions never leave this module.
+
+Must not import the agent or another edge (eventlog, spool, watcher): the agent implements
+``ChannelHandler`` and passes it in.
+
+Layout: errors and ``is_transient``; policy (``_PeerKeys``, ``_ChannelLedger`` and the
+paramiko callbacks in ``_ServerSession``); plumbing (sockets, threads: ``SSHServer``,
+``_MaildropSubsystem``, ``PeerClient``, ``_CountingSocket``, and ``_Transport``, which
+works around a paramiko rekey livelock).
+
+Security invariants:
+- Public-key auth only. A client logs in as the peer id it claims (the SSH username) and
+  is accepted only if that id is configured AND the key it proves is that peer's key.
+- Only a session channel running the ``maildrop`` subsystem (or ``exec maildrop``, for
+  OpenSSH clients) reaches the handler; shells, other commands, ptys, env, X11, agent and
+  port forwarding are refused.
+- The client pins the peer's configured key as the only acceptable host key (no TOFU).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import paramiko
+
+from ..errors import ConfigError, MaildropError
+from ..keys import NodeKey, normalize_public_line
+
+SUBSYSTEM = "maildrop"
+
+# The receiver's window bounds throughput at any RTT (FIELD-NOTES: 20 ms RTT, 2 -> 32 MiB
+# window: 78 -> ~370 MB/s). 128 KiB packets: ~2x 32 KiB on loopback here; FIELD-NOTES
+# found 256 KiB slower. A window is buffered per channel: hence the per-peer channel cap.
+WINDOW_SIZE = 32 * 1024 * 1024
+MAX_PACKET_SIZE = 128 * 1024
+# GCM avoids paramiko's per-packet Python HMAC. paramiko has no chacha20; the CTR modes stay
+# for OpenSSH clients (the client's preference order wins the negotiation).
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+)
+CLIENT_KEEPALIVE = 15  # seconds between SSH keepalives (keeps NAT mappings alive)
+TCP_KEEPIDLE = 30  # TCP keepalive: dead peer noticed after ~IDLE + INTVL * CNT seconds
+TCP_KEEPINTVL = 10
+TCP_KEEPCNT = 3
+TCP_USER_TIMEOUT_MS = 60_000  # unacknowledged data for this long: the connection is dead
+
+_POLL = 0.05  # granularity of the server's login-deadline wait
+_DRAIN = 0.25  # how often a connection thread sweeps idle channels and notices a close
+_STOP_BUDGET = 2.0
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+class PeerUnreachable(MaildropError):
+    """Transient: the peer could not be reached or the connection dropped. Retry later."""
+
+
+class ChannelRefused(PeerUnreachable):
+    """Transient: connected, but the peer refused or timed out a channel (e.g. it is busy)."""
+
+
+class HostKeyMismatch(MaildropError):
+    """Permanent: the peer presented a host key other than the configured one."""
+
+
+class AuthRefused(MaildropError):
+    """Permanent: the peer does not accept our node id with our key."""
+
+
+class PeerIncompatible(MaildropError):
+    """Permanent: no common SSH protocol version or algorithms with the peer."""
+
+
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "EHOSTDOWN", "ETIMEDOUT")
+    if hasattr(errno, name)
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same operation later may succeed (a predicate for tenacity).
+
+    Permanent: HostKeyMismatch, AuthRefused, PeerIncompatible, any other MaildropError,
+    paramiko's AuthenticationException / BadHostKeyException / IncompatiblePeer, and local
+    OSErrors such as ENOSPC or EACCES. Transient: PeerUnreachable (and ChannelRefused),
+    EOFError, ConnectionError, TimeoutError (socket.timeout), other SSHExceptions,
+    NoValidConnectionsError and network-unreachable errnos.
+    """
+    if isinstance(exc, PeerUnreachable):
+        return True
+    if isinstance(exc, MaildropError):
+        return False
+    if isinstance(
+        exc,
+        paramiko.AuthenticationException | paramiko.BadHostKeyException | paramiko.IncompatiblePeer,
+    ):
+        return False
+    if isinstance(exc, paramiko.SSHException | EOFError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError | socket.gaierror):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
+
+
+# ---------------------------------------------------------------------------- interfaces
+
+
+class Stream(Protocol):
+    """What handlers and callers get: a paramiko Channel, duck-typed."""
+
+    def recv(self, n: int) -> bytes: ...
+    def sendall(self, data: bytes) -> None: ...
+    def settimeout(self, timeout: float | None) -> None: ...
+    def close(self) -> None: ...
+    def shutdown_write(self) -> None: ...
+
+
+class ChannelHandler(Protocol):
+    """Implemented by the agent; the transport calls it, never the other way round."""
+
+    def handle_channel(self, peer_id: str, channel: Stream) -> None:
+        """Serve one channel from an authenticated ``peer_id``.
+
+        Runs on its own worker thread (never the paramiko Transport thread), so it may
+        block. The transport closes the channel after this returns or raises; an exception
+        is logged and never takes the server down.
+        """
+        ...
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _key_blob(line: str) -> bytes:
+    """The SSH wire blob of an ``ssh-ed25519 AAAA...`` line; ValueError if it is not one."""
+    return base64.b64decode(normalize_public_line(line).split()[1])
+
+
+def _fingerprint(blob: bytes) -> str:
+    digest = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return f"SHA256:{digest}"
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY (paramiko never sets it: ~40 ms Nagle stalls) and TCP keepalive."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", TCP_KEEPIDLE),
+        ("TCP_KEEPINTVL", TCP_KEEPINTVL),
+        ("TCP_KEEPCNT", TCP_KEEPCNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            with contextlib.suppress(OSError):  # not every kernel has every option
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+class _Transport(paramiko.Transport):
+    """paramiko.Transport without the rekey livelock of paramiko issue #822.
+
+    When this side starts a key re-exchange (every 2**29 bytes) and the peer's
+    CHANNEL_CLOSE (or a channel request wanting a reply) is already in flight, paramiko
+    answers it from the Transport thread through ``_send_user_message``, which waits for
+    the key exchange to finish, which only that same thread can drive: a 30 s stall, then
+    the connection dies. Measured here: one in ~30 short channels with frequent rekeys.
+
+    Fix: on the Transport thread, during a key exchange, queue such a message and send it
+    right after our NEWKEYS (RFC 4253 7.1 allows any message once NEWKEYS is sent), before
+    user threads are let through again, so the order on the wire is kept. Overrides two
+    private methods; a test forces frequent rekeys to keep this honest on upgrades.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._during_kex: list[paramiko.Message] = []  # touched by the Transport thread only
+
+    def _send_user_message(self, data: paramiko.Message) -> None:
+        if threading.current_thread() is self and not self.clear_to_send.is_set():
+            self._during_kex.append(data)
+            return
+        super()._send_user_message(data)
+
+    def _activate_outbound(self) -> None:
+        super()._activate_outbound()  # sends NEWKEYS, switches outbound keys
+        queued, self._during_kex = self._during_kex, []
+        for data in queued:
+            self._send_message(data)
+
+
+def _new_transport(sock: object) -> paramiko.Transport:
+    transport = _Transport(
+        sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE
+    )
+    options = transport.get_security_options()
+    available = tuple(options.ciphers)
+    options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in available)
+    return transport
+
+
+def _load_pkey(key: NodeKey) -> paramiko.PKey:
+    try:
+        return paramiko.PKey.from_path(key.path)
+    except (OSError, paramiko.SSHException, ValueError) as exc:
+        raise ConfigError(f"{key.path}: paramiko cannot load the node key ({exc})") from None
+
+
+def _quiet_paramiko() -> None:
+    """paramiko logs expected failures (port scans, dropped clients) as ERROR tracebacks;
+    we log one line of our own instead. An explicitly configured level is left alone."""
+    paramiko_logger = logging.getLogger("paramiko")
+    if paramiko_logger.level == logging.NOTSET:
+        paramiko_logger.setLevel(logging.CRITICAL)
+
+
+def _safe(text: str, limit: int = 64) -> str:
+    """A client-controlled string made fit for one log field (no spaces, no newlines)."""
+    cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
+
+
+def _reason(exc: BaseException | None) -> str:
+    if exc is None:
+        return "connection closed"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class _PeerKeys:
+    """The authorized peers: peer id -> key blob. Immutable; replaced whole."""
+
+    by_peer: Mapping[str, bytes]
+    owner_of: Mapping[bytes, str]
+
+    @classmethod
+    def parse(cls, authorized: Mapping[str, str]) -> _PeerKeys:
+        by_peer: dict[str, bytes] = {}
+        for peer_id, line in authorized.items():
+            try:
+                by_peer[peer_id] = _key_blob(line)
+            except ValueError as exc:
+                raise ConfigError(f"authorized key of peer {peer_id}: {exc}") from None
+        return cls(by_peer, {blob: peer for peer, blob in by_peer.items()})
+
+    def refusal(self, username: str, blob: bytes) -> str | None:
+        """None when ``username`` may log in with ``blob``; else a stable reason word."""
+        expected = self.by_peer.get(username)
+        if expected is not None and expected == blob:
+            return None
+        if blob in self.owner_of:
+            return "key-of-other-peer"
+        if expected is None:
+            return "unknown-peer"
+        return "unknown-key"
+
+
+class _ChannelLedger:
+    """Open channels per peer, across all its connections, capped. Thread-safe."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    def try_acquire(self, peer_id: str) -> bool:
+        with self._lock:
+            count = self._open.get(peer_id, 0)
+            if count >= self._cap:
+                return False
+            self._open[peer_id] = count + 1
+            return True
+
+    def release(self, peer_id: str) -> None:
+        with self._lock:
+            count = self._open.get(peer_id, 0) - 1
+            if count > 0:
+                self._open[peer_id] = count
+            else:
+                self._open.pop(peer_id, None)
+
+
+@dataclass
+class _Slot:
+    """One session channel of a connection, from open until it is released."""
+
+    opened_at: float
+    channel: paramiko.Channel | None = None
+    started: bool = False
+
+
+class _ServerSession(paramiko.ServerInterface):
+    """The policy for one incoming connection: paramiko calls these on its Transport
+    thread, so they decide and return at once (handlers run on their own threads).
+
+    Invariant: every slot in ``_slots`` holds one unit of the peer's ledger count, and is
+    released exactly once (handler done, channel closed, idle sweep, or connection end).
+    """
+
+    def __init__(self, server: SSHServer, transport: paramiko.Transport, addr: str) -> None:
+        self.server = server
+        self.transport = transport
+        self.addr = addr
+        self.peer_id: str | None = None
+        self.key_blob: bytes | None = None
+        self._lock = threading.Lock()
+        self._slots: dict[int, _Slot] = {}
+        self._closed = False
+
+    # --- bookkeeping (called from plumbing threads too)
+
+    def attach(self, channel: paramiko.Channel) -> None:
+        with self._lock:
+            slot = self._slots.get(channel.get_id())
+            if slot is not None and slot.channel is None:
+                slot.channel = channel
+
+    def release(self, chanid: int) -> None:
+        with self._lock:
+            slot = self._slots.pop(chanid, None)
+        if slot is not None and self.peer_id is not None:
+            self.server._ledger.release(self.peer_id)
+
+    def reclaim_closed(self) -> None:
+        """Release channels that closed without ever running a handler (refused requests,
+        abandoned opens). A handler's channel keeps its slot until the handler returns."""
+        with self._lock:
+            closed = [
+                chanid for chanid, slot in self._slots.items()
+                if not slot.started and slot.channel is not None and slot.channel.closed
+            ]
+        for chanid in closed:
+            self.release(chanid)
+
+    def sweep(self, now: float, idle_limit: float) -> None:
+        """``reclaim_closed``, and close channels that never asked for the maildrop
+        subsystem within ``idle_limit`` (they would hold a slot and a 32 MiB window)."""
+        self.reclaim_closed()
+        with self._lock:
+            idle = [
+                (chanid, slot.channel) for chanid, slot in self._slots.items()
+                if not slot.started and now - slot.opened_at > idle_limit
+            ]
+        for chanid, channel in idle:
+            self.server._log.warning(
+                "ssh.channel.idle peer=%s chan=%d reason=no-request addr=%s",
+                self.peer_id, chanid, self.addr,
+            )
+            if channel is not None:
+                channel.close()
+            self.release(chanid)
+
+    def release_all(self) -> None:
+        with self._lock:
+            self._closed = True
+            chanids = list(self._slots)
+        for chanid in chanids:
+            self.release(chanid)
+
+    def _refuse(self, reason: str, **fields: object) -> None:
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
+        self.server._log.warning(
+            "ssh.channel.refused peer=%s reason=%s%s addr=%s", self.peer_id, reason, extra, self.addr
+        )
+
+    # --- authentication
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        # paramiko verifies the signature after (or asks for one because of) this answer.
+        blob = key.asbytes()
+        reason = self.server._peers.refusal(username, blob)
+        if reason is not None:
+            owner = self.server._peers.owner_of.get(blob)
+            self.server._log.warning(
+                "ssh.auth.refused peer=%s reason=%s%s key=%s addr=%s",
+                _safe(username), reason, f" key_owner={owner}" if owner else "",
+                _fingerprint(blob), self.addr,
+            )
+            return paramiko.AUTH_FAILED
+        self.peer_id, self.key_blob = username, blob
+        return paramiko.AUTH_SUCCESSFUL
+
+    # --- channels: only sessions, only the maildrop subsystem
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        if kind != "session":
+            self._refuse("channel-kind", kind=_safe(kind, 32))
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        peer_id = self.peer_id  # paramiko refuses channel opens before auth: set by now
+        if peer_id is None or self._closed:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        ledger = self.server._ledger
+        if not ledger.try_acquire(peer_id):
+            # Closed channels are otherwise reclaimed by the next sweep; do it now.
+            self.server._reclaim(peer_id)
+            if not ledger.try_acquire(peer_id):
+                self._refuse("too-many-channels", limit=self.server._max_channels_per_peer)
+                return paramiko.OPEN_FAILED_RESOURCE_SHORTAGE
+        with self._lock:
+            if not self._closed:
+                self._slots[chanid] = _Slot(opened_at=time.monotonic())
+                return paramiko.OPEN_SUCCEEDED
+        ledger.release(peer_id)
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def _claim(self, channel: paramiko.Channel) -> bool:
+        """Mark the channel's one handler as started; False if it already has one."""
+        with self._lock:
+            slot = self._slots.get(channel.get_id())
+            if slot is None or slot.started:
+                return False
+            slot.started = True
+            slot.channel = channel
+            return True
+
+    def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
+        self.attach(channel)
+        if name != SUBSYSTEM:
+            self._refuse("subsystem", name=_safe(name, 32))
+            return False
+        if not self._claim(channel):
+            self._refuse("already-started")
+            return False
+        # Starts the _MaildropSubsystem registered with set_subsystem_handler.
+        return super().check_channel_subsystem_request(channel, name)
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        # OpenSSH clients without -s send "exec maildrop"; nothing else runs.
+        self.attach(channel)
+        if command != SUBSYSTEM.encode():
+            self._refuse("exec", command=_safe(bytes(command).decode("utf-8", "replace"), 40))
+            return False
+        if not self._claim(channel):
+            self._refuse("already-started")
+            return False
+        _MaildropSubsystem(channel, SUBSYSTEM, self).start()
+        return True
+
+    def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
+        self.attach(channel)
+        self._refuse("shell")
+        return False
+
+    def check_channel_pty_request(
+        self, channel: paramiko.Channel, term: bytes, width: int, height: int,
+        pixelwidth: int, pixelheight: int, modes: bytes,
+    ) -> bool:
+        self.attach(channel)
+        self._refuse("pty")
+        return False
+
+    def check_channel_env_request(self, channel: paramiko.Channel, name: bytes, value: bytes) -> bool:
+        self.attach(channel)
+        return False  # OpenSSH sends LANG etc. routinely: refuse quietly
+
+    def check_channel_x11_request(
+        self, channel: paramiko.Channel, single_connection: bool, auth_protocol: str,
+        auth_cookie: bytes, screen_number: int,
+    ) -> bool:
+        self.attach(channel)
+        self._refuse("x11")
+        return False
+
+    def check_channel_forward_agent_request(self, channel: paramiko.Channel) -> bool:
+        self.attach(channel)
+        self._refuse("agent-forwarding")
+        return False
+
+    def check_channel_window_change_request(
+        self, channel: paramiko.Channel, width: int, height: int, pixelwidth: int, pixelheight: int
+    ) -> bool:
+        return False
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
+        self._refuse("direct-tcpip")
+        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+    def check_port_forward_request(self, address: str, port: int) -> bool:
+        self._refuse("port-forwarding")
+        return False
+
+    def check_global_request(self, kind: str, msg: paramiko.Message) -> bool:
+        return False  # keepalives want a reply; a failure reply is a valid one
+
+
+class _MaildropSubsystem(paramiko.SubsystemHandler):
+    """One worker thread per maildrop channel: runs the handler, then closes the channel."""
+
+    def __init__(self, channel: paramiko.Channel, name: str, server: _ServerSession) -> None:
+        super().__init__(channel, name, server)
+        self._session = server
+        self._channel = channel
+        self._status = 1
+        self.name = f"maildrop-ssh-chan-{server.peer_id}-{channel.get_id()}"
+        self.daemon = True
+        server.server._add_worker(self)
+
+    def start_subsystem(self, name: str, transport: paramiko.Transport, channel: paramiko.Channel) -> None:
+        session = self._session
+        log = session.server._log
+        try:
+            session.server._handler.handle_channel(session.peer_id or "", channel)
+            self._status = 0
+        except MaildropError as exc:
+            log.warning("ssh.channel.handler-failed peer=%s error=%s", session.peer_id, _reason(exc))
+        except Exception:
+            log.exception("ssh.channel.handler-crashed peer=%s", session.peer_id)
+
+    def finish_subsystem(self) -> None:
+        channel = self._channel
+        try:
+            if not channel.closed:
+                channel.send_exit_status(self._status)  # OpenSSH `ssh ... maildrop` wants one
+        except Exception:
+            pass  # the peer may be gone already
+        # Free the slot before the client can see the CLOSE and open the next channel.
+        self._session.release(channel.get_id())
+        try:
+            channel.close()
+        finally:
+            self._session.server._remove_worker(self)
+
+
+# ---------------------------------------------------------------------------- server
+
+
+class SSHServer:
+    """The agent's SSH listener. Each connection gets its own thread, so a slow or hostile
+    client never stalls another; each channel gets its own worker thread.
+
+    Limits: at most ``max_unauthenticated`` connections between TCP accept and successful
+    login (more are closed at once); login must complete within ``login_timeout`` seconds
+    of the TCP accept; at most ``max_channels_per_peer`` open channels per peer.
+    """
+
+    def __init__(
+        self,
+        key: NodeKey,
+        listen: tuple[str, int],
+        authorized: Mapping[str, str],
+        handler: ChannelHandler,
+        *,
+        login_timeout: float = 10.0,
+        max_unauthenticated: int = 32,
+        max_channels_per_peer: int = 16,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        _quiet_paramiko()
+        self._host_key = _load_pkey(key)
+        self._listen = listen
+        self._peers = _PeerKeys.parse(authorized)
+        self._handler = handler
+        self._login_timeout = login_timeout
+        self._max_channels_per_peer = max_channels_per_peer
+        self._log = logger or logging.getLogger(__name__)
+        self._ledger = _ChannelLedger(max_channels_per_peer)
+        self._unauthenticated = threading.BoundedSemaphore(max_unauthenticated)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._sessions: set[_ServerSession] = set()
+        self._threads: set[threading.Thread] = set()
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._bound: tuple[str, int] | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) once started (the real port when 0 was asked for)."""
+        return self._bound if self._bound is not None else self._listen
+
+    def start(self) -> None:
+        """Bind, listen and start accepting. MaildropError with one line if it cannot."""
+        if self._accept_thread is not None:
+            raise MaildropError("SSH server already started")
+        host, port = self._listen
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            listener = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise MaildropError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(sockaddr)
+            listener.listen(128)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            raise MaildropError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self._listener = listener
+        self._bound = listener.getsockname()[:2]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"maildrop-ssh-accept-{self._bound[1]}", daemon=True
+        )
+        self._accept_thread.start()
+        self._log.info("ssh.server.listening addr=%s:%d", *self._bound)
+
+    def set_authorized(self, authorized: Mapping[str, str]) -> None:
+        """Replace the allowed peers. New logins see the new set at once; connected peers
+        that are no longer allowed with the key they logged in with are disconnected."""
+        peers = _PeerKeys.parse(authorized)
+        with self._lock:
+            self._peers = peers
+            stale = [
+                s for s in self._sessions
+                if s.peer_id is not None and s.key_blob is not None
+                and peers.refusal(s.peer_id, s.key_blob) is not None
+            ]
+        for session in stale:
+            self._log.warning("ssh.peer.deauthorized peer=%s addr=%s", session.peer_id, session.addr)
+            session.transport.close()
+
+    def stop(self) -> None:
+        """Close the listener and every connection; join our threads within ~2 s.
+        Idempotent. Handlers see their channels close (recv returns b"")."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        deadline = time.monotonic() + _STOP_BUDGET
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.transport.close()
+        threads = [self._accept_thread] if self._accept_thread is not None else []
+        with self._lock:
+            threads += list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            self._log.warning("ssh.server.stop-slow threads=%d names=%s", len(alive), ",".join(alive[:5]))
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._log.info("ssh.server.stopped")
+
+    # --- plumbing
+
+    def _reclaim(self, peer_id: str) -> None:
+        with self._lock:
+            sessions = [s for s in self._sessions if s.peer_id == peer_id]
+        for session in sessions:
+            session.reclaim_closed()
+
+    def _add_worker(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads.add(thread)
+
+    def _remove_worker(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads.discard(thread)
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None and self._wake_r is not None
+        listener = self._listener
+        selector = selectors.DefaultSelector()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    try:
+                        sock, addr = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError as exc:
+                        # EMFILE and friends: log, back off a little, keep serving.
+                        self._log.error("ssh.server.accept-failed error=%s", _reason(exc))
+                        self._stopping.wait(0.1)
+                        continue
+                    self._admit(sock, f"{addr[0]}:{addr[1]}")
+        finally:
+            selector.close()
+            listener.close()
+
+    def _admit(self, sock: socket.socket, addr: str) -> None:
+        if not self._unauthenticated.acquire(blocking=False):
+            self._log.warning("ssh.conn.refused reason=too-many-unauthenticated addr=%s", addr)
+            sock.close()
+            return
+        thread = threading.Thread(
+            target=self._serve_connection, args=(sock, addr), name=f"maildrop-ssh-conn-{addr}", daemon=True
+        )
+        self._add_worker(thread)
+        thread.start()
+
+    def _serve_connection(self, sock: socket.socket, addr: str) -> None:
+        """Login within the deadline, then drain the transport's accept queue (channels are
+        served by request callbacks) and sweep idle channels until the connection ends."""
+        deadline = time.monotonic() + self._login_timeout
+        holding_slot = True
+        session: _ServerSession | None = None
+        transport: paramiko.Transport | None = None
+        try:
+            sock.setblocking(True)
+            _tune_socket(sock)
+            transport = _new_transport(sock)
+            transport.add_server_key(self._host_key)
+            transport.set_subsystem_handler(SUBSYSTEM, _MaildropSubsystem)
+            transport.banner_timeout = self._login_timeout
+            session = _ServerSession(self, transport, addr)
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self._sessions.add(session)
+            negotiated = threading.Event()
+            transport.start_server(event=negotiated, server=session)
+            if not self._wait_login(transport, negotiated, deadline, addr):
+                return
+            self._unauthenticated.release()
+            holding_slot = False
+            # set_authorized may have swapped the peers while this login was being checked.
+            if self._peers.refusal(session.peer_id or "", session.key_blob or b"") is not None:
+                self._log.warning("ssh.peer.deauthorized peer=%s addr=%s", session.peer_id, addr)
+                return
+            self._log.info("ssh.peer.connected peer=%s addr=%s", session.peer_id, addr)
+            while transport.is_active() and not self._stopping.is_set():
+                channel = transport.accept(_DRAIN)
+                if channel is not None:
+                    session.attach(channel)
+                session.sweep(time.monotonic(), self._login_timeout)
+            self._log.info("ssh.peer.disconnected peer=%s addr=%s", session.peer_id, addr)
+        except Exception:
+            self._log.exception("ssh.conn.crashed addr=%s", addr)
+        finally:
+            if holding_slot:
+                self._unauthenticated.release()
+            if transport is not None:
+                transport.close()  # a no-op when it never started, hence the close below
+            sock.close()
+            if session is not None:
+                session.release_all()
+                with self._lock:
+                    self._sessions.discard(session)
+            self._remove_worker(threading.current_thread())
+
+    def _wait_login(
+        self, transport: paramiko.Transport, negotiated: threading.Event, deadline: float, addr: str
+    ) -> bool:
+        """True once authenticated; False (logged) on a failed handshake, a closed
+        connection or the login deadline. Polls: paramiko has no auth-done callback."""
+        if not negotiated.wait(max(0.0, deadline - time.monotonic())):
+            self._log.warning("ssh.conn.login-timeout stage=handshake addr=%s", addr)
+            return False
+        if not transport.is_active():
+            self._log.info(
+                "ssh.conn.handshake-failed addr=%s reason=%s", addr, _reason(transport.get_exception())
+            )
+            return False
+        while not transport.is_authenticated():
+            if not transport.is_active():
+                self._log.info("ssh.conn.closed-before-login addr=%s", addr)
+                return False
+            if time.monotonic() >= deadline:
+                self._log.warning("ssh.conn.login-timeout stage=auth addr=%s", addr)
+                return False
+            if self._stopping.wait(_POLL):
+                return False
+        return True
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class _ByteCounter:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class _CountingSocket:
+    """Wraps the TCP socket paramiko uses, counting raw (encrypted) bytes each way.
+    paramiko sends under its write lock and receives on its one thread, so the counters
+    need no lock of their own."""
+
+    def __init__(self, sock: socket.socket, counter: _ByteCounter) -> None:
+        self._sock = sock
+        self._counter = counter
+
+    def recv(self, n: int) -> bytes:
+        data = self._sock.recv(n)
+        self._counter.received += len(data)
+        return data
+
+    def send(self, data: bytes) -> int:
+        n = self._sock.send(data)
+        self._counter.sent += n
+        return n
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        self._counter.sent += len(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+class PeerClient:
+    """One long-lived, pinned, authenticated SSH connection to one peer, handing out
+    ``maildrop`` channels. Thread-safe: many threads may call ``open_channel`` at once;
+    they share the connection. A dropped connection is re-made on the next call.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        key: NodeKey,
+        peer_id: str,
+        address: tuple[str, int],
+        peer_key: str,
+        *,
+        connect_timeout: float = 10.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        _quiet_paramiko()
+        self.node_id = node_id
+        self.peer_id = peer_id
+        self.address = address
+        try:
+            self._peer_blob = _key_blob(peer_key)
+        except ValueError as exc:
+            raise ConfigError(f"configured key of peer {peer_id}: {exc}") from None
+        self._pkey = _load_pkey(key)
+        self._connect_timeout = connect_timeout
+        self._log = logger or logging.getLogger(__name__)
+        self._lock = threading.Lock()
+        self._transport: paramiko.Transport | None = None
+        self._bytes = _ByteCounter()
+
+    @property
+    def bytes_sent(self) -> int:
+        """Raw TCP bytes written to this peer, over all connections made."""
+        return self._bytes.sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Raw TCP bytes read from this peer, over all connections made."""
+        return self._bytes.received
+
+    @property
+    def connected(self) -> bool:
+        transport = self._transport
+        return transport is not None and transport.is_active() and transport.is_authenticated()
+
+    def connect(self) -> None:
+        """Make sure there is a live, verified, authenticated connection. Idempotent.
+        Raises PeerUnreachable, HostKeyMismatch, AuthRefused or PeerIncompatible."""
+        with self._lock:
+            self._connect_locked()
+
+    def open_channel(self, timeout: float = 10.0) -> Stream:
+        """A new channel running the peer's ``maildrop`` subsystem (connects if needed).
+        The channel has no I/O timeout: callers set one. Raises PeerUnreachable
+        (ChannelRefused when the peer refuses the channel), or the permanent errors of
+        ``connect``."""
+        with self._lock:
+            transport = self._connect_locked()
+        where = f"peer {self.peer_id} at {self._where()}"
+        try:
+            channel = transport.open_session(timeout=timeout)
+        except paramiko.ChannelException as exc:
+            raise ChannelRefused(f"{where} refused a channel: {exc.text or exc.code}") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise PeerUnreachable(f"{where}: cannot open a channel ({_reason(exc)})") from None
+        # invoke_subsystem has no timeout of its own; closing the channel ends its wait.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            channel.close()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            channel.invoke_subsystem(SUBSYSTEM)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            channel.close()
+            if expired.is_set():
+                raise ChannelRefused(f"{where}: no answer to the {SUBSYSTEM} request in {timeout:g}s") from None
+            if not transport.is_active():
+                raise PeerUnreachable(f"{where}: connection dropped ({_reason(exc)})") from None
+            raise ChannelRefused(f"{where} refused the {SUBSYSTEM} subsystem") from None
+        finally:
+            timer.cancel()
+        if expired.is_set():  # the timer fired just as the answer came
+            channel.close()
+            raise ChannelRefused(f"{where}: no answer to the {SUBSYSTEM} request in {timeout:g}s")
+        return channel
+
+    def close(self) -> None:
+        """Close the connection (open channels with it). A later call reconnects."""
+        with self._lock:
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
+    # --- plumbing
+
+    def _where(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def _connect_locked(self) -> paramiko.Transport:
+        transport = self._transport
+        if transport is not None:
+            if transport.is_active() and transport.is_authenticated():
+                return transport
+            transport.close()
+            self._transport = None
+        where = f"peer {self.peer_id} at {self._where()}"
+        timeout = self._connect_timeout
+        try:
+            sock = socket.create_connection(self.address, timeout=timeout)
+        except OSError as exc:
+            raise PeerUnreachable(f"cannot reach {where}: {exc.strerror or _reason(exc)}") from None
+        try:
+            _tune_socket(sock)
+            transport = _new_transport(_CountingSocket(sock, self._bytes))
+        except Exception:
+            sock.close()
+            raise
+        transport.banner_timeout = timeout
+        transport.auth_timeout = timeout
+        # Our peers have ed25519 host keys; ask for exactly that one, then compare it.
+        transport.get_security_options().key_types = ("ssh-ed25519",)
+        try:
+            try:
+                transport.start_client(timeout=timeout)
+            except paramiko.IncompatiblePeer as exc:
+                raise PeerIncompatible(f"{where}: incompatible SSH peer ({exc})") from None
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise PeerUnreachable(f"{where}: SSH handshake failed ({_reason(exc)})") from None
+            if not transport.is_active():
+                raise PeerUnreachable(f"{where}: SSH handshake did not finish in {timeout:g}s")
+            presented = transport.get_remote_server_key().asbytes()
+            if presented != self._peer_blob:
+                raise HostKeyMismatch(
+                    f"{where} presented host key {_fingerprint(presented)}, but its configured "
+                    f"key is {_fingerprint(self._peer_blob)}; refusing to connect "
+                    f"(fix the peer's key in the config if it really changed)"
+                )
+            try:
+                remaining = transport.auth_publickey(self.node_id, self._pkey)
+            except paramiko.AuthenticationException as exc:
+                raise AuthRefused(
+                    f"{where} refused our key for node {self.node_id} ({_reason(exc)}); "
+                    f"is our public key configured there?"
+                ) from None
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise PeerUnreachable(f"{where}: authentication did not finish ({_reason(exc)})") from None
+            if remaining or not transport.is_authenticated():
+                raise AuthRefused(f"{where} wants more than our key for node {self.node_id}")
+            transport.set_keepalive(CLIENT_KEEPALIVE)
+        except BaseException:
+            transport.close()
+            raise
+        self._transport = transport
+        self._log.debug(
+            "ssh.client.connected peer=%s addr=%s cipher=%s",
+            self.peer_id, self._where(), transport.local_cipher,
+        )
+        return transport
