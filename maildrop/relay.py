@@ -76,13 +76,23 @@ class Plan:
     wake_at: float | None  # the earliest time something will be due, if nothing happens first
 
 
-def choose_hop(net: Network, me: str, h: Held, policy: Policy, excluded: Iterable[str] = ()) -> str | None:
-    """The next hop for ``h``, or None while no route exists."""
+def choose_hop(net: Network, me: str, h: Held, policy: Policy, excluded: Iterable[str] = (),
+               routes: dict | None = None) -> str | None:
+    """The next hop for ``h``, or None while no route exists.
+
+    ``routes`` memoizes paths by (destination, avoided nodes) for one planning pass: many
+    transfers to one destination cost one route computation, not one each.
+    """
     bad = {hop for hop, n in h.failures.items() if n >= policy.reroute_after}
     if h.origin == me:
         bad |= h.tried if h.handed_to is None and h.tried else set()
+    cache = routes if routes is not None else {}
     for avoid in (set(h.passed) | bad, bad, set(h.passed)):
-        path = route(net, me, h.destination, avoid=avoid - {h.destination}, excluded=excluded)
+        avoid = frozenset(avoid - {h.destination})
+        key = (h.destination, avoid)
+        if key not in cache:
+            cache[key] = route(net, me, h.destination, avoid=avoid, excluded=excluded)
+        path = cache[key]
         if path and len(path) > 1 and path[1] not in bad:
             return path[1]
     return None
@@ -93,6 +103,7 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
     actions: list[Action] = []
     wake: list[float] = []
     excluded = set(excluded)
+    routes: dict = {}
     for h in held:
         tr = net.transfers.get(h.transfer)
         state = tr.state if tr else None
@@ -127,10 +138,10 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
         if now < h.retry_at:
             wake.append(h.retry_at)
             continue
-        hop = choose_hop(net, me, h, policy, excluded)
+        hop = choose_hop(net, me, h, policy, excluded, routes)
         if hop is None and h.tried and h.origin == me:
             h.tried.clear()  # every path was tried once: start over rather than give up early
-            hop = choose_hop(net, me, h, policy, excluded)
+            hop = choose_hop(net, me, h, policy, excluded, routes)
         if hop is None:
             if h.failures:
                 h.failures.clear()  # the avoided hops may be back; try them again later
