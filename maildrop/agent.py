@@ -62,6 +62,7 @@ PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
+SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
 
 
 def open_log(config: Config, writable: bool = True) -> EventLog:
@@ -280,7 +281,10 @@ class Agent:
     def _transient(exc: BaseException) -> bool:
         """Worth retrying: anything but a refusal that only an operator can fix (wrong host
         key, login refused, incompatible peer). A broken channel, a timeout or a local hiccup
-        is retried with backoff."""
+        is retried with backoff. A receiver's refusal is its answer, not a hiccup: asking
+        again at once gets the same answer (the caller decides when to offer again)."""
+        if isinstance(exc, TransferRefused):
+            return False
         return is_transient(exc) or not isinstance(exc, PERMANENT)
 
     def _gossip_round(self, link: PeerLink) -> None:
@@ -340,9 +344,13 @@ class Agent:
         self.custody.take(path, destination)
 
     def _relay_loop(self) -> None:
+        next_sweep = 0.0
         while not self.stop.is_set():
             self._relay_kick.clear()
             now = time.time()
+            if now >= next_sweep:
+                self.custody.sweep()
+                next_sweep = now + SWEEP_EVERY
             with self.custody.lock:
                 held = list(self.custody.held.values())
                 with self.log.lock:
@@ -422,8 +430,12 @@ class Agent:
             "started": self.started, "updated": time.time(),
             "listen": format_hostport(self.server.address) if self.server else None,
             "peers": [{"id": lk.id, "address": format_hostport(lk.address), "state": lk.state,
-                       "last_seen": lk.last_seen, "last_error": lk.last_error}
+                       "last_seen": lk.last_seen, "last_error": lk.last_error,
+                       "gossip_rounds": lk.rounds, "bytes_sent": lk.client.bytes_sent,
+                       "bytes_received": lk.client.bytes_received}
                       for lk in self.links.values()],
+            "fingerprint": self.log.fingerprint(),
+            "events": self.log.ledger.count,
             "inflight": self.custody.snapshot(),
             "held": len(self.custody.held),
             "errors": list(self._errors.items),

@@ -32,7 +32,7 @@ from .errors import InvalidEvent, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event, parse_event, parse_ts
 from .keys import NodeKey
-from .model import DELIVERED
+from .model import DELIVERED, FAILED
 from .protocol import Frame, FrameStream
 from .relay import Held
 from .spool import Spool, find_link, hash_file, link_unique, move_to_failed
@@ -160,6 +160,11 @@ class Custody:
             self._receiving.add(tid)
         try:
             self._receive_bytes(peer, stream, queued, route)
+        except (EOFError, OSError) as exc:
+            # The sender went away (or the disk failed) mid-file: an expected event, not a
+            # crash. The part stays; the next offer resumes from its size.
+            log.warning("relay.receive.interrupted transfer=%s peer=%s bytes=%d error=%s",
+                        tid, peer, self.spool.part_size(tid), exc)
         finally:
             with self.lock:
                 self._receiving.discard(tid)
@@ -201,7 +206,8 @@ class Custody:
             return True  # our own file came back around: we hold the original
         with self.log.lock:
             tr = self.log.network.transfers.get(tid)
-            if tr is not None and (self.me in tr.receipts or self.me in tr.custody):
+            if tr is not None and (tr.state == DELIVERED or self.me in tr.receipts
+                                   or self.me in tr.custody):
                 return True
         meta = self.spool.read_meta(tid)
         return bool(meta and meta.get("state") in ("held", "delivering"))
@@ -270,13 +276,16 @@ class Custody:
                 done = tr is not None and self.me in tr.receipts
             if not done:
                 meta = self.spool.read_meta(tid) or {}
-                if meta.get("state") != "delivering":
+                resuming = meta.get("state") == "delivering"
+                if not resuming:
                     meta["state"] = "delivering"
                     self.spool.write_meta(tid, meta)
                 folder = self.inbox / queued.origin
                 data = self.spool.data(tid)
-                final = (find_link(data, folder) if folder.exists() else None) or link_unique(
-                    data, folder, queued.data["name"])
+                # Only a delivery a crash interrupted can have linked already; looking for
+                # that link reads the whole folder, so not on every delivery.
+                final = (find_link(data, folder) if resuming and folder.exists() else None) \
+                    or link_unique(data, folder, queued.data["name"])
                 self._append(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": queued.data["sha256"],
                                                     "name": final.name})
                 log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
@@ -412,6 +421,28 @@ class Custody:
             self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": meta.get("from", queued.origin)})
         passed = tuple(meta.get("passed", ())) + (() if queued.origin == self.me else (self.me,))
         self._hold(tid, queued.origin, dest, queued.ts, passed)
+
+    def sweep(self) -> None:
+        """Let go of partial copies that nobody will finish: the transfer was delivered (or
+        its origin gave up) while the part waited here, e.g. the sender rerouted around us
+        while we were down. Whole copies and transfers arriving right now are left alone."""
+        for tid in self.spool.transfer_ids():
+            if self.spool.data(tid).exists():
+                continue
+            with self.log.lock:
+                tr = self.log.network.transfers.get(tid)
+                state = tr.state if tr is not None else None
+            if state not in (DELIVERED, FAILED):
+                continue
+            with self.lock:
+                if tid in self.held or tid in self._receiving:
+                    continue
+                try:
+                    self.spool.discard(tid)
+                except OSError as exc:
+                    log.warning("spool.drop.failed transfer=%s error=%s", tid, exc)
+                    continue
+            log.info("spool.dropped transfer=%s reason=%s", tid, state)
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self.lock:

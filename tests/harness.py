@@ -8,6 +8,7 @@ subprocess on a free 127.0.0.1 port. Waiting is always for a condition with a de
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from maildrop.cli import status_document
 from maildrop.config import load_config
 from maildrop.localnet import LocalNet, LocalNode, free_port
 
-__all__ = ["FAST", "Net", "Node", "free_port", "sha256_of", "wait_until"]
+__all__ = ["FAST", "Net", "Node", "free_port", "sha256_of", "wait_until",
+           "write_random_file"]
 
 FAST = {
     "gossip": {"interval": "1s", "link_down_after": "3s"},
@@ -42,6 +44,18 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """``size`` random bytes (every MiB different) written in place; returns their sha256."""
+    h = hashlib.sha256()
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(0, size, 1 << 20):
+            chunk = (i.to_bytes(8, "big") + block[8:])[: size - i]
+            h.update(chunk)
+            f.write(chunk)
     return h.hexdigest()
 
 
@@ -75,6 +89,27 @@ class Node(LocalNode):
         final = folder / name
         os.rename(tmp, final)
         return final
+
+    @property
+    def spool(self) -> Path:
+        return self.dir / "state" / "spool"
+
+    def spool_files(self, transfer: str | None = None) -> list[Path]:
+        """Files in the spool (of one transfer, if given)."""
+        if not self.spool.exists():
+            return []
+        return sorted(p for p in self.spool.iterdir()
+                      if transfer is None or p.name.startswith(transfer))
+
+    def events(self, type_: str | None = None) -> list[dict[str, Any]]:
+        """Every line of the node's event log (as written, own and gossiped), oldest first."""
+        path = self.dir / "state" / "events.jsonl"
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]  # only whole lines: the agent may be appending
+        out = [json.loads(line) for line in data.splitlines() if line.strip()]
+        return [e for e in out if type_ is None or e["type"] == type_]
 
     def inbox_files(self, origin: str | None = None) -> list[Path]:
         base = self.inbox / origin if origin else self.inbox
