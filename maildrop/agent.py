@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -62,6 +63,7 @@ PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
+TAKE_BATCH = 256  # files taken with one set of syncs
 SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
 
 
@@ -127,6 +129,7 @@ class Agent:
             for p in config.peers
         }
         self._relay_kick = threading.Event()
+        self._take_q: queue.Queue[tuple[Any, str]] = queue.Queue()
         self._hop_slots = {p: threading.Semaphore(config.parallel) for p in self.links}
         self._executor = ThreadPoolExecutor(max_workers=max(4, config.parallel * max(1, len(self.links))),
                                             thread_name_prefix="hop")
@@ -148,6 +151,7 @@ class Agent:
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
         self._spawn("relay", self._relay_loop)
+        self._spawn("taker", self._taker_loop)
         watcher = OutboxWatcher(self.config.outbox, self._on_outbox_file, settle=self.config.settle,
                                 rescan_interval=self.config.rescan_interval,
                                 polling=self.config.polling, logger=logging.getLogger("maildrop.watcher"))
@@ -341,7 +345,26 @@ class Agent:
 
     # -- outbox and relay -----------------------------------------------------------------------
     def _on_outbox_file(self, path: Any, destination: str) -> None:
-        self.custody.take(path, destination)
+        """Watcher callback: hand the file to the taker (which batches), never block here."""
+        self._take_q.put((path, destination))
+
+    def _taker_loop(self) -> None:
+        """Take outbox files in batches: under load many files share a handful of syncs.
+        Files still queued at shutdown stay in the outbox and are taken at the next start."""
+        while not self.stop.is_set():
+            try:
+                batch = [self._take_q.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            while len(batch) < TAKE_BATCH:
+                try:
+                    batch.append(self._take_q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.custody.take_batch(batch)
+            except Exception:  # e.g. a full disk: the files stay in the outbox; rescans retry
+                log.exception("outbox.take.failed files=%d", len(batch))
 
     def _relay_loop(self) -> None:
         next_sweep = 0.0

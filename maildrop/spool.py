@@ -143,7 +143,26 @@ class Spool:
         durable_write(self.meta_path(tid), json.dumps(meta, sort_keys=True).encode())
 
     def transfer_ids(self) -> list[str]:
-        return sorted(p.name[:-5] for p in self.folder.glob("*.json") if not p.name.startswith("."))
+        """Every transfer with anything in the spool: a meta, a whole copy or a part."""
+        tids = set()
+        for p in self.folder.iterdir():
+            stem, dot, ext = p.name.partition(".")
+            if dot and ext in ("json", "data", "part") and not p.name.startswith("."):
+                tids.add(stem)
+        return sorted(tids)
+
+    def write_intent(self, entries: list[dict[str, Any]]) -> Path:
+        """Durably record a batch of takes before any file moves (see ``Custody.take_batch``)."""
+        path = self.folder / f"take-{secrets.token_hex(8)}.intent"
+        durable_write(path, json.dumps(entries).encode())
+        return path
+
+    def intents(self) -> list[Path]:
+        return sorted(self.folder.glob("take-*.intent"))
+
+    def move_in(self, src: Path, tid: str) -> None:
+        """Rename ``src`` (same filesystem) to ``<tid>.data``; the caller fsyncs the folders."""
+        os.rename(src, self.data(tid))
 
     def take(self, src: Path, tid: str, meta: dict[str, Any]) -> Path:
         """Move a file from the outbox into custody.

@@ -16,6 +16,7 @@ Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and `
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -35,11 +36,12 @@ from .keys import NodeKey
 from .model import DELIVERED, FAILED
 from .protocol import Frame, FrameStream
 from .relay import Held
-from .spool import Spool, find_link, hash_file, link_unique, move_to_failed
+from .spool import Spool, find_link, fsync_dir, hash_file, link_unique, move_to_failed
 
 log = logging.getLogger("maildrop.transfers")
 
 CHUNK = 1024 * 1024
+SENDER_XATTR = "user.maildrop.from"
 MAX_ROUTE = 64
 
 
@@ -77,6 +79,7 @@ class Custody:
         self.progress: dict[tuple[str, str], Progress] = {}
         self._receiving: set[str] = set()
         self._deliver_lock = threading.Lock()
+        self._queued: dict[str, Event] = {}  # transfer id -> the origin's signed queued event
 
     # -- helpers ----------------------------------------------------------------------------
     def _append(self, type_: str, data: dict[str, Any]) -> Event:
@@ -85,18 +88,39 @@ class Custody:
         return ev
 
     def queued_event(self, tid: str) -> Event | None:
-        """The origin's signed ``transfer.queued`` for ``tid``, from the spool meta or the log."""
+        """The origin's signed ``transfer.queued`` for ``tid``: from memory, the spool meta, or
+        (once, then remembered) the log."""
+        ev = self._queued.get(tid)
+        if ev is not None:
+            return ev
         meta = self.spool.read_meta(tid)
         if meta and isinstance(meta.get("queued"), dict):
             try:
-                return parse_event(meta["queued"])
+                ev = parse_event(meta["queued"])
             except InvalidEvent:
-                pass
+                ev = None
+        if ev is None:
+            with self.log.lock:
+                for e in self.log.ledger.all_events():
+                    if e.type == E.TRANSFER_QUEUED and e.data["transfer"] == tid:
+                        ev = e
+                        break
+        if ev is not None:
+            self._queued[tid] = ev
+        return ev
+
+    def _index_queued(self) -> None:
+        """Remember every queued event in the log (one pass, before recovery)."""
         with self.log.lock:
-            for ev in self.log.ledger.all_events():
-                if ev.type == E.TRANSFER_QUEUED and ev.data["transfer"] == tid:
-                    return ev
-        return None
+            for e in self.log.ledger.all_events():
+                if e.type == E.TRANSFER_QUEUED:
+                    self._queued[e.data["transfer"]] = e
+
+    def _in_ledger(self, tid: str) -> bool:
+        """True once the queued event is part of the log (not just waiting for a gap)."""
+        with self.log.lock:
+            tr = self.log.network.transfers.get(tid)
+            return tr is not None and tr.origin is not None
 
     def _hold(self, tid: str, origin: str, destination: str, queued_ts: str,
               passed: tuple[str, ...]) -> None:
@@ -107,37 +131,77 @@ class Custody:
 
     # -- take (origin) -------------------------------------------------------------------------
     def take(self, path: Path, destination: str) -> str | None:
-        """Take custody of a complete file dropped into ``outbox/<destination>/``."""
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            return None
-        if not os.path.isfile(path) or os.path.islink(path):
-            return None
-        name = ids.safe_file_name(path.name)
-        if name is None:
-            final = move_to_failed(path, self.failed, f"unsafe-name-{secrets.token_hex(4)}",
-                                   f"the file name {path.name!r} cannot be sent safely; rename it")
-            log.warning("outbox.refused path=%s reason=unsafe-name moved_to=%s", path, final)
-            return None
-        tid = secrets.token_hex(16)
-        self.spool.take(path, tid, {"transfer": tid, "origin": self.me, "destination": destination,
-                                    "name": name, "state": "taking", "taken_at": time.time(),
-                                    "size_hint": st.st_size})
-        return self._queue(tid)
+        """Take custody of one complete file dropped into ``outbox/<destination>/``."""
+        tids = self.take_batch([(path, destination)])
+        return tids[0] if tids else None
 
-    def _queue(self, tid: str) -> str:
-        meta = self.spool.read_meta(tid) or {}
-        size, sha = hash_file(self.spool.data(tid))
-        ev = self._append(E.TRANSFER_QUEUED, {"transfer": tid, "destination": meta["destination"],
-                                              "name": meta["name"], "size": size, "sha256": sha})
-        log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
-                 tid, meta["destination"], meta["name"], size)
-        if meta["destination"] == self.me:
-            self._deliver(tid, ev)
-        else:
-            self._hold(tid, self.me, meta["destination"], ev.ts, ())
-        return tid
+    def take_batch(self, items: list[tuple[Path, str]]) -> list[str]:
+        """Take custody of several complete outbox files with a handful of syncs in all.
+
+        Crash: (1) an intent listing (transfer id, source, destination, name) is written
+        durably; (2) each file is renamed into the spool; (3) the spool and outbox folders are
+        fsynced; (4) the files are hashed and one write appends every ``transfer.queued``;
+        (5) the intent is removed. Recovery replays an intent: a file still in the outbox was
+        never taken (it will be taken again); a file in the spool without its queued event is
+        hashed and queued; a file with its event is done. Nothing is lost or queued twice.
+        """
+        entries: list[dict[str, Any]] = []
+        seen: set[Path] = set()
+        for path, destination in items:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue
+            name = ids.safe_file_name(path.name)
+            if name is None:
+                final = move_to_failed(path, self.failed, f"unsafe-name-{secrets.token_hex(4)}",
+                                       f"the file name {path.name!r} cannot be sent safely; rename it")
+                log.warning("outbox.refused path=%s reason=unsafe-name moved_to=%s", path, final)
+                continue
+            entries.append({"transfer": secrets.token_hex(16), "src": str(path),
+                            "destination": destination, "name": name, "size_hint": st.st_size})
+        if not entries:
+            return []
+        intent = self.spool.write_intent(entries)
+        moved = []
+        for e in entries:
+            try:
+                self.spool.move_in(Path(e["src"]), e["transfer"])
+            except FileNotFoundError:  # taken away meanwhile (by its owner): nothing to send
+                continue
+            moved.append(e)
+        fsync_dir(self.spool.folder)
+        for folder in {Path(e["src"]).parent for e in moved}:
+            fsync_dir(folder)
+        self._queue(moved)
+        intent.unlink()
+        return [e["transfer"] for e in moved]
+
+    def _queue(self, entries: list[dict[str, Any]]) -> None:
+        """Hash taken files and append their ``transfer.queued`` events in one write."""
+        if not entries:
+            return
+        items = []
+        for e in entries:
+            size, sha = hash_file(self.spool.data(e["transfer"]))
+            items.append((E.TRANSFER_QUEUED, {"transfer": e["transfer"], "destination": e["destination"],
+                                              "name": e["name"], "size": size, "sha256": sha}))
+        evs = self.log.append_own(self.key, self.me, items, time.time())
+        self.on_change()
+        for ev in evs:
+            d = ev.data
+            self._queued[d["transfer"]] = ev
+            log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
+                     d["transfer"], d["destination"], d["name"], d["size"])
+            if d["destination"] == self.me:
+                self._deliver(d["transfer"], ev)
+            else:
+                self._hold(d["transfer"], self.me, d["destination"], ev.ts, ())
 
     # -- receive (relay or destination) ------------------------------------------------------
     def receive(self, peer: str, stream: FrameStream, frame: Frame) -> None:
@@ -188,6 +252,7 @@ class Custody:
         if not queued.verify_signature(key):
             raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
         self.log.ingest([queued])
+        self._queued[tid] = queued
         route = frame["route"]
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
             raise TransferRefused("bad-offer", "route is malformed")
@@ -209,18 +274,12 @@ class Custody:
             if tr is not None and (tr.state == DELIVERED or self.me in tr.receipts
                                    or self.me in tr.custody):
                 return True
-        meta = self.spool.read_meta(tid)
-        return bool(meta and meta.get("state") in ("held", "delivering"))
+        return self.spool.data(tid).exists()  # a whole copy is here (arrived, not yet passed on)
 
     def _receive_bytes(self, peer: str, stream: FrameStream, queued: Event,
                        route: tuple[str, ...]) -> None:
         tid, d = queued.data["transfer"], queued.data
         size = d["size"]
-        meta = {"transfer": tid, "origin": queued.origin, "destination": d["destination"],
-                "name": d["name"], "size": size, "sha256": d["sha256"], "from": peer,
-                "passed": list(route), "queued": queued.to_dict(), "state": "receiving"}
-        if self.spool.read_meta(tid) != meta:
-            self.spool.write_meta(tid, meta)
         offset = self.spool.part_size(tid)
         if offset > size:
             offset = 0
@@ -252,13 +311,19 @@ class Custody:
                 log.warning("relay.refused transfer=%s peer=%s reason=hash-mismatch", tid, peer)
                 stream.send("refuse", reason="hash-mismatch", detail="bytes do not match the sha256 of the queued event")
                 return
+            try:  # who sent it, for recovery; fsynced with the file's inode
+                os.setxattr(fd, SENDER_XATTR, peer.encode())
+            except OSError:
+                self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
             self.spool.commit_part(tid, fd)
             committed = True
         finally:
             if not committed:
                 os.close(fd)  # the part stays: the next offer resumes from here
-        meta["state"] = "held"
-        self.spool.write_meta(tid, meta)
+        if not self._in_ledger(tid):
+            # The origin's feed has a gap here, so recovery could not find the queued event
+            # in the log: keep it beside the copy.
+            self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
         if d["destination"] == self.me:
             self._deliver(tid, queued)
         else:
@@ -268,18 +333,19 @@ class Custody:
         stream.send("stored")
 
     # -- deliver (destination) ---------------------------------------------------------------
-    def _deliver(self, tid: str, queued: Event) -> None:
-        """Publish into ``inbox/<origin>/`` once, then the receipt, then drop the spool copy."""
+    def _deliver(self, tid: str, queued: Event, recovering: bool = False) -> None:
+        """Publish into ``inbox/<origin>/`` once, then the receipt, then drop the spool copy.
+
+        Crash: the inbox link comes first, then the receipt, then the spool copy goes. A crash
+        before the receipt leaves the spool copy: recovery finds the link it made (same inode)
+        instead of making a second one.
+        """
         with self._deliver_lock:
             with self.log.lock:
                 tr = self.log.network.transfers.get(tid)
                 done = tr is not None and self.me in tr.receipts
             if not done:
-                meta = self.spool.read_meta(tid) or {}
-                resuming = meta.get("state") == "delivering"
-                if not resuming:
-                    meta["state"] = "delivering"
-                    self.spool.write_meta(tid, meta)
+                resuming = recovering
                 folder = self.inbox / queued.origin
                 data = self.spool.data(tid)
                 # Only a delivery a crash interrupted can have linked already; looking for
@@ -362,9 +428,9 @@ class Custody:
 
     def expire(self, tid: str, reason: str) -> None:
         """Give up as the origin: the file to ``failed/`` with the reason, then the event."""
-        meta = self.spool.read_meta(tid) or {}
-        name = meta.get("name") or tid
-        dest = meta.get("destination", "?")
+        queued = self.queued_event(tid)
+        name = queued.data["name"] if queued else tid
+        dest = queued.data["destination"] if queued else "?"
         data = self.spool.data(tid)
         text = f"transfer {tid} to {dest} failed: {reason}"
         if data.exists():
@@ -380,47 +446,70 @@ class Custody:
     # -- recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
         """Finish what a crash interrupted. Idempotent; runs before any service starts."""
+        self._index_queued()
+        for intent in self.spool.intents():
+            try:
+                self._replay_intent(intent)
+            except Exception:  # one bad spool entry must not stop the agent
+                log.exception("spool.recover.failed intent=%s", intent.name)
         for tid in self.spool.transfer_ids():
             try:
                 self._recover_one(tid)
-            except Exception:  # one bad spool entry must not stop the agent
+            except Exception:
                 log.exception("spool.recover.failed transfer=%s", tid)
 
+    def _replay_intent(self, intent: Path) -> None:
+        """A batch take that a crash cut short: queue what moved in and has no event yet."""
+        entries = json.loads(intent.read_bytes())
+        todo = [e for e in entries
+                if e["transfer"] not in self._queued and self.spool.data(e["transfer"]).exists()]
+        if todo:
+            fsync_dir(self.spool.folder)
+            log.info("spool.recover intent=%s queue=%d", intent.name, len(todo))
+            self._queue(todo)
+        intent.unlink()
+
     def _recover_one(self, tid: str) -> None:
-        meta = self.spool.read_meta(tid)
         data = self.spool.data(tid)
-        if meta is None:
-            return
-        state = meta.get("state")
-        if meta.get("origin") == self.me and state == "taking":
-            if not data.exists():
-                self.spool.discard(tid)  # crash before the rename: the file is still in the outbox
-                return
-            if self.queued_event(tid) is None:
-                log.info("spool.recover transfer=%s step=queue", tid)
-                self._queue(tid)
-                return
+        if not data.exists() or tid in self.held:
+            return  # only a part (the next offer resumes it, or the sweep drops it) or done
         queued = self.queued_event(tid)
         if queued is None:
-            log.warning("spool.recover transfer=%s no queued event; kept aside", tid)
+            log.warning("spool.recover transfer=%s no queued event yet; kept until gossip brings it", tid)
+            return
+        dest = queued.data["destination"]
+        if dest == self.me:
+            self._deliver(tid, queued, recovering=True)
             return
         with self.log.lock:
             tr = self.log.network.transfers.get(tid)
             delivered = tr is not None and tr.state == DELIVERED
-            custody = tr is not None and self.me in tr.custody
-        if not data.exists():
-            return  # only a part (resumes on the next offer) or nothing
-        dest = queued.data["destination"]
-        if dest == self.me:
-            self._deliver(tid, queued)
-            return
+            custody = dict(tr.custody) if tr is not None else {}
         if delivered:
             self.spool.discard(tid)
             return
-        if queued.origin != self.me and not custody:
-            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": meta.get("from", queued.origin)})
-        passed = tuple(meta.get("passed", ())) + (() if queued.origin == self.me else (self.me,))
-        self._hold(tid, queued.origin, dest, queued.ts, passed)
+        if queued.origin == self.me:
+            self._hold(tid, self.me, dest, queued.ts, ())
+            return
+        sender = custody.get(self.me) or self._sender_of(tid) or queued.origin
+        if self.me not in custody:
+            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": sender})
+        chain = [sender]
+        while chain[-1] in custody and len(chain) < MAX_ROUTE:
+            chain.append(custody[chain[-1]])
+        self._hold(tid, queued.origin, dest, queued.ts, tuple(reversed(chain)) + (self.me,))
+
+    def _sender_of(self, tid: str) -> str | None:
+        """Who sent us this copy, as recorded beside it (xattr, else the meta)."""
+        try:
+            who = os.getxattr(self.spool.data(tid), SENDER_XATTR).decode()
+            if ids.is_node_id(who):
+                return who
+        except OSError:
+            pass
+        meta = self.spool.read_meta(tid) or {}
+        who = meta.get("from")
+        return who if ids.is_node_id(who) else None
 
     def sweep(self) -> None:
         """Let go of partial copies that nobody will finish: the transfer was delivered (or

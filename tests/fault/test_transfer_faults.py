@@ -87,7 +87,7 @@ def test_relay_killed_mid_file_reroutes_and_delivers_once(make_net):
         wait_until(lambda n=n: net[n].spool_files(tid) == [], 30, f"{n}'s spool to let go")
     # B comes back with its partial copy: it learns of the receipt and lets the part go,
     # and nothing is delivered a second time.
-    assert [p.suffix for p in b.spool_files(tid)] == [".json", ".part"]
+    assert [p.suffix for p in b.spool_files(tid)] == [".part"]  # the partial copy waits for a resume
     b.start()
     b.wait_listening()
     wait_until(lambda: b.spool_files(tid) == [], 30, "B to drop its stale partial copy")
@@ -342,7 +342,7 @@ def test_sender_that_stops_short_delivers_nothing_then_resumes(hostile):
     wait_until(lambda: re.search(rf"relay\.receive\.interrupted transfer={tid}", a.log_path.read_text()),
                10, "A to notice the sender went away")
     assert a.inbox_files() == [] and own_delivered(a, tid) == []
-    assert [p.name for p in a.spool_files(tid)] == [f"{tid}.json", f"{tid}.part"]
+    assert [p.name for p in a.spool_files(tid)] == [f"{tid}.part"]
     assert (a.spool / f"{tid}.part").stat().st_size == 150_000
     assert a.running
     # The next offer resumes where the bytes stopped.
