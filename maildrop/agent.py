@@ -63,6 +63,8 @@ PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
+SMALL_FILE = 1024 * 1024  # files up to this size use the small-file lane
+SMALL_LANE = 12  # small transfers at once per peer
 TAKE_BATCH = 256  # files taken with one set of syncs
 SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
 
@@ -97,6 +99,8 @@ class PeerLink:
     stream: FrameStream | None = None
     chan: Any = None
     rounds: int = 0
+    pool: list[FrameStream] = field(default_factory=list)  # idle relay channels
+    pool_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _RecentErrors(logging.Handler):
@@ -131,7 +135,10 @@ class Agent:
         self._relay_kick = threading.Event()
         self._take_q: queue.Queue[tuple[Any, str]] = queue.Queue()
         self._hop_slots = {p: threading.Semaphore(config.parallel) for p in self.links}
-        self._executor = ThreadPoolExecutor(max_workers=max(4, config.parallel * max(1, len(self.links))),
+        # Small files wait on round trips and syncs, not bandwidth: they get a wider lane of
+        # their own so a big file never blocks them and many overlap.
+        self._small_slots = {p: threading.Semaphore(SMALL_LANE) for p in self.links}
+        self._executor = ThreadPoolExecutor(max_workers=(config.parallel + SMALL_LANE) * max(1, len(self.links)),
                                             thread_name_prefix="hop")
         self._threads: dict[str, threading.Thread] = {}
         self._errors = _RecentErrors()
@@ -146,7 +153,8 @@ class Agent:
             log.info("agent.announced events=%d", len(new))
         self.custody.recover()
         self.server = SSHServer(self.key, self.config.listen, {p.id: p.key for p in self.config.peers},
-                                self, logger=logging.getLogger("maildrop.ssh"))
+                                self, logger=logging.getLogger("maildrop.ssh"),
+                                max_channels_per_peer=2 + self.config.parallel + SMALL_LANE)
         self.server.start()
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
@@ -320,6 +328,9 @@ class Agent:
     def _observe(self, link: PeerLink, up: bool) -> None:
         """Soft liveness, and a debounced ``link.up``/``link.down`` fact on a change."""
         now = time.time()
+        if up and link.state == "up":
+            link.last_seen = now  # the common case: nothing changed, no lock, no event
+            return
         with self.log.lock:
             last = self.log.network.last_observation(self.me, link.id)
         if up:
@@ -400,7 +411,9 @@ class Agent:
         if h is None:
             return
         try:
-            with self._hop_slots[hop]:
+            queued = self.custody.queued_event(tid)
+            small = queued is not None and queued.data["size"] <= SMALL_FILE
+            with (self._small_slots if small else self._hop_slots)[hop]:
                 for attempt in Retrying(
                     retry=retry_if_exception(self._transient),
                     stop=stop_after_attempt(self.policy.reroute_after),
@@ -413,13 +426,17 @@ class Agent:
                     with attempt:
                         if self.stop.is_set():
                             return
-                        chan = link.client.open_channel()
+                        stream = self._borrow_channel(link)
                         try:
-                            chan.settimeout(120.0)
-                            result = self.custody.offer_to(hop, chan, h)
-                        finally:
+                            result = self.custody.offer_to(hop, stream, h)
+                        except TransferRefused:
+                            self._return_channel(link, stream)  # a clean answer: reuse it
+                            raise
+                        except BaseException:
                             with contextlib.suppress(Exception):
-                                chan.close()
+                                stream.chan.close()
+                            raise
+                        self._return_channel(link, stream)
             log.info("relay.hop.done transfer=%s peer=%s result=%s", tid, hop, result)
             self.custody.handed(tid, hop)
         except TransferRefused as exc:
@@ -445,6 +462,22 @@ class Agent:
             with self.custody.lock:
                 h.in_flight = False
             self._relay_kick.set()
+
+    def _borrow_channel(self, link: PeerLink) -> FrameStream:
+        """An idle relay channel to ``link``'s peer, or a new one. At most ``parallel`` are
+        ever busy (the hop semaphore), so the pool stays that small."""
+        with link.pool_lock:
+            while link.pool:
+                stream = link.pool.pop()
+                if not stream.chan.closed:
+                    return stream
+        chan = link.client.open_channel()
+        chan.settimeout(120.0)
+        return FrameStream(chan)
+
+    def _return_channel(self, link: PeerLink, stream: FrameStream) -> None:
+        with link.pool_lock:
+            link.pool.append(stream)
 
     # -- soft state for status ----------------------------------------------------------------
     def status(self, running: bool = True) -> dict[str, Any]:

@@ -251,7 +251,8 @@ class Custody:
             raise TransferRefused("unknown-origin", f"no key known for {queued.origin} yet")
         if not queued.verify_signature(key):
             raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
-        self.log.ingest([queued])
+        if not self._in_ledger(tid):
+            self.log.ingest([queued])
         self._queued[tid] = queued
         route = frame["route"]
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
@@ -371,7 +372,7 @@ class Custody:
         queued = self.queued_event(tid)
         if queued is None:
             raise TransferRefused("lost", "no queued event for this transfer")
-        stream = FrameStream(channel)
+        stream = channel if isinstance(channel, FrameStream) else FrameStream(channel)
         stream.send("offer", transfer=tid, queued=queued.to_dict(), route=list(held.passed) + [self.me])
         reply = stream.recv(expect={"accept", "have", "refuse"})
         if reply.op == "refuse":
