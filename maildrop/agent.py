@@ -44,7 +44,7 @@ from .eventlog import EventLog
 from .events import Event
 from .keys import NodeKey, load_key
 from .protocol import FrameStream
-from .relay import Expire, Policy, Send, plan
+from .relay import Expire, Policy, Send, choose_hop, plan
 from .spool import Spool, durable_write, ensure_layout
 from .transfers import Custody
 from .transport.ssh import (
@@ -128,6 +128,7 @@ class Agent:
         self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
                                max_file_size=config.max_file_size,
                                min_free_space=config.min_free_space, on_change=self._changed)
+        self.custody.on_receiving = self._on_receiving
         self.links: dict[str, PeerLink] = {
             p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key))
             for p in config.peers
@@ -353,6 +354,62 @@ class Agent:
     def _append(self, type_: str, data: dict[str, Any]) -> None:
         self.log.append_own(self.key, self.me, [(type_, data)], time.time())
         self._changed()
+
+    # -- cut-through: forward a big file while it arrives -----------------------------------
+    def _on_receiving(self, queued: Event, passed: tuple[str, ...], prog: Any, _fd: int) -> None:
+        """Called on the receiving thread as a big file starts to arrive at this relay."""
+        tid = queued.data["transfer"]
+        h = self.custody.reserve(queued, passed)
+        if h is None:
+            return
+        with self.log.lock:
+            hop = choose_hop(self.log.network, self.me, h, self.policy, self.log.ledger.conflicts)
+        if hop is None or hop not in self.links or self.links[hop].state != "up":
+            self.custody.unreserve(tid)  # store first; the planner forwards it after
+            return
+        try:
+            rfd = os.open(self.spool.part(tid), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.custody.unreserve(tid)
+            return
+        threading.Thread(target=self._cut_through, args=(h, hop, queued, prog, rfd),
+                         name=f"cut:{tid[:8]}", daemon=True).start()
+
+    def _cut_through(self, h: Any, hop: str, queued: Event, prog: Any, rfd: int) -> None:
+        tid = h.transfer
+        link = self.links[hop]
+        result = None
+        try:
+            with self._hop_slots[hop]:
+                stream = self._borrow_channel(link)
+                try:
+                    result = self.custody.forward_while_receiving(hop, stream, h, queued, prog, rfd)
+                except TransferRefused:
+                    self._return_channel(link, stream)
+                    raise
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        stream.chan.close()
+                    raise
+                self._return_channel(link, stream)
+        except Exception as exc:
+            log.info("relay.cut_through.stopped transfer=%s peer=%s error=%s", tid, hop, exc)
+        finally:
+            os.close(rfd)
+        # Let go only once our own copy is whole and verified (our sender got "stored").
+        with prog.cond:
+            while prog.finished is None and not self.stop.is_set():
+                prog.cond.wait(1.0)
+            mine = prog.finished
+        if mine and result is not None:
+            log.info("relay.hop.done transfer=%s peer=%s result=%s cut_through=yes", tid, hop, result)
+            self.custody.handed(tid, hop)
+        elif mine:
+            with self.custody.lock:
+                h.in_flight = False  # forward it the ordinary way
+        else:
+            self.custody.unreserve(tid)
+        self._relay_kick.set()
 
     # -- outbox and relay -----------------------------------------------------------------------
     def _on_outbox_file(self, path: Any, destination: str) -> None:

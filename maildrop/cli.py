@@ -397,7 +397,9 @@ def setup_logging(level: str, as_json: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
     if level != "debug":
-        logging.getLogger("paramiko").setLevel(logging.WARNING)
+        # The transport logs its own one-line reasons; paramiko's tracebacks for a client
+        # that hung up early (port probes, scanners) are noise in the journal.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from .spool import Spool, find_link, fsync_dir, hash_file, link_unique, move_to_
 log = logging.getLogger("maildrop.transfers")
 
 CHUNK = 1024 * 1024
+CUT_THROUGH_MIN = 8 * 1024 * 1024  # smaller files are stored, then forwarded
 SENDER_XATTR = "user.maildrop.from"
 MAX_ROUTE = 64
 
@@ -53,6 +54,18 @@ class Progress:
     size: int
     done: int = 0
     started: float = 0.0
+    finished: bool | None = None  # incoming only: True once stored, False if it failed
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def advance(self, n: int) -> None:
+        with self.cond:
+            self.done += n
+            self.cond.notify_all()
+
+    def finish(self, ok: bool) -> None:
+        with self.cond:
+            self.finished = ok
+            self.cond.notify_all()
 
     def as_dict(self) -> dict[str, Any]:
         return {"transfer": self.transfer, "direction": self.direction, "peer": self.peer,
@@ -74,6 +87,8 @@ class Custody:
         self.max_file_size = max_file_size
         self.min_free_space = min_free_space
         self.on_change = on_change
+        # Called when a relay starts receiving a big file, to forward it while it arrives.
+        self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.lock = threading.RLock()
         self.held: dict[str, Held] = {}
         self.progress: dict[tuple[str, str], Progress] = {}
@@ -128,6 +143,22 @@ class Custody:
             if tid not in self.held:
                 self.held[tid] = Held(tid, origin, destination, parse_ts(queued_ts), passed=passed)
         self.on_change()
+
+    def reserve(self, queued: Event, passed: tuple[str, ...]) -> Held | None:
+        """Hold a transfer that is still arriving, marked in flight (cut-through)."""
+        tid = queued.data["transfer"]
+        with self.lock:
+            if tid in self.held:
+                return None
+            h = self.held[tid] = Held(tid, queued.origin, queued.data["destination"],
+                                      parse_ts(queued.ts), passed=passed, in_flight=True)
+            return h
+
+    def unreserve(self, tid: str) -> None:
+        """Forget a reservation whose bytes never became a whole copy here."""
+        with self.lock:
+            if not self.spool.data(tid).exists():
+                self.held.pop(tid, None)
 
     # -- take (origin) -------------------------------------------------------------------------
     def take(self, path: Path, destination: str) -> str | None:
@@ -294,7 +325,9 @@ class Custody:
         stream.send("accept", offset=offset)
         if offset:
             log.info("relay.resume transfer=%s peer=%s offset=%d size=%d", tid, peer, offset, size)
-        committed = False
+        if d["destination"] != self.me and self.on_receiving and size - offset >= CUT_THROUGH_MIN:
+            self.on_receiving(queued, route + (self.me,), prog, fd)
+        ok = committed = False
         try:
             remaining = size - offset
             while remaining:
@@ -304,7 +337,7 @@ class Custody:
                     view = view[os.write(fd, view):]
                 h.update(chunk)
                 remaining -= len(chunk)
-                prog.done += len(chunk)
+                prog.advance(len(chunk))
             if h.hexdigest() != d["sha256"]:
                 os.close(fd)
                 committed = True
@@ -318,19 +351,21 @@ class Custody:
                 self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
             self.spool.commit_part(tid, fd)
             committed = True
+            if not self._in_ledger(tid):
+                # The origin's feed has a gap here, so recovery could not find the queued
+                # event in the log: keep it beside the copy.
+                self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
+            if d["destination"] == self.me:
+                self._deliver(tid, queued)
+            else:
+                self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": peer})
+                self._hold(tid, queued.origin, d["destination"], queued.ts, route + (self.me,))
+                log.info("transfer.relayed transfer=%s from=%s size=%d", tid, peer, size)
+            ok = True
         finally:
             if not committed:
                 os.close(fd)  # the part stays: the next offer resumes from here
-        if not self._in_ledger(tid):
-            # The origin's feed has a gap here, so recovery could not find the queued event
-            # in the log: keep it beside the copy.
-            self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
-        if d["destination"] == self.me:
-            self._deliver(tid, queued)
-        else:
-            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": peer})
-            self._hold(tid, queued.origin, d["destination"], queued.ts, route + (self.me,))
-            log.info("transfer.relayed transfer=%s from=%s size=%d", tid, peer, size)
+            prog.finish(ok)
         stream.send("stored")
 
     # -- deliver (destination) ---------------------------------------------------------------
@@ -373,7 +408,7 @@ class Custody:
         if queued is None:
             raise TransferRefused("lost", "no queued event for this transfer")
         stream = channel if isinstance(channel, FrameStream) else FrameStream(channel)
-        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=list(held.passed) + [self.me])
+        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=self._route_of(held))
         reply = stream.recv(expect={"accept", "have", "refuse"})
         if reply.op == "refuse":
             raise TransferRefused(reply["reason"], reply["detail"])
@@ -405,6 +440,54 @@ class Custody:
         if reply.op == "refuse":
             raise TransferRefused(reply["reason"], reply["detail"])
         return "stored"
+
+    def forward_while_receiving(self, hop: str, stream: FrameStream, held: Held, queued: Event,
+                                prog: Progress, fd: int) -> str:
+        """Cut-through: offer to ``hop`` and stream bytes as they land in our part file.
+
+        Custody does not change here: we answer our sender "stored" only for our own whole,
+        verified copy, and the caller lets go only after both that and ``hop``'s "stored".
+        Raises EOFError when our incoming copy fails (``hop`` keeps its part for a resume).
+        """
+        tid = held.transfer
+        size = queued.data["size"]
+        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=self._route_of(held),
+                    cut_through=True)
+        reply = stream.recv(expect={"accept", "have", "refuse"})
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        if reply.op == "have":
+            return "have"
+        sent = reply["offset"]
+        if not 0 <= sent <= size:
+            raise ProtocolError(f"accept offset {sent} outside 0..{size}")
+        out = Progress(tid, "out", hop, size, sent, time.time())
+        with self.lock:
+            self.progress[(tid, "out")] = out
+        try:
+            while sent < size:
+                with prog.cond:
+                    while prog.done <= sent and prog.finished is None:
+                        prog.cond.wait(1.0)
+                    avail = prog.done if prog.finished is not False else sent
+                if avail <= sent:
+                    raise EOFError("the incoming copy stopped; forwarding stops too")
+                data = os.pread(fd, min(avail - sent, CHUNK), sent)
+                if not data:
+                    raise EOFError("part file shorter than announced")
+                stream.send_raw(data)
+                sent += len(data)
+                out.done = sent
+            reply = stream.recv(expect={"stored", "refuse"})
+        finally:
+            with self.lock:
+                self.progress.pop((tid, "out"), None)
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        return "stored"
+
+    def _route_of(self, held: Held) -> list[str]:
+        return [n for n in held.passed if n != self.me] + [self.me]
 
     def handed(self, tid: str, hop: str) -> None:
         """``hop`` stored it: a relay lets go now; the origin keeps its copy until the receipt."""
