@@ -189,6 +189,31 @@ class LocalNet:
             self.nodes[n].wait_listening()
 
     def stop_all(self) -> None:
+        """Stop every agent, also one whose start a Ctrl-C cut short (found by its config path)."""
         for n in self.nodes.values():
             with contextlib.suppress(Exception):
                 n.stop(10)
+        for pid in self._strays():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while self._strays() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in self._strays():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _strays(self) -> list[int]:
+        """Agent processes running one of this network's configs (Linux /proc)."""
+        needle = str(self.base).encode()
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmd and b"maildrop" in cmd and b"run" in cmd:
+                out.append(int(entry.name))
+        return out
