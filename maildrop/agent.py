@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -84,6 +85,22 @@ def announce(config: Config, key: NodeKey, elog: EventLog) -> list[Event]:
     return elog.append_own(key, config.node_id, items, time.time()) if items else []
 
 
+def _lock_root(config: Config) -> int:
+    """One agent per root: a second one would recover and deliver beside the first."""
+    path = config.state_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MaildropError(f"another maildrop agent (pid {other}) already runs on {config.root}; "
+                            "stop it first (systemctl stop maildrop)") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 @dataclass
 class PeerLink:
     """Soft state of one configured peer."""
@@ -122,6 +139,7 @@ class Agent:
         self.stop = threading.Event()
         self.key: NodeKey = load_key(config.key_path)
         ensure_layout(config.root)
+        self._single = _lock_root(config)
         self.log = open_log(config)
         self.spool = Spool(config.spool)
         self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after)
