@@ -231,7 +231,7 @@ class EventLog:
                 out.append(ev)
             self._write(out)
             for ev in out:
-                res = self.ledger.offer(ev)
+                res = self.ledger.offer(ev, signed_here=True)
                 if res.rejected:  # cannot happen unless our key differs from our feed's key
                     raise MaildropError(f"own event refused by own log: {res.rejected}")
                 for e in res.accepted:
