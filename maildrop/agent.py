@@ -46,7 +46,7 @@ from .events import Event
 from .keys import NodeKey, load_key
 from .protocol import FrameStream
 from .relay import Expire, Policy, Send, choose_hop, plan
-from .spool import Spool, durable_write, ensure_layout
+from .spool import Spool, durable_write, ensure_layout, ensure_outbox
 from .transfers import Custody
 from .transport.ssh import (
     AuthRefused,
@@ -459,6 +459,9 @@ class Agent:
             now = time.time()
             if now >= next_sweep:
                 self.custody.sweep()
+                with self.log.lock:
+                    known = [n for n in self.log.network.nodes if n != self.me]
+                ensure_outbox(self.config.outbox, known)
                 next_sweep = now + SWEEP_EVERY
             with self.custody.lock:
                 held = list(self.custody.held.values())

@@ -8,6 +8,7 @@ A user's mistake is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -433,7 +434,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     if name is None:
         raise UsageError(f"{src.name!r} cannot be sent as a file name (no leading dot, control characters or path parts)")
     folder = config.outbox / args.node
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o2770)  # the agent (group) must be able to empty it
     tmp = folder / f".{name}.{secrets.token_hex(4)}.part"
     dropped_at = time.time()
     shutil.copyfile(src, tmp)

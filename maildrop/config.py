@@ -576,7 +576,9 @@ def _bool(m: dict, where: str, name: str, default: bool) -> bool:
 
 
 def _build(data: Any, path: Path) -> Config:
-    base = path.parent
+    # Relative paths are relative to the folder the file really lives in, so a symlink such
+    # as /etc/maildrop/maildrop.yaml -> /var/lib/maildrop/maildrop.yaml keeps working.
+    base = Path(os.path.realpath(path)).parent
     top = _mapping(data, "", _TOP_KEYS, optional=False)
 
     # node

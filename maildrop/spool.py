@@ -117,6 +117,17 @@ def ensure_layout(root: Path) -> None:
                 os.chmod(p, mode)
 
 
+def ensure_outbox(outbox: Path, node_ids: list[str]) -> None:
+    """Create ``outbox/<id>/`` for each known node, group-writable and setgid, so people drop
+    files into folders the agent can empty whatever their umask."""
+    for node in node_ids:
+        folder = outbox / node
+        if not folder.exists():
+            with contextlib.suppress(OSError):
+                folder.mkdir()
+                os.chmod(folder, 0o2770)
+
+
 class Spool:
     """Transfers in custody under ``state/spool``."""
 

@@ -205,6 +205,12 @@ class Custody:
                 self.spool.move_in(Path(e["src"]), e["transfer"])
             except FileNotFoundError:  # taken away meanwhile (by its owner): nothing to send
                 continue
+            except PermissionError:
+                log.error("outbox.take.refused path=%s reason=permission-denied: the agent cannot "
+                          "move files out of %s; make it writable by the agent's group "
+                          "(chmod 2770, or setfacl -d -m g:maildrop:rwX on outbox/)",
+                          e["src"], Path(e["src"]).parent)
+                continue
             moved.append(e)
         fsync_dir(self.spool.folder)
         for folder in {Path(e["src"]).parent for e in moved}:

@@ -29,6 +29,10 @@ def test_five_node_chain_converges(make_net):
     assert st["agent"]["running"] is True and st["agent"]["pid"] == net["NodeC"].proc.pid
     assert {p["id"] for p in st["peers"]} == {"NodeB", "NodeD"}
     assert all(p["last_seen"] for p in st["peers"])
+    # Every known node gets an outbox folder people can drop into (group-writable, setgid).
+    folder = net["NodeA"].outbox / "NodeE"
+    wait_until(folder.is_dir, 20, "A's outbox/NodeE/ to be made")
+    assert folder.stat().st_mode & 0o7777 == 0o2770
     # The route command agrees.
     cp = net["NodeA"].cli("route", "NodeE")
     assert cp.returncode == 0 and cp.stdout.strip() == " → ".join(CHAIN)

@@ -1115,3 +1115,16 @@ def test_recursive_and_exploding_aliases_are_harmless() -> None:
         for p, c in zip("abcdefgh", "bcdefghi", strict=True)
     )
     assert err(laughs).startswith("a: unknown key; expected one of node, root")
+
+
+def test_relative_paths_follow_a_symlinked_config_to_its_real_folder(tmp_path):
+    from maildrop.config import load_config, render_config
+
+    real = tmp_path / "var" / "node"
+    real.mkdir(parents=True)
+    (real / "maildrop.yaml").write_text(render_config("NodeA", "127.0.0.1:7001"))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "maildrop.yaml").symlink_to(real / "maildrop.yaml")
+    c = load_config(etc / "maildrop.yaml")
+    assert c.root == real and c.key_path == real / "node_ed25519"
