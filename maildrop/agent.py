@@ -24,6 +24,7 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -398,18 +399,8 @@ class Agent:
         link = self.links[hop]
         result = None
         try:
-            with self._hop_slots[hop]:
-                stream = self._borrow_channel(link)
-                try:
-                    result = self.custody.forward_while_receiving(hop, stream, h, queued, prog, rfd)
-                except TransferRefused:
-                    self._return_channel(link, stream)
-                    raise
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        stream.chan.close()
-                    raise
-                self._return_channel(link, stream)
+            with self._hop_slots[hop], self._relay_channel(link) as stream:
+                result = self.custody.forward_while_receiving(hop, stream, h, queued, prog, rfd)
         except Exception as exc:
             log.info("relay.cut_through.stopped transfer=%s peer=%s error=%s", tid, hop, exc)
         finally:
@@ -504,17 +495,8 @@ class Agent:
                     with attempt:
                         if self.stop.is_set():
                             return
-                        stream = self._borrow_channel(link)
-                        try:
+                        with self._relay_channel(link) as stream:
                             result = self.custody.offer_to(hop, stream, h)
-                        except TransferRefused:
-                            self._return_channel(link, stream)  # a clean answer: reuse it
-                            raise
-                        except BaseException:
-                            with contextlib.suppress(Exception):
-                                stream.chan.close()
-                            raise
-                        self._return_channel(link, stream)
             log.info("relay.hop.done transfer=%s peer=%s result=%s", tid, hop, result)
             self.custody.handed(tid, hop)
         except TransferRefused as exc:
@@ -541,19 +523,34 @@ class Agent:
                 h.in_flight = False
             self._relay_kick.set()
 
-    def _borrow_channel(self, link: PeerLink) -> FrameStream:
-        """An idle relay channel to ``link``'s peer, or a new one. At most ``parallel`` are
-        ever busy (the hop semaphore), so the pool stays that small."""
+    @contextlib.contextmanager
+    def _relay_channel(self, link: PeerLink) -> Iterator[FrameStream]:
+        """A relay channel to ``link``'s peer from its pool (or a new one). It goes back to
+        the pool after a clean conversation (a refusal is one) and is closed after anything
+        else. At most ``parallel`` + the small lane are busy at once, so the pool stays small."""
+        stream = None
         with link.pool_lock:
-            while link.pool:
-                stream = link.pool.pop()
-                if not stream.chan.closed:
-                    return stream
-        chan = link.client.open_channel()
-        chan.settimeout(120.0)
-        return FrameStream(chan)
+            while link.pool and stream is None:
+                candidate = link.pool.pop()
+                if not candidate.chan.closed:
+                    stream = candidate
+        if stream is None:
+            chan = link.client.open_channel()
+            chan.settimeout(120.0)
+            stream = FrameStream(chan)
+        try:
+            yield stream
+        except TransferRefused:
+            self._pool(link, stream)
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.chan.close()
+            raise
+        self._pool(link, stream)
 
-    def _return_channel(self, link: PeerLink, stream: FrameStream) -> None:
+    @staticmethod
+    def _pool(link: PeerLink, stream: FrameStream) -> None:
         with link.pool_lock:
             link.pool.append(stream)
 

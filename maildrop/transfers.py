@@ -414,19 +414,11 @@ class Custody:
         if queued is None:
             raise TransferRefused("lost", "no queued event for this transfer")
         stream = channel if isinstance(channel, FrameStream) else FrameStream(channel)
-        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=self._route_of(held))
-        reply = stream.recv(expect={"accept", "have", "refuse"})
-        if reply.op == "refuse":
-            raise TransferRefused(reply["reason"], reply["detail"])
-        if reply.op == "have":
-            return "have"
         size = queued.data["size"]
-        offset = reply["offset"]
-        if not 0 <= offset <= size:
-            raise ProtocolError(f"accept offset {offset} outside 0..{size}")
-        prog = Progress(tid, "out", hop, size, offset, time.time())
-        with self.lock:
-            self.progress[(tid, "out")] = prog
+        offset = self._offer(stream, held, queued)
+        if offset is None:
+            return "have"
+        prog = self._outgoing(tid, hop, size, offset)
         try:
             with open(self.spool.data(tid), "rb", buffering=0) as f:
                 f.seek(offset)
@@ -457,19 +449,10 @@ class Custody:
         """
         tid = held.transfer
         size = queued.data["size"]
-        stream.send("offer", transfer=tid, queued=queued.to_dict(), route=self._route_of(held),
-                    cut_through=True)
-        reply = stream.recv(expect={"accept", "have", "refuse"})
-        if reply.op == "refuse":
-            raise TransferRefused(reply["reason"], reply["detail"])
-        if reply.op == "have":
+        sent = self._offer(stream, held, queued, cut_through=True)
+        if sent is None:
             return "have"
-        sent = reply["offset"]
-        if not 0 <= sent <= size:
-            raise ProtocolError(f"accept offset {sent} outside 0..{size}")
-        out = Progress(tid, "out", hop, size, sent, time.time())
-        with self.lock:
-            self.progress[(tid, "out")] = out
+        out = self._outgoing(tid, hop, size, sent)
         try:
             while sent < size:
                 with prog.cond:
@@ -491,6 +474,27 @@ class Custody:
         if reply.op == "refuse":
             raise TransferRefused(reply["reason"], reply["detail"])
         return "stored"
+
+    def _offer(self, stream: FrameStream, held: Held, queued: Event, cut_through: bool = False) -> int | None:
+        """Send the offer; the receiver's resume offset, or None when it already has it."""
+        extra = {"cut_through": True} if cut_through else {}
+        stream.send("offer", transfer=held.transfer, queued=queued.to_dict(),
+                    route=self._route_of(held), **extra)
+        reply = stream.recv(expect={"accept", "have", "refuse"})
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        if reply.op == "have":
+            return None
+        size = queued.data["size"]
+        if not 0 <= reply["offset"] <= size:
+            raise ProtocolError(f"accept offset {reply['offset']} outside 0..{size}")
+        return reply["offset"]
+
+    def _outgoing(self, tid: str, hop: str, size: int, offset: int) -> Progress:
+        prog = Progress(tid, "out", hop, size, offset, time.time())
+        with self.lock:
+            self.progress[(tid, "out")] = prog
+        return prog
 
     def _route_of(self, held: Held) -> list[str]:
         return [n for n in held.passed if n != self.me] + [self.me]
