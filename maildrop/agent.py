@@ -288,6 +288,9 @@ class Agent:
     def _gossip_loop(self, link: PeerLink) -> None:
         interval = self.config.gossip_interval
         while not self.stop.is_set():
+            # Clear before the round, not after the wait: a kick that lands while a round runs
+            # (or just after the wait ends) then always gets a round of its own.
+            link.kick.clear()
             try:
                 for attempt in Retrying(
                     retry=retry_if_exception(self._transient),
@@ -307,7 +310,6 @@ class Agent:
                 self.stop.wait(max(30.0, interval * 6))
                 continue
             link.kick.wait(interval * random.uniform(0.8, 1.2))
-            link.kick.clear()
 
     @staticmethod
     def _transient(exc: BaseException) -> bool:
