@@ -4,14 +4,18 @@ This is the only module that imports watchdog. It never imports another edge or 
 
 How a file is judged complete (FIELD-NOTES, "closed does not mean complete"):
 
-- **Fast path.** A final name that appears by a rename inside the watched tree (watchdog
-  reports a *moved* event, e.g. ``.x.part -> x``, rsync's ``.x.AbC123 -> x``) is complete
-  the moment it appears and is handed over at once, with no settle delay.
-- **Settle path.** Everything else (``cp``, ``scp``, ``mv`` from a folder outside the
-  outbox, which shows only *created*; files found by a rescan) must be a regular file whose
-  ``(size, mtime_ns, inode)`` stays unchanged for ``settle`` seconds after its last event.
-  Each new event (modified, closed, attrib) pushes the deadline back. A file renamed to
-  another final name while it is still settling keeps settling under its new name.
+- **Fast path.** A final name that appears by a rename is complete the moment it appears and
+  is handed over at once, with no settle delay: a rename inside the watched tree (watchdog
+  reports a *moved* event, e.g. ``.x.part -> x``, rsync's ``.x.AbC123 -> x``) and a rename
+  in from elsewhere on the same file system (``mv /tmp/x outbox/B/``: an unpaired
+  ``IN_MOVED_TO``, which the observer reports as a *moved* event with an empty source
+  because it is built with ``generate_full_events=True``; plain watchdog calls it *created*).
+- **Settle path.** Everything else (``cp``, ``scp``, any file written in place; files found
+  by a rescan) must be a regular file whose ``(size, mtime_ns, inode)`` stays unchanged for
+  ``settle`` seconds after its last event. Each new event (modified, closed, attrib) pushes
+  the deadline back. A file renamed to another final name while it is still settling keeps
+  settling under its new name, also when the rename is seen as two unpaired halves (moved
+  out, then moved in with the same inode: see the latency note).
 - Temp names (:func:`is_temp_name`) are ignored until they are renamed to a final name.
 - Events are hints: the outbox is rescanned on start, every ``rescan_interval`` seconds, soon
   after watchdog reports an inotify queue overflow, and when a destination folder is created
@@ -34,9 +38,15 @@ Latency note (measured with watchdog 7.1): watchdog's inotify backend holds ever
 ``IN_MOVED_FROM`` for 0.5 s (to pair it with an ``IN_MOVED_TO``) and its queue is FIFO, so
 each file our callback moves *out* of the outbox stalled all later events by up to 0.5 s
 (median 290 ms rename-in latency at 10 drops/s). Both halves of a rename come from one
-syscall and are read together, so :meth:`OutboxWatcher.run` lowers that delay to
+syscall and are usually read together, so :meth:`OutboxWatcher.run` lowers that delay to
 ``MOVE_PAIRING_DELAY`` (20 ms; 0 mis-pairings in 500 renames with 3 CPU-burning threads).
-A missed pairing is harmless here: it degrades to deleted + created, i.e. the settle path.
+A pairing can still be missed (the reader thread descheduled between the two halves for
+longer than the delay, or a read() landing between them): watchdog then reports the halves
+separately, *moved out* (empty destination) and *moved in* (empty source). Plain watchdog
+reports them as *deleted* + *created*, which once sent a renamed-in file down the settle
+path under load; with full events the moved-in half still takes the fast path, and a file
+that was settling when its half moved out keeps settling when the same inode moves back in
+(remembered for ``_MOVED_AWAY_MEMORY`` seconds).
 """
 
 from __future__ import annotations
@@ -95,6 +105,11 @@ _STOP_POLL = 0.2
 _OVERFLOW_RESCAN_DELAY = 0.5
 # Bound on the "already logged" memory, so a hostile outbox cannot grow it forever.
 _MAX_WARNED = 10_000
+# How long (seconds) the inode of a settling file that was moved out stays remembered, so
+# that if it is moved back in (e.g. the second half of a rename watchdog did not pair) it
+# keeps settling instead of taking the fast path; and how many such inodes at most.
+_MOVED_AWAY_MEMORY = 60.0
+_MAX_MOVED_AWAY = 10_000
 
 _EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
@@ -164,6 +179,18 @@ class _OverflowHook(logging.Handler):
             self._inbox.put(_OVERFLOW)
 
 
+def _new_observer(polling: bool) -> BaseObserver:
+    """A PollingObserver, or the platform's observer; on Linux an inotify observer with
+    ``generate_full_events``, so that an unpaired IN_MOVED_TO (a file renamed in from outside
+    the outbox, or a rename whose halves were not paired) is a moved event with an empty
+    source rather than a *created* event: it takes the fast path, not the settle path."""
+    if polling:
+        return PollingObserver()
+    if getattr(Observer, "__name__", "") == "InotifyObserver":
+        return Observer(generate_full_events=True)  # type: ignore[call-arg]
+    return Observer()
+
+
 def _shorten_move_pairing_delay() -> None:
     """Lower watchdog's IN_MOVED_FROM hold time (process-wide; only this module uses watchdog)."""
     try:
@@ -224,6 +251,8 @@ class OutboxWatcher:
         self._heap: list[tuple[float, int, Path]] = []
         self._tokens = itertools.count()
         self._held: dict[Path, _Sig] = {}
+        # inode -> when a file that was still settling was moved out (see _on_file_moved).
+        self._moved_away: dict[int, float] = {}
         self._warned: set[tuple[str, str]] = set()
         self._next_rescan = 0.0
 
@@ -248,10 +277,11 @@ class OutboxWatcher:
             self._pending.clear()
             self._heap.clear()
             self._held.clear()
+            self._moved_away.clear()
             if not self.outbox.is_dir():
                 raise WatcherError(f"outbox {self._root} is not a directory")
             _shorten_move_pairing_delay()
-            observer: BaseObserver = PollingObserver() if self.polling else Observer()
+            observer = _new_observer(self.polling)
             hook = _OverflowHook(self._inbox)
             wd_logger = logging.getLogger("watchdog.observers.inotify_c")
             wd_logger.addHandler(hook)
@@ -349,9 +379,18 @@ class OutboxWatcher:
     # ------------------------------------------------------------------ events
 
     def _on_file_moved(self, src: str, dest: str) -> None:
-        src_path = Path(src)
-        settling = self._pending.pop(src_path, None)
-        self._held.pop(src_path, None)
+        """A rename. ``src`` is empty when the file came from outside the watched tree (or
+        watchdog did not pair the two halves of the rename); ``dest`` is empty when it left."""
+        was_settling = False
+        if src:
+            src_path = Path(src)
+            settling = self._pending.pop(src_path, None)
+            self._held.pop(src_path, None)
+            was_settling = settling is not None
+            if settling is not None and not dest:
+                self._remember_moved_away(settling.sig[2])
+        if not dest:
+            return
         target = self._file_target(dest)
         if target is None:
             return
@@ -360,12 +399,23 @@ class OutboxWatcher:
         if sig is None:
             self._pending.pop(path, None)
             return
-        if settling is not None:
+        if not src and self._moved_away.pop(sig[2], None) is not None:
+            was_settling = True  # moved out while it was settling, and now back in
+        if was_settling:
             # Renamed while it was still being written in place: keep settling.
             self._pending.pop(path, None)
             self._add_candidate(path, node, sig)
             return
         self._hand_over(path, node, sig, how="renamed in")
+
+    def _remember_moved_away(self, inode: int) -> None:
+        now = time.monotonic()
+        expired = [i for i, at in self._moved_away.items() if now - at > _MOVED_AWAY_MEMORY]
+        for i in expired:
+            del self._moved_away[i]
+        if len(self._moved_away) >= _MAX_MOVED_AWAY:
+            self._moved_away.pop(next(iter(self._moved_away)))  # the oldest
+        self._moved_away[inode] = now
 
     def _on_dir_appeared(self, path: str) -> None:
         parts = self._parts(path)

@@ -11,7 +11,8 @@ Must not import the agent or another edge (eventlog, spool, watcher): the agent 
 Layout: errors and ``is_transient``; policy (``_PeerKeys``, ``_ChannelLedger`` and the
 paramiko callbacks in ``_ServerSession``); plumbing (sockets, threads: ``SSHServer``,
 ``_MaildropSubsystem``, ``PeerClient``, ``_CountingSocket``, and ``_Transport``, which
-works around a paramiko rekey livelock).
+works around a paramiko rekey livelock and starts channel handlers only once the request
+that started them has been answered).
 
 Security invariants:
 - Public-key auth only. A client logs in as the peer id it claims (the SSH username) and
@@ -179,8 +180,20 @@ def _tune_socket(sock: socket.socket) -> None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+def _answer_then_start(chan: paramiko.Channel, m: paramiko.Message) -> None:
+    """Transport thread: handle a channel request (paramiko calls the ``check_channel_*``
+    callback and sends the reply), then start the handler the callback claimed, if any."""
+    try:
+        paramiko.Channel._handle_request(chan, m)
+    finally:
+        session = getattr(chan.transport, "server_object", None)
+        if isinstance(session, _ServerSession):
+            session.start_claimed(chan)
+
+
 class _Transport(paramiko.Transport):
-    """paramiko.Transport without the rekey livelock of paramiko issue #822.
+    """paramiko.Transport without the rekey livelock of paramiko issue #822, and whose
+    channel handlers start only after the request that started them has been answered.
 
     When this side starts a key re-exchange (every 2**29 bytes) and the peer's
     CHANNEL_CLOSE (or a channel request wanting a reply) is already in flight, paramiko
@@ -192,7 +205,22 @@ class _Transport(paramiko.Transport):
     right after our NEWKEYS (RFC 4253 7.1 allows any message once NEWKEYS is sent), before
     user threads are let through again, so the order on the wire is kept. Overrides two
     private methods; a test forces frequent rekeys to keep this honest on upgrades.
+
+    Handler start: paramiko answers a channel request (CHANNEL_SUCCESS) only after the
+    ``check_channel_*_request`` callback returns, and its ``SubsystemHandler`` starts the
+    handler thread inside that callback. A handler that answers and closes at once could
+    then put its data, exit-status and CHANNEL_CLOSE on the wire before the SUCCESS: the
+    client saw a closed channel, i.e. "refused the maildrop subsystem", and lost the answer
+    (measured: 41 of 200 channels whose handler only sends 2 bytes). So the callback only
+    claims the channel, and the channel-request dispatch entry below starts the handler
+    after paramiko has sent the reply. Replaces one entry of a private table; a test with
+    an instant handler keeps this honest on upgrades.
     """
+
+    _channel_handler_table = {
+        **paramiko.Transport._channel_handler_table,
+        paramiko.common.MSG_CHANNEL_REQUEST: _answer_then_start,
+    }
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -312,7 +340,8 @@ class _Slot:
 
     opened_at: float
     channel: paramiko.Channel | None = None
-    started: bool = False
+    started: bool = False  # claimed by a subsystem/exec request: it has (or gets) a handler
+    start_pending: bool = False  # claimed, handler not started yet (see _answer_then_start)
 
 
 class _ServerSession(paramiko.ServerInterface):
@@ -433,14 +462,26 @@ class _ServerSession(paramiko.ServerInterface):
         return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def _claim(self, channel: paramiko.Channel) -> bool:
-        """Mark the channel's one handler as started; False if it already has one."""
+        """Mark the channel's one handler as started; False if it already has one. The
+        handler thread is started by :meth:`start_claimed` once the request is answered."""
         with self._lock:
             slot = self._slots.get(channel.get_id())
             if slot is None or slot.started:
                 return False
             slot.started = True
+            slot.start_pending = True
             slot.channel = channel
             return True
+
+    def start_claimed(self, channel: paramiko.Channel) -> None:
+        """Transport thread, after the reply to a channel request was sent: start the
+        handler that request claimed (no-op if it claimed none or the slot is gone)."""
+        with self._lock:
+            slot = self._slots.get(channel.get_id())
+            if slot is None or slot.channel is not channel or not slot.start_pending:
+                return
+            slot.start_pending = False
+        _MaildropSubsystem(channel, SUBSYSTEM, self).start()
 
     def check_channel_subsystem_request(self, channel: paramiko.Channel, name: str) -> bool:
         self.attach(channel)
@@ -450,8 +491,7 @@ class _ServerSession(paramiko.ServerInterface):
         if not self._claim(channel):
             self._refuse("already-started")
             return False
-        # Starts the _MaildropSubsystem registered with set_subsystem_handler.
-        return super().check_channel_subsystem_request(channel, name)
+        return True  # the handler starts once paramiko has sent the SUCCESS reply
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         # OpenSSH clients without -s send "exec maildrop"; nothing else runs.
@@ -462,8 +502,7 @@ class _ServerSession(paramiko.ServerInterface):
         if not self._claim(channel):
             self._refuse("already-started")
             return False
-        _MaildropSubsystem(channel, SUBSYSTEM, self).start()
-        return True
+        return True  # the handler starts once paramiko has sent the SUCCESS reply
 
     def check_channel_shell_request(self, channel: paramiko.Channel) -> bool:
         self.attach(channel)
@@ -559,7 +598,9 @@ class SSHServer:
 
     Limits: at most ``max_unauthenticated`` connections between TCP accept and successful
     login (more are closed at once); login must complete within ``login_timeout`` seconds
-    of the TCP accept; at most ``max_channels_per_peer`` open channels per peer.
+    of the TCP accept; at most ``max_channels_per_peer`` open channels per peer; a channel
+    that has not asked for the maildrop subsystem ``channel_request_timeout`` seconds
+    (default: ``login_timeout``) after it was opened is closed and gives back its slot.
     """
 
     def __init__(
@@ -570,6 +611,7 @@ class SSHServer:
         handler: ChannelHandler,
         *,
         login_timeout: float = 10.0,
+        channel_request_timeout: float | None = None,
         max_unauthenticated: int = 32,
         max_channels_per_peer: int = 16,
         logger: logging.Logger | None = None,
@@ -580,6 +622,9 @@ class SSHServer:
         self._peers = _PeerKeys.parse(authorized)
         self._handler = handler
         self._login_timeout = login_timeout
+        self._channel_request_timeout = (
+            login_timeout if channel_request_timeout is None else channel_request_timeout
+        )
         self._max_channels_per_peer = max_channels_per_peer
         self._log = logger or logging.getLogger(__name__)
         self._ledger = _ChannelLedger(max_channels_per_peer)
@@ -734,7 +779,6 @@ class SSHServer:
             _tune_socket(sock)
             transport = _new_transport(sock)
             transport.add_server_key(self._host_key)
-            transport.set_subsystem_handler(SUBSYSTEM, _MaildropSubsystem)
             transport.banner_timeout = self._login_timeout
             session = _ServerSession(self, transport, addr)
             with self._lock:
@@ -756,7 +800,7 @@ class SSHServer:
                 channel = transport.accept(_DRAIN)
                 if channel is not None:
                     session.attach(channel)
-                session.sweep(time.monotonic(), self._login_timeout)
+                session.sweep(time.monotonic(), self._channel_request_timeout)
             self._log.info("ssh.peer.disconnected peer=%s addr=%s", session.peer_id, addr)
         except Exception:
             self._log.exception("ssh.conn.crashed addr=%s", addr)
@@ -980,6 +1024,13 @@ class PeerClient:
             try:
                 remaining = transport.auth_publickey(self.node_id, self._pkey)
             except paramiko.AuthenticationException as exc:
+                if not transport.is_active():
+                    # paramiko says "Authentication failed: transport shut down or saw EOF"
+                    # when the peer hung up mid-login (e.g. its login deadline passed on a
+                    # loaded machine): that is no verdict on our key.
+                    raise PeerUnreachable(
+                        f"{where}: connection closed during authentication ({_reason(exc)})"
+                    ) from None
                 raise AuthRefused(
                     f"{where} refused our key for node {self.node_id} ({_reason(exc)}); "
                     f"is our public key configured there?"

@@ -315,14 +315,24 @@ def test_slow_client_is_cut_off_after_login_timeout(opening, make_key, servers, 
 
     slow = socket.create_connection(server.address, timeout=5)
     started = time.monotonic()
+    hang_up: list[tuple[bytes, float]] = []  # when the server closed the slow connection
+
+    def watch_slow() -> None:
+        hang_up.append((read_until_closed(slow, timeout=10), time.monotonic()))
+
+    watcher = threading.Thread(target=watch_slow, daemon=True)
     try:
         slow.sendall(opening)
-        # Meanwhile a normal client is served.
+        watcher.start()
+        # Meanwhile a normal client is served. (Timed apart from the slow one: how long this
+        # takes on a loaded machine used to be counted as the server's hang-up time.)
         assert roundtrip(clients("NodeB", b, server, a).open_channel(), b"not stalled") == b"not stalled"
-        received = read_until_closed(slow, timeout=5)
-        elapsed = time.monotonic() - started
+        watcher.join(15)
     finally:
         slow.close()
+    assert hang_up, "the server did not hang up on the slow client"
+    received, closed_at = hang_up[0]
+    elapsed = closed_at - started
     assert received.startswith(b"SSH-2.0-")  # it was talking to the SSH server...
     assert 0.8 <= elapsed < 4.5, elapsed  # ...which hung up at the login deadline
     wait_until(lambda: messages(caplog_ssh, "ssh.conn.login-timeout"), what="login-timeout log")
@@ -487,7 +497,11 @@ def test_channels_per_peer_are_capped(make_key, servers, clients, caplog_ssh):
 
 def test_refused_requests_do_not_leak_channel_slots(make_key, servers, clients, caplog_ssh):
     a, b = make_key("a"), make_key("b")
-    server = servers(a, {"NodeB": b.public_line}, max_channels_per_peer=2, login_timeout=1.0)
+    # A short idle-channel limit, but the default login deadline: this test's logins are not
+    # what it tests (with login_timeout=1.0 a login on a loaded machine was sometimes cut off).
+    server = servers(
+        a, {"NodeB": b.public_line}, max_channels_per_peer=2, channel_request_timeout=1.0
+    )
     transport = raw_transport(server, "NodeB", b)
     try:
 
@@ -588,6 +602,42 @@ def test_handler_exception_is_logged_and_server_keeps_serving(make_key, servers,
     assert roundtrip(client.open_channel(), b"fine") == b"fine"
 
 
+class AnswerHandler:
+    """Answers at once and returns: the transport closes the channel right after."""
+
+    def handle_channel(self, peer_id: str, channel) -> None:
+        channel.sendall(b"answer for " + peer_id.encode())
+
+
+def read_to_eof(channel) -> bytes:
+    channel.settimeout(20)
+    chunks = []
+    while data := channel.recv(1 << 16):
+        chunks.append(data)
+    channel.close()
+    return b"".join(chunks)
+
+
+def test_handler_that_answers_and_returns_at_once(make_key, servers, clients):
+    # The handler thread used to start inside the subsystem/exec callback, before paramiko
+    # sent the CHANNEL_SUCCESS reply, so a quick handler's data and CLOSE could overtake it:
+    # the client saw "refused the maildrop subsystem" and lost the answer (~1 in 5 here).
+    a, b = make_key("a"), make_key("b")
+    server = servers(a, {"NodeB": b.public_line}, AnswerHandler())
+    client = clients("NodeB", b, server, a)
+    for _ in range(100):
+        assert read_to_eof(client.open_channel()) == b"answer for NodeB"
+    transport = raw_transport(server, "NodeB", b)  # the exec path (OpenSSH without -s)
+    try:
+        for _ in range(50):
+            channel = transport.open_session(timeout=5)
+            channel.exec_command("maildrop")
+            assert read_to_eof(channel) == b"answer for NodeB"
+            assert channel.recv_exit_status() == 0
+    finally:
+        transport.close()
+
+
 def test_listen_failure_is_one_clear_line(make_key, servers):
     a = make_key("a")
     server = servers(a, {})
@@ -606,6 +656,49 @@ def test_unreachable_peer_is_transient(make_key, clients, servers):
         client.connect()
     assert is_transient(down.value)
     assert "NodeA" in str(down.value)
+
+
+def test_peer_hanging_up_during_login_is_transient_not_a_refusal(make_key):
+    # paramiko reports a hang-up mid-login (e.g. the peer's login deadline passed on a loaded
+    # machine) as an AuthenticationException; it used to become a permanent AuthRefused.
+    a, b = make_key("a"), make_key("b")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    class HangUpAtLogin(paramiko.ServerInterface):
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def get_allowed_auths(self, username: str) -> str:
+            return "publickey"
+
+        def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the answer is never sent
+            return paramiko.AUTH_FAILED
+
+    transports: list[paramiko.Transport] = []
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        transport = paramiko.Transport(sock)
+        transports.append(transport)
+        transport.add_server_key(paramiko.PKey.from_path(a.path))
+        transport.start_server(server=HangUpAtLogin(sock))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    client = PeerClient("NodeB", b, "NodeA", listener.getsockname()[:2], a.public_line, logger=log)
+    try:
+        with pytest.raises(PeerUnreachable) as down:
+            client.connect()
+        assert is_transient(down.value)
+        assert "during authentication" in str(down.value)
+    finally:
+        client.close()
+        thread.join(10)
+        for transport in transports:
+            transport.close()
+        listener.close()
 
 
 def test_is_transient_classifies_errors(make_key):
