@@ -462,13 +462,10 @@ class Custody:
                     stream.send_raw(memoryview(buf)[:n])
                     remaining -= n
                     prog.done += n
-            reply = stream.recv(expect={"stored", "refuse"})
+            return self._await_stored(stream)
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
-        if reply.op == "refuse":
-            raise TransferRefused(reply["reason"], reply["detail"])
-        return "stored"
 
     def forward_while_receiving(self, hop: str, stream: FrameStream, held: Held, queued: Event,
                                 prog: Progress, fd: int) -> str:
@@ -498,10 +495,15 @@ class Custody:
                 stream.send_raw(data)
                 sent += len(data)
                 out.done = sent
-            reply = stream.recv(expect={"stored", "refuse"})
+            return self._await_stored(stream)
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
+
+    @staticmethod
+    def _await_stored(stream: FrameStream) -> str:
+        """The receiver's verdict on the bytes just sent: "stored", or TransferRefused."""
+        reply = stream.recv(expect={"stored", "refuse"})
         if reply.op == "refuse":
             raise TransferRefused(reply["reason"], reply["detail"])
         return "stored"

@@ -54,3 +54,28 @@ def network_of(edges: list[tuple[str, str]], nodes: list[str] | None = None) -> 
         feeds[a].link(b)
         feeds[b].link(a)
     return feeds
+
+
+class CraftedStore:
+    """A gossip Store that offers exactly the events a test crafted (a hostile peer's log)."""
+
+    def __init__(self, events):
+        self.events = list(events)
+        self.received = []
+
+    def fingerprint(self):
+        return "0" * 32
+
+    def version_vector(self):
+        return {}
+
+    def since(self, their_vv, limit=None):
+        return list(self.events)
+
+    def ingest(self, events):
+        self.received.extend(events)
+
+        class Result:
+            accepted = list(events)
+            rejected: list = []
+        return Result()

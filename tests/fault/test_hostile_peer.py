@@ -13,33 +13,8 @@ from maildrop import gossip
 from maildrop.keys import generate_key
 from maildrop.protocol import FrameStream
 from maildrop.transport.ssh import HostKeyMismatch, PeerClient
-from tests.factories import FeedWriter
+from tests.factories import CraftedStore, FeedWriter
 from tests.harness import wait_until
-
-
-class CraftedStore:
-    """A gossip Store that offers exactly the events the test crafted."""
-
-    def __init__(self, events):
-        self.events = events
-        self.received = []
-
-    def fingerprint(self):
-        return "0" * 32
-
-    def version_vector(self):
-        return {}
-
-    def since(self, their_vv, limit=None):
-        return list(self.events)
-
-    def ingest(self, events):
-        self.received.extend(events)
-
-        class R:
-            accepted = list(events)
-            rejected = []
-        return R()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from maildrop.events import compute_id, format_ts, make_event
 from maildrop.keys import generate_key
 from maildrop.protocol import FrameStream
 from maildrop.transport.ssh import PeerClient
-from tests.factories import T0, FeedWriter
+from tests.factories import T0, CraftedStore, FeedWriter
 from tests.harness import sha256_of, wait_until, write_random_file
 
 MiB = 2**20
@@ -231,34 +231,12 @@ def hostile(make_net, tmp_path):
     chan = client.open_channel()
     chan.settimeout(10)
     try:  # A must know NodeX's key (from its node.configured) before it takes an offer
-        gossip.call(FrameStream(chan), _Crafted(x.events))
+        gossip.call(FrameStream(chan), CraftedStore(x.events))
     finally:
         chan.close()
     wait_until(lambda: "NodeX" in {n["id"] for n in a.status()["nodes"]}, 10, "A to know NodeX")
     yield Hostile(a, client, x)
     client.close()
-
-
-class _Crafted:
-    """A gossip Store that offers exactly the events the test crafted."""
-
-    def __init__(self, events):
-        self.events = events
-
-    def fingerprint(self):
-        return "0" * 32
-
-    def version_vector(self):
-        return {}
-
-    def since(self, their_vv, limit=None):
-        return list(self.events)
-
-    def ingest(self, events):
-        class R:
-            accepted = list(events)
-            rejected = []
-        return R()
 
 
 BAD_NAMES = ["../escape", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "x\x00y",
