@@ -111,6 +111,15 @@ class Node(LocalNode):
         out = [json.loads(line) for line in data.splitlines() if line.strip()]
         return [e for e in out if type_ is None or e["type"] == type_]
 
+    def trust_outsider(self, peer_id: str, key_line: str) -> None:
+        """List a peer that no agent runs (the test plays it) in this node's config, at a
+        loopback port nothing listens on. Call before the node starts."""
+        text = self.config_path.read_text()
+        assert "peers: []" in text, "trust_outsider expects a node without peers"
+        self.config_path.write_text(text.replace(
+            "peers: []",
+            f"peers:\n  - id: {peer_id}\n    address: 127.0.0.1:{free_port()}\n    key: {key_line}"))
+
     def inbox_files(self, origin: str | None = None) -> list[Path]:
         base = self.inbox / origin if origin else self.inbox
         if not base.exists():

@@ -4,7 +4,6 @@ The test plays NodeX, a peer that NodeA's config lists, with a real SSH client. 
 refuse everything bad, log it, store nothing invalid and stay up.
 """
 
-import socket
 import struct
 
 import pytest
@@ -22,21 +21,13 @@ def hostile(make_net, tmp_path):
     net = make_net(["NodeA"], [], start=False)
     a = net["NodeA"]
     xkey = generate_key(tmp_path / "x_key")
-    cfg = a.config_path.read_text().replace(
-        "peers: []",
-        f"peers:\n  - id: NodeX\n    address: 127.0.0.1:{_closed_port()}\n    key: {xkey.public_line}")
-    a.config_path.write_text(cfg)
+    a.trust_outsider("NodeX", xkey.public_line)
     net.start()
     client = PeerClient("NodeX", xkey, "NodeA", ("127.0.0.1", a.port), a.pubkey)
     x = FeedWriter("NodeX", xkey, port=1)
     yield a, client, x
     client.close()
 
-
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gossip(client, events):

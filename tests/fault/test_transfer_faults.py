@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import time
 
 import pytest
@@ -208,21 +207,13 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def hostile(make_net, tmp_path):
     net = make_net(["NodeA"], [], settings={"transfers": {"max_file_size": "1MiB"}}, start=False)
     a = net["NodeA"]
     xkey = generate_key(tmp_path / "x_key")
-    cfg = a.config_path.read_text().replace(
-        "peers: []",
-        f"peers:\n  - id: NodeX\n    address: 127.0.0.1:{_closed_port()}\n    key: {xkey.public_line}")
-    a.config_path.write_text(cfg)
+    a.trust_outsider("NodeX", xkey.public_line)
     net.start()
     client = PeerClient("NodeX", xkey, "NodeA", ("127.0.0.1", a.port), a.pubkey)
     x = FeedWriter("NodeX", xkey, port=1)

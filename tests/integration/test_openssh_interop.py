@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 
 import pytest
@@ -18,11 +17,7 @@ def agent_and_key(make_net, tmp_path):
     net = make_net(["NodeA"], [], start=False)
     a = net["NodeA"]
     xkey = generate_key(tmp_path / "x_key")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    a.config_path.write_text(a.config_path.read_text().replace(
-        "peers: []", f"peers:\n  - id: NodeX\n    address: 127.0.0.1:{port}\n    key: {xkey.public_line}"))
+    a.trust_outsider("NodeX", xkey.public_line)
     net.start()
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{a.port} {a.pubkey}\n")
