@@ -90,7 +90,9 @@ def test_relay_killed_mid_file_reroutes_and_delivers_once(make_net):
     b.start()
     b.wait_listening()
     wait_until(lambda: b.spool_files(tid) == [], 30, "B to drop its stale partial copy")
-    assert re.search(rf"spool\.dropped transfer={tid} reason=delivered", b.log_path.read_text())
+    # The log line follows the unlink by a moment: wait for it rather than race it.
+    wait_until(lambda: re.search(rf"spool\.dropped transfer={tid} reason=delivered", b.log_path.read_text()),
+               10, "B to log why it dropped the part")
     net.wait_converged(60)
     assert e.inbox_files() == [got] and len(own_delivered(e, tid)) == 1
     assert b.inbox_files() == []
