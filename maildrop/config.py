@@ -540,30 +540,28 @@ def _public_key(value: Any, key: str) -> str:
         _fail(key, reason, _KEY_EXPECTED)
 
 
-def _duration(m: dict, where: str, name: str, default: float, *, allow_zero: bool = False) -> float:
+def _quantity(m: dict, where: str, name: str, default: Any, parse: Any, expected: str,
+              kind: str, allow_zero: bool) -> Any:
+    """An optional duration or size under ``where.name``: parsed, and above zero unless
+    ``allow_zero``; ``default`` when absent."""
     key = _join(where, name)
     if name not in m or m[name] is None:
         return default
     try:
-        seconds = parse_duration(m[name])
+        value = parse(m[name])
     except ValueError as exc:
-        _fail(key, str(exc), _DURATION_EXPECTED)
-    if seconds == 0 and not allow_zero:
-        _fail(key, f"{_show(m[name])} is zero", f"a duration above zero, {_DURATION_EXPECTED}")
-    return seconds
+        _fail(key, str(exc), expected)
+    if value == 0 and not allow_zero:
+        _fail(key, f"{_show(m[name])} is zero", f"a {kind} above zero, {expected}")
+    return value
+
+
+def _duration(m: dict, where: str, name: str, default: float, *, allow_zero: bool = False) -> float:
+    return _quantity(m, where, name, default, parse_duration, _DURATION_EXPECTED, "duration", allow_zero)
 
 
 def _size(m: dict, where: str, name: str, default: int, *, allow_zero: bool = False) -> int:
-    key = _join(where, name)
-    if name not in m or m[name] is None:
-        return default
-    try:
-        size = parse_size(m[name])
-    except ValueError as exc:
-        _fail(key, str(exc), _SIZE_EXPECTED)
-    if size == 0 and not allow_zero:
-        _fail(key, f"{_show(m[name])} is zero", f"a size above zero, {_SIZE_EXPECTED}")
-    return size
+    return _quantity(m, where, name, default, parse_size, _SIZE_EXPECTED, "size", allow_zero)
 
 
 def _bool(m: dict, where: str, name: str, default: bool) -> bool:
