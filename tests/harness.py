@@ -127,6 +127,17 @@ class Node(LocalNode):
         return sorted(p for p in base.rglob("*") if p.is_file())
 
 
+def start_with_outsider(net: Net, name: str, key: Any) -> tuple[Node, Any]:
+    """Start ``name`` with a test-played peer NodeX (holding ``key``) in its config, and
+    return the node and a real SSH client logged in as NodeX."""
+    from maildrop.transport.ssh import PeerClient
+
+    node = net[name]
+    node.trust_outsider("NodeX", key.public_line)
+    net.start()
+    return node, PeerClient("NodeX", key, name, ("127.0.0.1", node.port), node.pubkey)
+
+
 class Net(LocalNet):
     """A test network: fast gossip and outbox settings unless a test says otherwise."""
 

@@ -13,17 +13,13 @@ from maildrop.keys import generate_key
 from maildrop.protocol import FrameStream
 from maildrop.transport.ssh import HostKeyMismatch, PeerClient
 from tests.factories import CraftedStore, FeedWriter
-from tests.harness import wait_until
+from tests.harness import start_with_outsider, wait_until
 
 
 @pytest.fixture
 def hostile(make_net, tmp_path):
-    net = make_net(["NodeA"], [], start=False)
-    a = net["NodeA"]
     xkey = generate_key(tmp_path / "x_key")
-    a.trust_outsider("NodeX", xkey.public_line)
-    net.start()
-    client = PeerClient("NodeX", xkey, "NodeA", ("127.0.0.1", a.port), a.pubkey)
+    a, client = start_with_outsider(make_net(["NodeA"], [], start=False), "NodeA", xkey)
     x = FeedWriter("NodeX", xkey, port=1)
     yield a, client, x
     client.close()

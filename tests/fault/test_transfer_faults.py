@@ -19,9 +19,8 @@ from maildrop.errors import InvalidEvent
 from maildrop.events import compute_id, format_ts, make_event
 from maildrop.keys import generate_key
 from maildrop.protocol import FrameStream
-from maildrop.transport.ssh import PeerClient
 from tests.factories import T0, CraftedStore, FeedWriter
-from tests.harness import sha256_of, wait_until, write_random_file
+from tests.harness import sha256_of, start_with_outsider, wait_until, write_random_file
 
 MiB = 2**20
 
@@ -212,12 +211,8 @@ def sha256_hex(data: bytes) -> str:
 
 @pytest.fixture
 def hostile(make_net, tmp_path):
-    net = make_net(["NodeA"], [], settings={"transfers": {"max_file_size": "1MiB"}}, start=False)
-    a = net["NodeA"]
     xkey = generate_key(tmp_path / "x_key")
-    a.trust_outsider("NodeX", xkey.public_line)
-    net.start()
-    client = PeerClient("NodeX", xkey, "NodeA", ("127.0.0.1", a.port), a.pubkey)
+    a, client = start_with_outsider(make_net(["NodeA"], [], settings={"transfers": {"max_file_size": "1MiB"}}, start=False), "NodeA", xkey)
     x = FeedWriter("NodeX", xkey, port=1)
     x.configured()
     x.link("NodeA")
