@@ -45,6 +45,7 @@ from .errors import MaildropError, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event
 from .keys import NodeKey, load_key
+from .logsafe import OneLine
 from .protocol import FrameStream
 from .relay import Expire, Policy, Send, choose_hop, plan
 from .spool import Spool, durable_write, ensure_layout, ensure_outbox
@@ -124,6 +125,7 @@ class PeerLink:
 class _RecentErrors(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
+        self.addFilter(OneLine())  # these reach the terminal through `status`
         self.items: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import sys
+from pathlib import Path
 
 from .config import Config, find_config, load_config
 from .errors import MaildropError
@@ -48,6 +49,48 @@ def _check_key(c: Config, r: _Report) -> None:
     for p in c.peers:
         if p.key == key.public_line:
             r.fail(f"peer {p.id} has this node's own key", f"put {p.id}'s 'maildrop pubkey' line in peers")
+
+
+def _writable_by_others(path: Path) -> str | None:
+    """Who besides the owner may change ``path`` ("group" / "others"), or None.
+
+    A folder with the sticky bit lets others add entries but not replace the owner's, so it
+    counts as safe (like /tmp)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX:
+        return None
+    if st.st_mode & stat.S_IWOTH:
+        return "others"
+    if st.st_mode & stat.S_IWGRP:
+        return "group"
+    return None
+
+
+def _check_ownership(c: Config, config_path: Path, r: _Report) -> None:
+    """Whoever can change the config, the key, the root or state/ can become this node (add
+    their own peer key, read or replace the key, rewrite the log): only the agent's user
+    (and root) may. The group shares outbox/ (write) and inbox/, failed/ (read) only."""
+    real_config = config_path.resolve()
+    places = [("config", real_config), ("the config's folder", real_config.parent),
+              ("the folder of the config's link", config_path.parent),
+              ("key", c.key_path), ("the key's folder", c.key_path.parent),
+              ("root", c.root), ("state folder", c.state_dir)]
+    seen: set[Path] = set()
+    for what, path in places:
+        if path in seen:
+            continue
+        seen.add(path)
+        who = _writable_by_others(path)
+        if who is not None:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            r.fail(f"{what} {path} is writable by {who} (mode {mode:04o}): they could change "
+                   "this node's identity, peers or state",
+                   f"chmod {who[0]}-w {path} (only outbox/ is for the group)")
+    if not any(_writable_by_others(p) for _, p in places):
+        r.ok("config, key, root and state/ are writable only by their owner")
 
 
 def _check_folders(c: Config, r: _Report) -> None:
@@ -124,6 +167,7 @@ def run_checks(config_arg: str | None) -> int:
     r = _Report()
     r.ok(f"config {path}: node {c.node_id}, {len(c.peers)} peer(s)")
     _check_key(c, r)
+    _check_ownership(c, path, r)
     _check_folders(c, r)
     _check_log(c, r)
     _check_listen(c, r)

@@ -386,7 +386,10 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, as_json: bool) -> None:
+    from .logsafe import OneLine
+
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(OneLine())  # text from peers never starts a line of its own
     if as_json:
         handler.setFormatter(_JsonFormatter())
     else:

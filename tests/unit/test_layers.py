@@ -5,7 +5,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce",
-        "protocol", "gossip", "config"}
+        "protocol", "gossip", "config", "logsafe"}
 EDGES = {"eventlog", "spool", "transport.ssh", "watcher", "sdnotify"}
 SHELL = {"transfers", "agent", "localnet", "demo", "check"}
 THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"}}
