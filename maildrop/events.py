@@ -8,7 +8,11 @@ One event is one JSON object on one line::
 - ``id`` is the sha256 of the canonical form (sorted keys, no spaces, UTF-8) of the event
   without ``id`` and ``sig``; ``sig`` is the origin's ed25519 signature of the ASCII id.
 - Every type has a data schema checked here; an event from the network is parsed with
-  ``parse_event`` before anything else looks at it.
+  ``parse_event`` before anything else looks at it. Every field is bounded: an event is at
+  most ``MAX_EVENT_BYTES`` in canonical form, whichever way it arrives; free text holds no
+  control or format characters (``ids.UNSAFE_CATEGORIES``); ``ts`` is a real UTC date and
+  time of the years ``MIN_YEAR``..``MAX_YEAR``, so ``parse_ts`` never raises on a parsed
+  event; a file name is already NFC and portable (``ids.safe_file_name``).
 - Old record versions are upgraded when read (``_UPGRADES``), never rewritten.
 
 Pure: no clock (``now`` is passed in), no files, no sockets.
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import calendar
+import datetime
 import hashlib
 import json
 import re
@@ -32,9 +38,19 @@ from .keys import NodeKey, normalize_public_line, verify
 
 VERSION = 1
 MAX_EVENT_BYTES = 16 * 1024
+MAX_SEQ = 2**63 - 1
+# Every ts from the epoch on parses, so a node whose clock was reset to 1970 still writes
+# events that it and others can read; how far a ts may be trusted is custody's business.
+MIN_YEAR, MAX_YEAR = 1970, 9999
+MAX_HOST_CHARS = 253  # a DNS name (RFC 1035), without its optional trailing dot
+MAX_ADDRESS_CHARS = 260  # HOST + "." + ":" + five port digits
+MAX_KEY_CHARS = 200
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-_ADDR = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-_]+):\d{1,5}$")
+_TS = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z$")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_ADDR = re.compile(
+    rf"^(?:\[[0-9A-Fa-f:.]{{2,45}}\]|(?P<host>{_LABEL}(?:\.{_LABEL})*\.?)):(?P<port>[0-9]{{1,5}})$"
+)
 
 NODE_CONFIGURED = "node.configured"
 LINK_CONFIGURED = "link.configured"
@@ -53,7 +69,7 @@ def canonical(obj: Any) -> bytes:
 
 
 def format_ts(now: float) -> str:
-    """``2026-11-27T15:30:00.123Z`` for a POSIX time."""
+    """``2026-11-27T15:30:00.123Z`` for a POSIX time (``parse_ts`` reads back MIN_YEAR..MAX_YEAR)."""
     whole = int(now)
     ms = int(round((now - whole) * 1000))
     if ms == 1000:
@@ -62,11 +78,25 @@ def format_ts(now: float) -> str:
 
 
 def parse_ts(ts: str) -> float:
-    """Inverse of ``format_ts``."""
-    import calendar
+    """Inverse of ``format_ts``: POSIX seconds. Raises ValueError unless ``ts`` is exactly that
+    form and a real UTC date and time (no month 99, no Feb 30, no leap second) of the years
+    MIN_YEAR..MAX_YEAR."""
+    m = _TS.fullmatch(ts) if isinstance(ts, str) else None
+    if m is None:
+        raise ValueError(f"{brief(ts, 40)} is not YYYY-MM-DDTHH:MM:SS.mmmZ")
+    year, month, day, hour, minute, second, ms = (int(g) for g in m.groups())
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        raise ValueError(f"{ts!r} is outside the years {MIN_YEAR}..{MAX_YEAR}")
+    when = datetime.datetime(year, month, day, hour, minute, second)  # ValueError if no such time
+    return calendar.timegm(when.timetuple()) + ms / 1000
 
-    base, ms = ts[:-1].split(".")
-    return calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) + int(ms) / 1000
+
+def _ts(v: Any) -> bool:
+    try:
+        parse_ts(v)
+    except ValueError:
+        return False
+    return True
 
 
 # --- data schemas -------------------------------------------------------------------------
@@ -84,7 +114,9 @@ def _hex64(v: Any) -> bool:
 
 
 def _text(limit: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and len(v) <= limit and "\n" not in v
+    """Free text for people: at most ``limit`` characters, none of ``ids.UNSAFE_CATEGORIES``
+    (no ESC, CR, LF, TAB, DEL, bidi override ...); ordinary spaces are fine."""
+    return lambda v: isinstance(v, str) and len(v) <= limit and not ids.has_unsafe_characters(v)
 
 
 def _size(v: Any) -> bool:
@@ -92,15 +124,22 @@ def _size(v: Any) -> bool:
 
 
 def _name(v: Any) -> bool:
-    return ids.safe_file_name(v) is not None
+    """A safe file name, already in NFC (``safe_file_name`` would return another string)."""
+    return isinstance(v, str) and ids.safe_file_name(v) == v
 
 
 def _addr(v: Any) -> bool:
-    return isinstance(v, str) and _ADDR.fullmatch(v) is not None
+    """``HOST:PORT`` with a DNS-like host of at most MAX_HOST_CHARS, or ``[IPv6]:PORT``."""
+    if not isinstance(v, str) or len(v) > MAX_ADDRESS_CHARS:
+        return False
+    m = _ADDR.fullmatch(v)
+    if m is None or int(m["port"]) > 65535:
+        return False
+    return m["host"] is None or len(m["host"].removesuffix(".")) <= MAX_HOST_CHARS
 
 
 def _pubkey(v: Any) -> bool:
-    if not isinstance(v, str):
+    if not isinstance(v, str) or len(v) > MAX_KEY_CHARS:
         return False
     try:
         return normalize_public_line(v) == v
@@ -172,9 +211,16 @@ def compute_id(body: Mapping[str, Any]) -> str:
 def make_event(
     key: NodeKey, origin: str, seq: int, prev: str | None, now: float, type: str, data: Mapping[str, Any]
 ) -> Event:
-    """Build and sign this node's next event. Raises InvalidEvent if ``data`` breaks its schema."""
+    """Build and sign this node's next event. Raises InvalidEvent if ``data`` breaks its schema
+    or ``now`` is outside the years MIN_YEAR..MAX_YEAR (a clock before the epoch or past
+    9999): such an event would be refused by every node, this one included when it reads
+    its log again."""
     _check_data(type, data)
-    body = {"v": VERSION, "origin": origin, "seq": seq, "prev": prev, "ts": format_ts(now),
+    ts = format_ts(now)
+    if not _ts(ts):
+        raise InvalidEvent(f"the clock says {ts}, outside the years {MIN_YEAR}..{MAX_YEAR}; "
+                           "set the system clock")
+    body = {"v": VERSION, "origin": origin, "seq": seq, "prev": prev, "ts": ts,
             "type": type, "data": dict(data)}
     eid = compute_id(body)
     sig = base64.b64encode(key.sign(eid.encode())).decode()
@@ -184,7 +230,7 @@ def make_event(
 def _check_data(type: str, data: Any) -> None:
     schema = SCHEMAS.get(type)
     if schema is None:
-        raise InvalidEvent(f"unknown event type {type!r}")
+        raise InvalidEvent(f"unknown event type {brief(type, 40)}")
     if not isinstance(data, dict):
         raise InvalidEvent(f"{type}: data is not an object")
     extra = set(data) - set(schema)
@@ -194,7 +240,18 @@ def _check_data(type: str, data: Any) -> None:
         if field not in data:
             raise InvalidEvent(f"{type}: data.{field} missing")
         if not ok(data[field]):
-            raise InvalidEvent(f"{type}: data.{field} is invalid ({str(data[field])[:80]!r})")
+            raise InvalidEvent(f"{type}: data.{field} is invalid ({brief(data[field])})")
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A short, ASCII picture of a peer's bad value for an error message: a str or number
+    cut to ``limit`` characters, anything else by its type name (never a recursive repr,
+    which a value nested past the stack would make raise)."""
+    if isinstance(value, str):
+        return ascii(value[:limit])
+    if isinstance(value, bool | int | float) or value is None:
+        return ascii(value)[:limit]
+    return f"a {type(value).__name__}"
 
 
 # Upgraders from record version N to N+1; none yet (version 1 is the first).
@@ -204,24 +261,39 @@ _UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
 def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
     """Check the structure and the content hash of one event; raise InvalidEvent with a reason.
 
-    Does not check the signature or the chain: those need the origin's feed (see ``ledger``).
+    Any input, however hostile (nested past the stack, over the size limit, lone surrogates,
+    values of the wrong type), ends in InvalidEvent, never in another exception. A line is
+    measured in bytes, a Mapping (a queued event inside an offer, a spool meta) in canonical
+    bytes: both at most MAX_EVENT_BYTES. Does not check the signature or the chain: those
+    need the origin's feed (see ``ledger``). Does not modify ``raw``.
     """
     if isinstance(raw, (bytes, str)):
-        if len(raw) > MAX_EVENT_BYTES:
+        line = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        if len(line) > MAX_EVENT_BYTES:
             raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
         try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            obj = json.loads(line)
+        except RecursionError:
+            raise InvalidEvent("bad JSON (too deeply nested)") from None
+        except ValueError as exc:  # UnicodeDecodeError included
             raise InvalidEvent(f"bad JSON ({exc.__class__.__name__}: {str(exc)[:60]})") from None
     else:
         obj = dict(raw)
+        try:
+            size = len(canonical(obj))
+        except RecursionError:
+            raise InvalidEvent("bad JSON (too deeply nested)") from None
+        except (ValueError, TypeError) as exc:  # a lone surrogate, a value JSON cannot hold
+            raise InvalidEvent(f"not JSON ({exc.__class__.__name__}: {str(exc)[:60]})") from None
+        if size > MAX_EVENT_BYTES:
+            raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes ({size} in canonical form)")
     if not isinstance(obj, dict):
         raise InvalidEvent("event is not a JSON object")
     v = obj.get("v")
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise InvalidEvent("missing or bad record version 'v'")
     if v > VERSION:
-        raise InvalidEvent(f"record version {v} is newer than this maildrop understands ({VERSION})")
+        raise InvalidEvent(f"record version {brief(v)} is newer than this maildrop understands ({VERSION})")
     original = obj
     while obj["v"] < VERSION:
         obj = _UPGRADES[obj["v"]](obj)
@@ -230,15 +302,15 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
         raise InvalidEvent(f"event fields {sorted(obj)} are not {sorted(want)}")
     origin, seq, prev, ts = obj["origin"], obj["seq"], obj["prev"], obj["ts"]
     if not ids.is_node_id(origin):
-        raise InvalidEvent(f"bad origin {str(origin)[:70]!r}")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise InvalidEvent(f"bad seq {seq!r}")
+        raise InvalidEvent(f"bad origin {brief(origin, 70)}")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+        raise InvalidEvent(f"bad seq {brief(seq)}")
     if seq == 1 and prev is not None:
         raise InvalidEvent("seq 1 must have prev null")
     if seq > 1 and not _hex64(prev):
         raise InvalidEvent("bad prev")
-    if not isinstance(ts, str) or _TS.fullmatch(ts) is None:
-        raise InvalidEvent("bad ts")
+    if not _ts(ts):
+        raise InvalidEvent(f"bad ts {brief(ts)} (want a real UTC time, {MIN_YEAR}..{MAX_YEAR})")
     if not isinstance(obj["type"], str):
         raise InvalidEvent("bad type")
     _check_data(obj["type"], obj["data"])
@@ -250,4 +322,4 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
         raise InvalidEvent("id does not match content (tampered or corrupted)")
     if obj["type"] == NODE_CONFIGURED and obj["data"]["id"] != origin:
         raise InvalidEvent("node.configured names another node than its origin")
-    return Event(origin, seq, prev, ts, obj["type"], obj["data"], obj["id"], obj["sig"], VERSION)
+    return Event(origin, seq, prev, ts, obj["type"], dict(obj["data"]), obj["id"], obj["sig"], VERSION)

@@ -6,7 +6,8 @@ follows, ``"len"`` gives its length. Headers are at most 64 KiB, bodies at most 
 an ``accept`` the sender streams the file's raw bytes (no framing) — see docs/protocol.md.
 
 A bad frame, an unknown op, a wrong version or a field of the wrong type raises
-ProtocolError; the caller closes that channel and logs the reason. Dispatch is by the
+ProtocolError — whatever the peer sent (JSON nested past the stack included), never
+another exception; the caller closes that channel and logs the reason. Dispatch is by the
 ``OPS`` table only, never by looking up arbitrary names.
 
 Pure: works on any object with ``recv(n)`` and ``sendall(b)``; imports no sockets.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import ProtocolError
-from .events import canonical
+from .events import brief, canonical
 
 VERSION = 1
 MAX_HEADER = 64 * 1024
@@ -82,10 +83,10 @@ def check_header(header: Any, expect: Collection[str] | None = None) -> str:
     if not isinstance(header, dict):
         raise ProtocolError("frame header is not a JSON object")
     if header.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r} not supported (want {VERSION})")
+        raise ProtocolError(f"protocol version {brief(header.get('v'))} not supported (want {VERSION})")
     op = header.get("op")
     if not isinstance(op, str) or op not in OPS:
-        raise ProtocolError(f"unknown op {str(op)[:40]!r}")
+        raise ProtocolError(f"unknown op {brief(op)}")
     if expect is not None and op not in expect and op != "error":
         raise ProtocolError(f"unexpected op {op!r} (expected {', '.join(sorted(expect))})")
     schema = OPS[op]
@@ -153,13 +154,15 @@ class FrameStream:
         del self._buf[: 4 + hlen]
         try:
             header = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except RecursionError:
+            raise ProtocolError("bad frame: header is not JSON (too deeply nested)") from None
+        except ValueError:  # UnicodeDecodeError included
             raise ProtocolError("bad frame: header is not JSON") from None
         op = check_header(header, expect)
         body = b""
         blen = header.get("len", 0)
         if not isinstance(blen, int) or isinstance(blen, bool) or blen < 0 or blen > self.max_body:
-            raise ProtocolError(f"bad frame: body length {blen!r}")
+            raise ProtocolError(f"bad frame: body length {brief(blen)}")
         if blen:
             body = self.recv_exact(blen)
         if op == "error":
