@@ -73,9 +73,10 @@ SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody wi
 
 
 def open_log(config: Config, writable: bool = True) -> EventLog:
-    """The node's event log with this node's and its peers' keys pinned."""
+    """The node's event log with its peers' keys pinned and this node's id as ``me`` (the
+    roots of admission, and never marked as a conflict)."""
     pinned = {p.id: p.key for p in config.peers}
-    return EventLog(config.events_path, pinned=pinned, writable=writable)
+    return EventLog(config.events_path, pinned=pinned, writable=writable, me=config.node_id)
 
 
 def announce(config: Config, key: NodeKey, elog: EventLog) -> list[Event]:

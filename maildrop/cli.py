@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                     help="with --wait: give up waiting after this long (default 600)")
     cmd("check", "check config, key, folders and permissions; say what to fix")
+    sp = cmd("conflicts", "list the nodes marked as conflicts (forked feeds, never routed to), or clear one")
+    sp.add_argument("--json", action="store_true", help="one JSON document, with the evidence events")
+    sp.add_argument("--clear", metavar="NODE",
+                    help="forget NODE's conflict (the running agent sees it within a second); "
+                         "exit 1 if NODE had none. A real fork is found again when its events come back")
     sp = sub.add_parser("demo", help="run a five-node network on 127.0.0.1 and show a delivery and a reroute",
                         description="Build five nodes A-B-C-D-E (plus an alternate path) on free loopback ports, deliver a file, stop a relay, deliver another over the other path.")
     sp.add_argument("--dir", metavar="DIR", help="keep the demo network in DIR (default: a temp folder, removed)")
@@ -266,7 +271,8 @@ def status_document(config) -> dict[str, Any]:
     from .eventlog import EventLog
     from .routing import route
 
-    elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False)
+    elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False,
+                    me=config.node_id)
     net = elog.network
     agent = _agent_state(config)
     running = bool(agent and agent["running"])
@@ -284,7 +290,7 @@ def status_document(config) -> dict[str, Any]:
         if n != config.node_id:
             routes[n] = route(net, config.node_id, n, excluded=elog.ledger.conflicts)
     transfers = []
-    for t in sorted(net.transfers.values(), key=lambda t: t.queued_ts or ""):
+    for t in sorted(net.all_transfers(), key=lambda t: t.queued_ts or ""):
         d = t.as_dict()
         fl = inflight.get(t.id)
         d["hop"] = fl["peer"] if fl else None
@@ -475,7 +481,7 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
     while time.monotonic() < deadline:
         elog.refresh()
         if tid is None:
-            for t in elog.network.transfers.values():
+            for t in elog.network.all_transfers():
                 if (t.origin == config.node_id and t.destination == dest and t.name == name
                         and t.queued_ts and parse_ts(t.queued_ts) >= since - 1):
                     tid = t.id
@@ -485,7 +491,7 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
             warned = True
         line = "waiting for the agent to take the file"
         if tid is not None:
-            t = elog.network.transfers[tid]
+            t = elog.network.transfer(tid, config.node_id)
             if t.state == "delivered":
                 print(f"\rdelivered {name} to {dest} (transfer {tid})" + " " * 20, file=sys.stderr)
                 return EXIT_OK
@@ -510,6 +516,30 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
     return EXIT_FAIL
 
 
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from .eventlog import clear_conflict, read_conflicts
+    from .ids import is_node_id
+
+    config = _config(args)
+    if args.clear is not None:
+        if not is_node_id(args.clear):
+            raise UsageError(f"{args.clear!r} is not a node id; expected letters, digits, '-', '_'")
+        if not clear_conflict(config.events_path, args.clear):
+            print(f"maildrop: no conflict recorded for {args.clear}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"cleared the conflict of {args.clear}", file=sys.stderr)
+        return EXIT_OK
+    records = [r for r in read_conflicts(config.events_path.with_name("conflicts.jsonl"))
+               if r["origin"] != config.node_id]
+    if args.json:
+        _print_json({"node": config.node_id, "conflicts": records})
+        return EXIT_OK
+    rows = [[r["origin"], r["reason"], " ".join(str(e.get("id", "?"))[:12] for e in r["events"])]
+            for r in records]
+    print(_table(rows, ["NODE", "REASON", "EVIDENCE (event ids)"], indent=""))
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_checks
 
@@ -525,4 +555,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "init": cmd_init, "pubkey": cmd_pubkey, "events": cmd_events, "status": cmd_status,
     "route": cmd_route, "run": cmd_run, "send": cmd_send, "check": cmd_check, "demo": cmd_demo,
+    "conflicts": cmd_conflicts,
 }

@@ -14,6 +14,15 @@ Crash semantics:
 Concurrency: processes serialize appends with ``flock`` on ``events.lock`` (the agent and a
 CLI command may append at once); before appending, a writer reads what others appended.
 Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``.
+Events from peers are signature-checked *before* the lock is taken (``ingest``), so a flood
+of forgeries costs CPU on the receiving thread, never the lock others wait for.
+
+Conflicts (see ``ledger``) are kept in ``conflicts.jsonl`` beside the log, one record a line
+with the origin, the reason and the two signed events that prove it; each is appended and
+fsynced when found. ``clear_conflict`` (``maildrop conflicts --clear``) rewrites the file
+atomically (write aside, fsync, rename) under the same ``flock``; ``refresh`` notices a
+changed file and reloads it, so a running agent sees a clear within its next refresh (the
+agent refreshes every second). A crash mid-clear leaves the old file or the new one.
 """
 
 from __future__ import annotations
@@ -32,12 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidEvent, MaildropError
-from .events import Event, make_event, parse_event
+from .events import NODE_CONFIGURED, Event, make_event, parse_event
 from .keys import NodeKey
-from .ledger import Ledger
+from .ledger import Ledger, Verify
 from .model import Network
 
 log = logging.getLogger("maildrop.eventlog")
+
+REJECTED_LOG_EVERY = 10.0
+"""Seconds between two ``gossip.events.rejected`` lines (the count covers the interval)."""
+EXPIRE_EVERY = 10.0
+"""Seconds between two sweeps of the ledger's pending events."""
+CONFLICTS_FILE = "conflicts.jsonl"
 
 
 @dataclass
@@ -50,15 +65,21 @@ class Ingested:
 class EventLog:
     """One node's event log: the file, the ledger of valid events and the model they fold to."""
 
-    def __init__(self, path: Path, *, pinned: Mapping[str, str] | None = None, writable: bool = True) -> None:
+    def __init__(self, path: Path, *, pinned: Mapping[str, str] | None = None, writable: bool = True,
+                 me: str | None = None) -> None:
         self.path = path
         self.writable = writable
+        self.me = me
         self.lock = threading.RLock()
-        self.ledger = Ledger(pinned)
+        self.ledger = Ledger(pinned, me)
         self.network = Network()
         self.rejected: list[str] = []
         self.torn: Path | None = None
         self._known_conflicts: dict[str, str] = {}
+        self._conflicts_stamp: tuple[int, int, int] | None = None
+        self._rejected_since = 0
+        self._rejected_logged_at = 0.0
+        self._expired_at = 0.0
         self._offset = 0
         self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
         if writable:
@@ -74,7 +95,7 @@ class EventLog:
                 self._lock_fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 self._lock_fd = -1
-        self._conflicts_path = path.with_name("conflicts.jsonl")
+        self._conflicts_path = path.with_name(CONFLICTS_FILE)
         with self._flock(exclusive=writable):
             self._read_new(initial=True)
         self._load_conflicts()
@@ -129,7 +150,12 @@ class EventLog:
                 self.network.apply(e)
             accepted.extend(result.accepted)
         self._offset += end
+        self._log_notes()
         return accepted
+
+    def _log_notes(self) -> None:
+        for note in self.ledger.take_notes():
+            log.warning("%s", note)
 
     def _set_aside(self, torn: bytes, good_end: int) -> None:
         if not self.writable:
@@ -146,33 +172,33 @@ class EventLog:
         log.warning("eventlog.torn path=%s bytes=%d set_aside=%s", self.path, len(torn), aside)
 
     def _load_conflicts(self) -> None:
-        """Conflicts found earlier (forks, second feeds) stay known across restarts."""
-        try:
-            lines = self._conflicts_path.read_bytes().splitlines()
-        except FileNotFoundError:
-            return
-        for line in lines:
-            try:
-                rec = json.loads(line)
-                self.ledger.conflicts.setdefault(str(rec["origin"]), str(rec["reason"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+        """Conflicts found earlier (forks) stay known across restarts; the file is the list
+        (a record for this node's own id is ignored: a node never marks itself)."""
+        self._conflicts_stamp = _stamp(self._conflicts_path)
+        self.ledger.conflicts = {o: r for o, r in self.ledger.conflicts.items() if o not in self._known_conflicts}
+        for rec in read_conflicts(self._conflicts_path):
+            if rec["origin"] != self.me:
+                self.ledger.conflicts.setdefault(rec["origin"], rec["reason"])
+        self.ledger.evidence = {o: e for o, e in self.ledger.evidence.items() if o in self.ledger.conflicts}
         self._known_conflicts = dict(self.ledger.conflicts)
 
-    def _record_conflicts(self, evidence: Sequence[Event]) -> None:
-        """Persist newly found conflicts with the offending events (caller holds the lock)."""
+    def _record_conflicts(self) -> None:
+        """Persist newly found conflicts with both signed events (caller holds the lock)."""
         new = {o: r for o, r in self.ledger.conflicts.items() if o not in self._known_conflicts}
         if not new or not self.writable:
             return
         with open(self._conflicts_path, "ab") as f:
             for origin, reason in new.items():
-                ev = next((e.to_dict() for e in evidence if e.origin == origin), None)
-                f.write(json.dumps({"origin": origin, "reason": reason, "event": ev}).encode() + b"\n")
+                pair = self.ledger.evidence.get(origin, ())
+                rec = {"origin": origin, "reason": reason, "events": [e.to_dict() for e in pair]}
+                f.write(json.dumps(rec, sort_keys=True).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        self._conflicts_stamp = _stamp(self._conflicts_path)
         self._known_conflicts.update(new)
         for origin, reason in new.items():
-            log.error("eventlog.conflict origin=%s reason=%s (never routed to)", origin, reason)
+            log.error("eventlog.conflict origin=%s reason=%s (never routed to; evidence in %s)",
+                      origin, reason, self._conflicts_path)
 
     def _reject(self, reason: str, line_no: int) -> None:
         self.rejected.append(reason)
@@ -195,15 +221,24 @@ class EventLog:
         self._offset += len(buf)
 
     def _reload(self) -> None:
-        self.ledger = Ledger(self.ledger.pinned)
+        conflicts, evidence = self.ledger.conflicts, self.ledger.evidence
+        self.ledger = Ledger(self.ledger.pinned, self.me)
+        self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
         self.network = Network()
         self._offset = 0
         self._read_new()
 
     # -- the API ----------------------------------------------------------------------------
     def refresh(self) -> list[Event]:
-        """Fold what other processes appended since we last looked (cheap when nothing did)."""
+        """Fold what other processes appended since we last looked, and reload the conflicts
+        if their file changed (an operator cleared one). Cheap when nothing did."""
         with self.lock:
+            if _stamp(self._conflicts_path) != self._conflicts_stamp:
+                before = set(self.ledger.conflicts)
+                self._load_conflicts()
+                log.warning("eventlog.conflicts.reloaded cleared=%s conflicts=%d",
+                            ",".join(sorted(before - set(self.ledger.conflicts))) or "-",
+                            len(self.ledger.conflicts))
             if self._fd < 0 or os.fstat(self._fd).st_size <= self._offset:
                 return []
             with self._flock(exclusive=False):
@@ -238,14 +273,24 @@ class EventLog:
                     self.network.apply(e)
             return out
 
-    def ingest(self, events: Iterable[Event]) -> Ingested:
-        """Validate events from a peer and append the ones that join (one write, one sync)."""
+    def ingest(self, events: Iterable[Event], now: float | None = None) -> Ingested:
+        """Validate events from a peer (received at ``now``, default the clock) and append
+        the ones that join (one write, one sync). Signatures are checked before the lock is
+        taken; rejections are logged as one line with a count (at most one line every
+        ``REJECTED_LOG_EVERY`` seconds), never one line per event."""
         result = Ingested()
         events = list(events)
+        now = time.time() if now is None else now
+        with self.lock:
+            keys = {o: self.ledger.known_keys(o) for o in {e.origin for e in events}}
+        verify = _preverify(events, keys)
         with self.lock, self._flock(exclusive=True):
             self._read_new()
+            if now - self._expired_at >= EXPIRE_EVERY:
+                self._expired_at = now
+                self.ledger.expire(now)
             for ev in events:
-                offered = self.ledger.offer(ev)
+                offered = self.ledger.receive(ev, now, verify)
                 if offered.rejected:
                     result.rejected.append(offered.rejected)
                 elif offered.duplicate:
@@ -256,10 +301,20 @@ class EventLog:
                 for e in result.accepted:
                     self.network.apply(e)
             if result.rejected:
-                self._record_conflicts(events)
-        for reason in result.rejected:
-            log.warning("gossip.event.rejected reason=%s", reason)
+                self._record_conflicts()
+            self._log_notes()
+        self._log_rejected(result.rejected, now)
         return result
+
+    def _log_rejected(self, reasons: list[str], now: float) -> None:
+        if not reasons:
+            return
+        self._rejected_since += len(reasons)
+        if now - self._rejected_logged_at >= REJECTED_LOG_EVERY:
+            log.warning("gossip.events.rejected count=%d first=%s (count: since the last such line)",
+                        self._rejected_since, reasons[0])
+            self._rejected_logged_at = now
+            self._rejected_since = 0
 
     # -- the gossip Store interface (see gossip.Store) -------------------------------------
     def fingerprint(self) -> str:
@@ -283,6 +338,92 @@ class EventLog:
             if fd >= 0:
                 os.close(fd)
         self._fd = self._lock_fd = -1
+
+
+def _preverify(events: Sequence[Event], keys: Mapping[str, list[str]]) -> Verify:
+    """Check every signature against the keys it could be under (the origin's known keys,
+    a seq 1's own key, and at most two keys announced in the batch) *now*, outside any
+    lock; returns the ledger's ``verify`` callable, answering from these results."""
+    batch_keys: dict[str, list[str]] = {}
+    for ev in events:
+        if ev.type == NODE_CONFIGURED:
+            ks = batch_keys.setdefault(ev.origin, [])
+            if len(ks) < 2 and ev.data["key"] not in ks:
+                ks.append(ev.data["key"])
+    known: dict[tuple[str, str], bool] = {}
+    for ev in events:
+        if ev.seq == 1:
+            tries = [ev.data["key"]] if ev.type == NODE_CONFIGURED else []
+        else:
+            tries = [*keys.get(ev.origin, []), *batch_keys.get(ev.origin, [])]
+        for key in tries:
+            ok = known[(ev.id, key)] = ev.verify_signature(key)
+            if ok:
+                break
+
+    def verify(ev: Event, key: str) -> bool:
+        ok = known.get((ev.id, key))
+        if ok is None:  # the ledger moved on since the batch was checked (rare)
+            ok = known[(ev.id, key)] = ev.verify_signature(key)
+        return ok
+    return verify
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_conflicts(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``conflicts.jsonl`` (``origin``, ``reason``, ``events``); bad lines
+    are skipped. Reads the old format (one ``event``) too."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            events = rec.get("events") or ([rec["event"]] if rec.get("event") else [])
+            out.append({"origin": str(rec["origin"]), "reason": str(rec["reason"]), "events": list(events)})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def clear_conflict(events_path: Path, origin: str) -> bool:
+    """Remove every conflict record of ``origin`` from the log's conflicts file; False if it
+    had none. Atomic (write aside, fsync, rename, fsync the folder) and under the log's
+    ``flock``, so an agent appending a conflict at the same time loses nothing; a running
+    agent reloads the file on its next ``refresh``."""
+    path = events_path.with_name(CONFLICTS_FILE)
+    lock_fd = os.open(events_path.with_name(events_path.name.replace(".jsonl", "") + ".lock"),
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        records = read_conflicts(path)
+        keep = [r for r in records if r["origin"] != origin]
+        if len(keep) == len(records):
+            return False
+        tmp = path.with_name(f".{CONFLICTS_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return True
+    finally:
+        os.close(lock_fd)
 
 
 def _looks_like_json(line: bytes) -> bool:

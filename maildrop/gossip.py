@@ -7,6 +7,13 @@ batch carrying the callee's own vector; the caller ingests them and sends back, 
 the events the callee lacks; the callee answers ``gossip.done``. Cost grows with the
 difference, not with the log.
 
+Bounds: one round moves at most ``ROUND_EVENTS`` events each way (the rest goes in the
+next round, which the agent starts at once after a round that brought news), so a
+``gossip {vv: {}}`` costs the callee one bounded answer, never its whole log; a batch
+claims at most ``BATCH`` events and a frame whose count or lines exceed that is one
+ProtocolError, refused before its lines are parsed; a round of more than
+``MAX_BATCHES`` batches is refused the same way.
+
 Received events are parsed and validated (via the store's ``ingest``) before anything is
 stored; invalid ones are counted and logged, never stored. Works on any ``Store``: pure
 of files and sockets itself.
@@ -26,7 +33,9 @@ from .events import Event, parse_event
 from .protocol import Frame, FrameStream
 
 BATCH = 500
-MAX_BATCHES = 10_000
+ROUND_EVENTS = 2_000
+"""Events one side sends in one round at most (about 1 MiB); the rest waits a round."""
+MAX_BATCHES = ROUND_EVENTS // BATCH
 log = logging.getLogger("maildrop.gossip")
 
 
@@ -64,19 +73,25 @@ def encode_batch(events: list[Event]) -> bytes:
 
 
 def decode_batch(frame: Frame) -> tuple[list[Event], int]:
-    """Parse a batch body; returns the structurally valid events and the count of bad lines."""
-    good, bad = [], 0
-    lines = frame.body.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if len(lines) != frame["count"]:
-        raise ProtocolError(f"events: count {frame['count']} but {len(lines)} lines")
-    for line in lines:
+    """Parse a batch body; returns the structurally valid events and the count of bad lines.
+
+    A count over ``BATCH`` or other than the body's lines is a ProtocolError, raised before
+    any line is parsed; bad lines are logged as one line with their count."""
+    count, body = frame["count"], frame.body
+    if not 0 <= count <= BATCH:
+        raise ProtocolError(f"events: count {count} is over the limit of {BATCH} a batch")
+    n = body.count(b"\n") + (1 if body and not body.endswith(b"\n") else 0)
+    if n != count:
+        raise ProtocolError(f"events: count {count} but {n} lines")
+    good, bad, first = [], 0, ""
+    for line in body.split(b"\n")[:count]:
         try:
             good.append(parse_event(line))
         except InvalidEvent as exc:
             bad += 1
-            log.warning("gossip.event.invalid reason=%s", exc)
+            first = first or str(exc)
+    if bad:
+        log.warning("gossip.event.invalid count=%d first=%s", bad, first)
     return good, bad
 
 
@@ -114,7 +129,7 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
     stream.send("gossip", vv=store.version_vector())
     last = _recv_batches(stream, store, stats)
     their_vv = clean_vv(last.header.get("vv", {}))
-    missing = store.since(their_vv)
+    missing = store.since(their_vv, ROUND_EVENTS)
     stats.sent = len(missing)
     _send_batches(stream, missing)
     stream.recv(expect={"gossip.done"})
@@ -130,10 +145,14 @@ def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats
     """The callee's half of Gossip: send what the caller lacks, take what we lack."""
     stats = RoundStats()
     their_vv = clean_vv(frame["vv"])
-    missing = store.since(their_vv)
+    missing = store.since(their_vv, ROUND_EVENTS)
     stats.sent = len(missing)
     _send_batches(stream, missing, vv=store.version_vector())
-    _recv_batches(stream, store, stats)
+    try:
+        _recv_batches(stream, store, stats)
+    except ProtocolError as exc:  # tell the caller why, then the channel is closed
+        stream.send("error", reason=str(exc)[:200])
+        raise
     stream.send("gossip.done", accepted=stats.accepted, rejected=stats.rejected)
     return stats
 

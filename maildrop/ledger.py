@@ -1,27 +1,94 @@
 """The ledger: which events this node holds, feed by feed, and whether a new one may join.
 
-An event joins only as the next link of its origin's feed: ``seq == head + 1``, ``prev ==``
-the head's id, signed by the feed's current key. The first event of every feed is the
-origin's ``node.configured``, self-signed with the key it announces; a later
-``node.configured`` with another key is a key change, signed with the old key. A configured
-peer's feed must carry the key pinned in our config.
+Chain rules (every event, from a peer or from the local file):
 
-Events that arrive ahead of a gap wait in ``pending`` (memory only, bounded) until the gap
-fills. Two different events for one (origin, seq) are a fork: the later one is refused and
-the origin is marked in ``conflicts``, which routing never uses.
+- An event joins only as the next link of its origin's feed: ``seq == head + 1``,
+  ``prev ==`` the head's id, signed by the feed's current key. The first event of every
+  feed is the origin's ``node.configured``, self-signed with the key it announces; a later
+  ``node.configured`` with another key is a key change, signed with the old key.
+- A configured (pinned) peer's feed must carry the key pinned in our config: a seq 1 with
+  another key is refused and marks nothing (anyone can mint one).
+- The signature is checked before anything about the event is believed. A forged event
+  changes no state at all: a bad ``prev`` on an event that is not validly signed is just
+  a forgery.
+- A *conflict* is proof, never a claim: two events validly signed under the feed's key
+  that cannot both be in one chain (two events for one seq, or an event for ``head + 1``
+  whose ``prev`` is not the held head). The origin is marked in ``conflicts`` (routing
+  never uses it) and both events are kept in ``evidence``. This node's own id is never
+  marked from outside (``me``): a fork of its own feed is refused and noted.
+- A *rival* is a second self-signed seq-1 ``node.configured`` under another key for an id
+  whose feed is held: the first feed is kept, the rival is noted once and not kept.
 
-Pure: no I/O. ``eventlog`` persists what the ledger accepts.
+Events from a peer (``receive``, with the receive time ``now``) also obey:
+
+- Admission. A feed joins only when its origin is this node, a pinned peer, or a node
+  *introduced by a link both ends signed*: some admitted node N (a node whose feed is
+  held) says, as its latest word, ``link.configured {peer: X}``, and X's own chain,
+  already verified under X's key, says ``link.configured {peer: N}``. Until then X's
+  events wait in ``pending``. Refused outright: an id that differs only by letter case
+  from a known one (case-insensitive filesystems), any new id beyond ``MAX_NODES`` feeds,
+  more than ``MAX_CANDIDATES`` unknown ids waiting at once.
+- Trust in distant keys (issue 9, F12): a distant node's key is trusted on first
+  admission. When several self-signed feeds for one unpinned id wait at once, the one
+  vouched for by the most admitted nodes (links signed by both ends, as above) wins, ties
+  going to the one that came first; a feed once held is never replaced (the log is
+  append-only), later rivals are only noted. So an attacker can substitute a key only for
+  an id it introduces with a link it signs itself (evidence in its own feed), and only when
+  its feed is admitted before the real one. Pin the keys that matter (``peers``).
+- Budget of *network* events (``node.configured``, ``link.*``) per origin: at most
+  ``NET_MAX_EVENTS`` held, and a token bucket on receive time (``NET_BURST`` at once,
+  ``NET_RATE`` a second after). This node's feed and pinned peers are exempt. An event over
+  budget is refused (it is asked for again later), marks nothing, and one note says so.
+- Pending: events ahead of a gap are held (memory only) only when their signature verifies
+  under a key known now, at most ``MAX_PENDING_PER_ORIGIN`` per origin and
+  ``MAX_PENDING`` in all, and for at most ``PENDING_MAX_AGE`` seconds (``expire``).
+
+Local events (``offer``: the log file, this node's own appends) obey the chain rules only;
+the file holds nothing a peer could add without passing ``receive``.
+
+Pure: no I/O, no clock (``now`` is passed in). The log lines the ledger wants written are
+queued in ``notes`` (each at most once an hour per subject); the caller drains and logs them.
+Signatures are checked through a ``Verify`` callable so the caller can check a batch before
+taking its lock. ``eventlog`` persists what the ledger accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .events import NODE_CONFIGURED, Event
+from .events import LINK_CONFIGURED, LINK_DOWN, LINK_REMOVED, LINK_UP, NODE_CONFIGURED, Event
 
-MAX_PENDING = 100_000
+MAX_PENDING = 10_000
+"""Events held ahead of a gap, all origins together (each at most 16 KiB)."""
+MAX_PENDING_PER_ORIGIN = 2_000
+"""Events held ahead of a gap for one origin; gossip asks again for the rest."""
+MAX_VARIANTS = 2
+"""Different events held for one (origin, seq) while they wait (rival feeds, forks)."""
+PENDING_MAX_AGE = 600.0
+"""Seconds a pending event may wait for its gap to fill before it is dropped."""
+MAX_NODES = 2_000
+"""Feeds (node ids) held at most; pinned peers and this node are always admitted."""
+MAX_CANDIDATES = 256
+"""Unknown, not yet admitted node ids whose events may wait at once."""
+NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN})
+NET_MAX_EVENTS = 20_000
+"""Network events held at most per (unpinned, distant) origin."""
+NET_BURST = 1_000
+"""Network events a distant origin may add at once (token bucket size)."""
+NET_RATE = 0.1
+"""Network events a second a distant origin may add after its burst (one per 10 s)."""
+NOTE_AGAIN_AFTER = 3600.0
+"""Seconds before the same note (subject) is queued again."""
+
+Verify = Callable[[Event, str], bool]
+"""``verify(event, public_key_line) -> bool``: is ``event`` signed by that key?"""
+
+
+def verify_now(ev: Event, key: str) -> bool:
+    """The plain check: compute the signature check here and now."""
+    return ev.verify_signature(key)
 
 
 @dataclass
@@ -42,7 +109,8 @@ class Feed:
 @dataclass(frozen=True)
 class Offered:
     """What became of one offered event: ``accepted`` lists every event that joined (the
-    offered one and any pending ones it unblocked); ``rejected`` is a reason or None."""
+    offered one and any pending ones it unblocked or admitted); ``rejected`` is a reason or
+    None."""
 
     accepted: list[Event]
     rejected: str | None = None
@@ -50,16 +118,33 @@ class Offered:
     pending: bool = False
 
 
-class Ledger:
-    """All valid events this node holds, by origin, plus pending and conflicts."""
+@dataclass
+class _Waiting:
+    ev: Event
+    at: float  # receive time; inf for local events (never expire)
+    order: int  # arrival order, for ties
 
-    def __init__(self, pinned: Mapping[str, str] | None = None) -> None:
+
+class Ledger:
+    """All valid events this node holds, by origin, plus pending, conflicts and notes."""
+
+    def __init__(self, pinned: Mapping[str, str] | None = None, me: str | None = None) -> None:
         self.pinned: dict[str, str] = dict(pinned or {})
+        self.me = me
         self.feeds: dict[str, Feed] = {}
-        self.pending: dict[str, dict[int, Event]] = {}
+        self.pending: dict[str, dict[int, list[_Waiting]]] = {}
         self.conflicts: dict[str, str] = {}
+        self.evidence: dict[str, tuple[Event, Event]] = {}
+        self.notes: list[str] = []
         self.count = 0
         self._pending_count = 0
+        self._pending_of: dict[str, int] = {}
+        self._order = 0
+        self._links: dict[str, dict[str, bool]] = {}  # origin -> peer -> latest word "configured"
+        self._net_count: dict[str, int] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}  # origin -> (tokens, at)
+        self._folded: dict[str, str] = {}  # casefolded id -> held id
+        self._noted: dict[str, float] = {}
 
     # -- queries --------------------------------------------------------------------------
     def version_vector(self) -> dict[str, int]:
@@ -82,18 +167,36 @@ class Ledger:
         feed = self.feeds.get(origin)
         return feed.key if feed else None
 
+    def known_keys(self, origin: str) -> list[str]:
+        """Keys an event of ``origin`` could be signed with now: the held feed's key, else
+        the pinned key and the keys of waiting seq-1 events (for checking a batch early)."""
+        feed = self.feeds.get(origin)
+        if feed is not None:
+            return [feed.key] if feed.key else []
+        keys = [self.pinned[origin]] if origin in self.pinned else []
+        keys += [w.ev.data["key"] for w in self.pending.get(origin, {}).get(1, [])
+                 if w.ev.type == NODE_CONFIGURED]
+        return keys
+
     def since(self, their_vv: Mapping[str, int], limit: int | None = None) -> list[Event]:
-        """Events the holder of ``their_vv`` lacks, each feed in seq order, at most ``limit``."""
-        out: list[Event] = []
+        """Events the holder of ``their_vv`` lacks, each feed in seq order, at most ``limit``.
+
+        Under a limit every lacking feed gets a fair share (then the leftover), so one feed
+        that the other side keeps refusing cannot starve the rest."""
+        lacking: list[tuple[list[Event], int]] = []
         for origin in sorted(self.feeds):
             have = their_vv.get(origin, 0)
             if not isinstance(have, int) or have < 0:
                 have = 0
-            feed = self.feeds[origin].events
-            for ev in feed[have:]:
-                if limit is not None and len(out) >= limit:
-                    return out
-                out.append(ev)
+            events = self.feeds[origin].events
+            if len(events) > have:
+                lacking.append((events, have))
+        give = [len(evs) - have for evs, have in lacking]
+        if limit is not None:
+            give = _fair_shares(give, limit)
+        out: list[Event] = []
+        for (events, have), n in zip(lacking, give, strict=True):
+            out.extend(events[have : have + n])
         return out
 
     def lacks(self, their_vv: Mapping[str, int]) -> bool:
@@ -103,101 +206,347 @@ class Ledger:
         for f in self.feeds.values():
             yield from f.events
 
+    def take_notes(self) -> list[str]:
+        """The notes queued since the last call (the caller logs them)."""
+        out, self.notes = self.notes, []
+        return out
+
     # -- joining --------------------------------------------------------------------------
-    def offer(self, ev: Event, signed_here: bool = False) -> Offered:
-        """Try to add one parsed event; see the module docstring for the rules.
+    def offer(self, ev: Event, signed_here: bool = False, verify: Verify = verify_now) -> Offered:
+        """Add one local event (the log file, this node's appends): chain rules only.
 
         ``signed_here``: this process just signed ``ev`` with the feed's key, so checking the
         signature again would only burn CPU (the chain is still checked).
         """
+        return self._offer(ev, None, verify, signed_here)
+
+    def receive(self, ev: Event, now: float, verify: Verify = verify_now) -> Offered:
+        """Add one event from a peer at receive time ``now``: every rule of the module."""
+        return self._offer(ev, now, verify, False)
+
+    def expire(self, now: float) -> int:
+        """Drop pending events older than ``PENDING_MAX_AGE``; returns how many."""
+        cutoff = now - PENDING_MAX_AGE
+        dropped = 0
+        for origin, waiting in list(self.pending.items()):
+            for seq, variants in list(waiting.items()):
+                keep = [w for w in variants if w.at >= cutoff]
+                if len(keep) < len(variants):
+                    dropped += len(variants) - len(keep)
+                    self._forget(origin, seq, len(variants) - len(keep))
+                    if keep:
+                        self.pending.setdefault(origin, {})[seq] = keep
+        if dropped:
+            self._note("expire", now, f"ledger.pending.expired count={dropped} "
+                       f"(waited over {PENDING_MAX_AGE:.0f}s for a gap to fill)")
+        return dropped
+
+    def _offer(self, ev: Event, now: float | None, verify: Verify, signed_here: bool) -> Offered:
         feed = self.feeds.get(ev.origin)
         head = feed.head_seq if feed else 0
-        if ev.seq <= head:
-            held = feed.events[ev.seq - 1]  # type: ignore[union-attr]
-            if held.id == ev.id:
-                return Offered([], duplicate=True)
-            if ev.verify_signature(self._key_at(ev.origin, ev.seq) or ""):
-                self.conflicts[ev.origin] = f"fork at seq {ev.seq}: two signed events"
-                return Offered([], rejected=f"fork: {ev.origin} seq {ev.seq} differs from the one held")
-            if ev.seq == 1 and ev.type == NODE_CONFIGURED and ev.verify_signature(ev.data["key"]):
-                self.conflicts[ev.origin] = "a second feed under this node id (another key)"
-                return Offered([], rejected=f"fork: {ev.origin} seq {ev.seq} differs from the one held")
-            return Offered([], rejected=f"bad signature for {ev.origin} seq {ev.seq} (forged?)")
+        if feed is not None and ev.seq <= head:
+            return self._older(feed, ev, now, verify)
+        if feed is None and now is not None:
+            return self._unheld(ev, now, verify)
         if ev.seq > head + 1:
-            return self._hold(ev)
-        reason = self._check_next(feed, ev, signed_here)
+            return self._hold(ev, now, verify)
+        reason = self._check_next(feed, ev, now, verify, signed_here)
+        if reason is None and now is not None:
+            reason = self._spend(ev, now)
         if reason:
             return Offered([], rejected=reason)
         accepted = [self._join(ev)]
-        accepted.extend(self._drain(ev.origin))
+        accepted += self._drain(ev.origin, now, verify)
+        if now is not None:
+            accepted += self._admit_from(accepted, now, verify)
         return Offered(accepted)
 
-    def _key_at(self, origin: str, seq: int) -> str | None:
-        """The key that signed ``origin``'s event ``seq`` (for telling forks from forgeries)."""
-        feed = self.feeds.get(origin)
-        if not feed:
-            return None
-        key = None
+    def _older(self, feed: Feed, ev: Event, now: float | None, verify: Verify) -> Offered:
+        held = feed.events[ev.seq - 1]
+        if held.id == ev.id:
+            return Offered([], duplicate=True)
+        if verify(ev, self._key_at(feed, ev.seq)):
+            return Offered([], rejected=self._fork(held, ev, now))
+        if ev.seq == 1 and ev.type == NODE_CONFIGURED and verify(ev, ev.data["key"]):
+            self._note(f"rival:{ev.origin}:{ev.data['key']}", now,
+                       f"ledger.rival origin={ev.origin} (a second feed under this id with "
+                       "another key; the first one is kept)")
+            return Offered([], rejected=f"{ev.origin}: a second feed under this id (another key); "
+                                        "the first one is kept")
+        return Offered([], rejected=f"bad signature for {ev.origin} seq {ev.seq} (forged?)")
+
+    def _fork(self, held: Event, ev: Event, now: float | None) -> str:
+        """Two validly signed events that cannot share one chain: mark the origin (never
+        ourselves) and keep both as evidence. Returns the rejection reason."""
+        if ev.origin == self.me:
+            self._note(f"own-fork:{ev.seq}", now, f"ledger.fork.own origin={ev.origin} seq={ev.seq} "
+                       "(another event signed with this node's key; refused, this node never "
+                       "marks itself)")
+        else:
+            self.conflicts.setdefault(ev.origin, f"fork at seq {ev.seq}: two signed events")
+            self.evidence.setdefault(ev.origin, (held, ev))
+        return f"fork: {ev.origin} seq {ev.seq} differs from the one held"
+
+    @staticmethod
+    def _key_at(feed: Feed, seq: int) -> str:
+        """The key that signs ``feed``'s event ``seq`` (for telling forks from forgeries)."""
+        if seq == 1:
+            return feed.events[0].data["key"]
+        key = ""
         for e in feed.events[: seq - 1]:
             if e.type == NODE_CONFIGURED:
                 key = e.data["key"]
-        if seq == 1:
-            return feed.events[0].data["key"]
         return key
 
-    def _check_next(self, feed: Feed | None, ev: Event, signed_here: bool = False) -> str | None:
+    def _check_next(self, feed: Feed | None, ev: Event, now: float | None, verify: Verify,
+                    signed_here: bool) -> str | None:
         if ev.seq == 1:
             if ev.type != NODE_CONFIGURED:
                 return f"{ev.origin} seq 1 is {ev.type}, expected node.configured"
             key = ev.data["key"]
             pinned = self.pinned.get(ev.origin)
             if pinned is not None and pinned != key:
-                self.conflicts.setdefault(ev.origin, "announced key differs from the configured key")
+                self._note(f"pinned:{ev.origin}:{key}", now, f"ledger.pinned.mismatch origin={ev.origin} "
+                           "(a feed with another key than the configured one; refused)")
                 return f"{ev.origin} announces a key that differs from the configured one"
-            if not ev.verify_signature(key):
+            if not signed_here and not verify(ev, key):
                 return f"bad signature for {ev.origin} seq 1"
             return None
         assert feed is not None
-        if ev.prev != feed.head_id:
-            self.conflicts[ev.origin] = f"chain break at seq {ev.seq}"
-            return f"{ev.origin} seq {ev.seq}: prev does not match the held seq {ev.seq - 1}"
-        if not signed_here and not ev.verify_signature(feed.key or ""):
+        if not signed_here and not verify(ev, feed.key or ""):
             return f"bad signature for {ev.origin} seq {ev.seq} (forged?)"
+        if ev.prev != feed.head_id:
+            return self._fork(feed.events[-1], ev, now)
+        return None
+
+    def _spend(self, ev: Event, now: float) -> str | None:
+        """Charge ``ev`` to its origin's budget of network events; a reason if over it."""
+        o = ev.origin
+        if ev.type not in NETWORK_TYPES or o == self.me or o in self.pinned:
+            return None
+        if self._net_count.get(o, 0) >= NET_MAX_EVENTS:
+            self._note(f"budget:{o}", now, f"ledger.budget.refused origin={o} kind=count "
+                       f"limit={NET_MAX_EVENTS} (its network events wait; nothing marked)")
+            return f"{o} is over its budget of {NET_MAX_EVENTS} network events"
+        tokens, at = self._buckets.get(o, (float(NET_BURST), now))
+        tokens = min(float(NET_BURST), tokens + max(0.0, now - at) * NET_RATE)
+        if tokens < 1.0:
+            self._buckets[o] = (tokens, now)
+            self._note(f"budget:{o}", now, f"ledger.budget.refused origin={o} kind=rate "
+                       f"burst={NET_BURST} rate={NET_RATE}/s (its network events wait; nothing marked)")
+            return f"{o} is over its rate of network events"
+        self._buckets[o] = (tokens - 1.0, now)
         return None
 
     def _join(self, ev: Event) -> Event:
         feed = self.feeds.get(ev.origin)
         if feed is None:
             feed = self.feeds[ev.origin] = Feed(ev.origin)
+            self._folded.setdefault(ev.origin.casefold(), ev.origin)
         feed.events.append(ev)
         if ev.type == NODE_CONFIGURED:
             feed.key = ev.data["key"]
+        if ev.type in (LINK_CONFIGURED, LINK_REMOVED):
+            self._links.setdefault(ev.origin, {})[ev.data["peer"]] = ev.type == LINK_CONFIGURED
+        if ev.type in NETWORK_TYPES:
+            self._net_count[ev.origin] = self._net_count.get(ev.origin, 0) + 1
         self.count += 1
         return ev
 
-    def _hold(self, ev: Event) -> Offered:
-        waiting = self.pending.setdefault(ev.origin, {})
-        if ev.seq in waiting:
+    # -- waiting --------------------------------------------------------------------------
+    def _hold(self, ev: Event, now: float | None, verify: Verify) -> Offered:
+        variants = self.pending.get(ev.origin, {}).get(ev.seq, [])
+        if any(w.ev.id == ev.id for w in variants):
             return Offered([], duplicate=True, pending=True)
+        if now is not None:
+            keys = self.known_keys(ev.origin)
+            if ev.seq == 1 and ev.type == NODE_CONFIGURED:
+                keys.append(ev.data["key"])
+            if not any(verify(ev, k) for k in keys):
+                return Offered([], rejected=f"{ev.origin} seq {ev.seq} waits for a gap but is not "
+                                            "signed by a key known here (forged, or asked for again later)")
+            if len(variants) >= MAX_VARIANTS or self._pending_of.get(ev.origin, 0) >= MAX_PENDING_PER_ORIGIN:
+                self._note(f"pending-origin:{ev.origin}", now, f"ledger.pending.full origin={ev.origin} "
+                           f"limit={MAX_PENDING_PER_ORIGIN} (the rest is asked for again later)")
+                return Offered([], rejected=f"too many events of {ev.origin} waiting for a gap to fill")
         if self._pending_count >= MAX_PENDING:
+            self._note("pending-all", now, f"ledger.pending.full limit={MAX_PENDING} "
+                       "(the rest is asked for again later)")
             return Offered([], rejected="too many events waiting for a gap to fill")
-        waiting[ev.seq] = ev
+        self._order += 1
+        at = float("inf") if now is None else now
+        self.pending.setdefault(ev.origin, {}).setdefault(ev.seq, []).append(_Waiting(ev, at, self._order))
         self._pending_count += 1
+        self._pending_of[ev.origin] = self._pending_of.get(ev.origin, 0) + 1
         return Offered([], pending=True)
 
-    def _drain(self, origin: str) -> list[Event]:
-        out: list[Event] = []
-        waiting = self.pending.get(origin)
-        while waiting:
-            feed = self.feeds[origin]
-            nxt = waiting.pop(feed.head_seq + 1, None)
-            if nxt is None:
-                break
-            self._pending_count -= 1
-            if self._check_next(feed, nxt) is None:
-                out.append(self._join(nxt))
-            else:
-                break
-        if waiting is not None and not waiting:
+    def _forget(self, origin: str, seq: int, n: int) -> None:
+        """Account for ``n`` waiting events of ``origin`` at ``seq`` being let go."""
+        waiting = self.pending.get(origin, {})
+        waiting.pop(seq, None)
+        self._pending_count -= n
+        left = self._pending_of.get(origin, 0) - n
+        if left > 0:
+            self._pending_of[origin] = left
+        else:
+            self._pending_of.pop(origin, None)
+        if not waiting:
             self.pending.pop(origin, None)
+
+    def _take(self, origin: str, seq: int) -> None:
+        self._forget(origin, seq, len(self.pending.get(origin, {}).get(seq, [])))
+
+    def _drain(self, origin: str, now: float | None, verify: Verify) -> list[Event]:
+        out: list[Event] = []
+        feed = self.feeds[origin]
+        for seq in [s for s in self.pending.get(origin, {}) if s <= feed.head_seq]:
+            self._take(origin, seq)  # stale: that place is taken now
+        while origin in self.pending:
+            variants = self.pending[origin].get(feed.head_seq + 1)
+            if not variants:
+                break
+            nxt = next((w.ev for w in variants
+                        if self._check_next(feed, w.ev, now, verify, False) is None), None)
+            if nxt is None or (now is not None and self._spend(nxt, now)):
+                break  # wrong links wait to expire; over budget waits for tokens
+            self._take(origin, nxt.seq)
+            out.append(self._join(nxt))
         return out
+
+    # -- admission --------------------------------------------------------------------------
+    def _unheld(self, ev: Event, now: float, verify: Verify) -> Offered:
+        """An event from a peer for an origin whose feed is not held yet."""
+        o = ev.origin
+        if o == self.me:
+            return Offered([], rejected=f"{o} is this node: its feed is written here, not taken from peers")
+        pinned = self.pinned.get(o)
+        if pinned is None:
+            why = self._refuse_new(o)
+            if why:
+                self._note(f"admission:{o}", now, f"ledger.admission.refused origin={o} reason={why}")
+                return Offered([], rejected=f"{o} not admitted: {why}")
+        if ev.seq == 1:
+            reason = self._check_next(None, ev, now, verify, False)
+            if reason:
+                return Offered([], rejected=reason)
+            if pinned is not None:
+                accepted = [self._join(ev)]
+                accepted += self._drain(o, now, verify)
+                return Offered(accepted + self._admit_from(accepted, now, verify))
+        held = self._hold(ev, now, verify)
+        if held.rejected or held.duplicate or pinned is not None:
+            return held
+        if ev.seq == 1 or ev.type == LINK_CONFIGURED:
+            accepted = self._admit(o, now, verify)
+            if accepted:
+                return Offered(accepted + self._admit_from(accepted, now, verify))
+            self._note(f"waiting:{o}", now, f"ledger.admission.waiting origin={o} (no admitted "
+                       "node has a link to it that it links back; its events wait)")
+        return held
+
+    def _refuse_new(self, o: str) -> str | None:
+        """Why a new, unpinned id may not even wait, or None."""
+        twin = self._folded.get(o.casefold())
+        if twin is None:
+            twin = next((n for n in (self.me, *self.pinned) if n and n.casefold() == o.casefold()), None)
+        if twin is not None and twin != o:
+            return f"differs-only-by-case-from={twin}"
+        if len(self.feeds) >= MAX_NODES:
+            return f"too-many-nodes limit={MAX_NODES}"
+        if o not in self.pending and sum(1 for p in self.pending if p not in self.feeds) >= MAX_CANDIDATES:
+            return f"too-many-unknown-nodes-waiting limit={MAX_CANDIDATES}"
+        return None
+
+    def _chain(self, first: Event, verify: Verify) -> list[Event]:
+        """The verified chain waiting behind the seq-1 event ``first``."""
+        chain, key = [first], first.data["key"]
+        waiting = self.pending.get(first.origin, {})
+        while True:
+            nxt = next((w.ev for w in waiting.get(chain[-1].seq + 1, [])
+                        if w.ev.prev == chain[-1].id and verify(w.ev, key)), None)
+            if nxt is None:
+                return chain
+            chain.append(nxt)
+            if nxt.type == NODE_CONFIGURED:
+                key = nxt.data["key"]
+
+    def _vouches(self, origin: str, chain: list[Event]) -> int:
+        """How many admitted nodes link to ``origin`` and are linked back by ``chain``."""
+        said: dict[str, bool] = {}
+        for e in chain:
+            if e.type in (LINK_CONFIGURED, LINK_REMOVED):
+                said[e.data["peer"]] = e.type == LINK_CONFIGURED
+        return sum(1 for n, on in said.items()
+                   if on and n in self.feeds and self._links.get(n, {}).get(origin))
+
+    def _admit(self, o: str, now: float, verify: Verify) -> list[Event]:
+        """Admit ``o``'s best vouched waiting feed, if one is vouched for; its events."""
+        if o in self.feeds or self._refuse_new(o):
+            return []
+        firsts = sorted(self.pending.get(o, {}).get(1, []), key=lambda w: w.order)
+        best: tuple[int, list[Event]] | None = None
+        for w in firsts:
+            chain = self._chain(w.ev, verify)
+            score = self._vouches(o, chain)
+            if score > 0 and (best is None or score > best[0]):
+                best = (score, chain)
+        if best is None:
+            return []
+        chain = best[1]
+        for w in firsts:
+            if w.ev is not chain[0]:
+                self._note(f"rival:{o}:{w.ev.data['key']}", now, f"ledger.rival origin={o} "
+                           "(a feed vouched for by fewer nodes, or later; not kept)")
+        out: list[Event] = []
+        for ev in chain:
+            if self._spend(ev, now):
+                break
+            self._take(o, ev.seq)
+            out.append(self._join(ev))
+        if o in self.feeds:
+            out += self._drain(o, now, verify)
+            self._note(f"admitted:{o}", now, f"ledger.admitted origin={o} vouched_by={best[0]}")
+        return out
+
+    def _admit_from(self, accepted: list[Event], now: float, verify: Verify) -> list[Event]:
+        """Waiting feeds that the links among ``accepted`` introduce, transitively."""
+        out: list[Event] = []
+        todo = [e.data["peer"] for e in accepted if e.type == LINK_CONFIGURED]
+        while todo:
+            o = todo.pop()
+            if o in self.feeds or o not in self.pending:
+                continue
+            joined = self._admit(o, now, verify)
+            out += joined
+            todo += [e.data["peer"] for e in joined if e.type == LINK_CONFIGURED]
+        return out
+
+    def _note(self, subject: str, now: float | None, line: str) -> None:
+        at = 0.0 if now is None else now
+        last = self._noted.get(subject)
+        if last is not None and at - last < NOTE_AGAIN_AFTER:
+            return
+        if len(self._noted) > 10_000:
+            self._noted.clear()
+        self._noted[subject] = at
+        self.notes.append(line)
+
+
+def _fair_shares(needs: list[int], limit: int) -> list[int]:
+    """Split ``limit`` over ``needs``: equal shares first, the leftover to those needing more."""
+    give = [0] * len(needs)
+    left = [i for i, n in enumerate(needs) if n > 0]
+    remaining = limit
+    while remaining > 0 and left:
+        share = max(1, remaining // len(left))
+        still = []
+        for i in left:
+            if remaining <= 0:
+                break
+            g = min(share, needs[i] - give[i], remaining)
+            give[i] += g
+            remaining -= g
+            if give[i] < needs[i]:
+                still.append(i)
+        left = still
+    return give

@@ -97,7 +97,7 @@ def test_ingest_rejects_forgeries_and_keeps_the_rest(tmp_path):
     evil = FeedWriter("NodeA")
     evil.events = [a.events[0]]
     forged = evil.link("NodeEvil")
-    log = EventLog(tmp_path / "events.jsonl")
+    log = EventLog(tmp_path / "events.jsonl", pinned={"NodeA": a.key.public_line})
     res = log.ingest([a.events[0], forged, a.events[1]])
     assert res.accepted == a.events  # the forged seq 2 was refused, the genuine one joined
     assert len(res.rejected) == 1 and "bad signature" in res.rejected[0]

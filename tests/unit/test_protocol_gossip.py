@@ -76,8 +76,9 @@ def test_body_length_is_bounded():
         y.recv()
 
 
-def _log_with(tmp_path, name, events):
-    log = EventLog(tmp_path / f"{name}.jsonl")
+def _log_with(tmp_path, name, events, peers=()):
+    """A log that pins ``peers`` (FeedWriters): feeds from peers join only when admitted."""
+    log = EventLog(tmp_path / f"{name}.jsonl", pinned={f.origin: f.key.public_line for f in peers})
     log.ingest(events)
     return log
 
@@ -97,8 +98,8 @@ def test_gossip_round_sends_only_what_each_side_lacks(tmp_path):
         f.configured()
     for i in range(1200):  # more than two batches
         a.link(f"P{i}")
-    left = _log_with(tmp_path, "left", a.events + c.events[:1])
-    right = _log_with(tmp_path, "right", b.events + c.events)
+    left = _log_with(tmp_path, "left", a.events + c.events[:1], peers=(a, b, c))
+    right = _log_with(tmp_path, "right", b.events + c.events, peers=(a, b, c))
     x, y, _ = pair()
     t = threading.Thread(target=_serve_once, args=(y, right))
     t.start()
@@ -121,7 +122,7 @@ def test_forged_events_in_a_batch_are_refused_not_stored(tmp_path):
     evil = FeedWriter("NodeA")
     evil.events = list(a.events)
     forged = evil.link("NodeEvil")
-    honest = _log_with(tmp_path, "h", [])
+    honest = _log_with(tmp_path, "h", [], peers=(a,))
     bad_peer = _log_with(tmp_path, "b", [])
     bad_peer.ledger.feeds.clear()
     # The bad peer hands over a genuine seq 1 and a forged seq 2.
