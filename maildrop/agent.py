@@ -177,7 +177,10 @@ class Agent:
         self.custody.recover()
         self.server = SSHServer(self.key, self.config.listen, {p.id: p.key for p in self.config.peers},
                                 self, logger=logging.getLogger("maildrop.ssh"),
-                                max_channels_per_peer=2 + self.config.parallel + SMALL_LANE)
+                                max_channels_per_peer=2 + self.config.parallel + SMALL_LANE,
+                                # > the gossip channel's pause between rounds, with margin
+                                channel_idle_timeout=max(3 * self.config.gossip_interval,
+                                                         2 * self.config.link_down_after, 30.0))
         self.server.start()
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)

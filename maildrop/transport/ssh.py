@@ -10,9 +10,10 @@ Must not import the agent or another edge (eventlog, spool, watcher): the agent 
 
 Layout: errors and ``is_transient``; policy (``_PeerKeys``, ``_ChannelLedger`` and the
 paramiko callbacks in ``_ServerSession``); plumbing (sockets, threads: ``SSHServer``,
-``_MaildropSubsystem``, ``PeerClient``, ``_CountingSocket``, and ``_Transport``, which
-works around a paramiko rekey livelock and starts channel handlers only once the request
-that started them has been answered).
+``_MaildropSubsystem``, ``PeerClient``, ``_CountingSocket``, ``_Pending`` and
+``_EvictionLog`` for the connections waiting to log in, and ``_Transport``, which works
+around a paramiko rekey livelock, starts channel handlers only once the request that
+started them has been answered, and reads through ``_Packetizer``, which bounds packets).
 
 Security invariants:
 - Public-key auth only. A client logs in as the peer id it claims (the SSH username) and
@@ -21,6 +22,30 @@ Security invariants:
   OpenSSH clients) reaches the handler; shells, other commands, ptys, env, X11, agent and
   port forwarding are refused.
 - The client pins the peer's configured key as the only acceptable host key (no TOFU).
+
+Before login (a network attacker needs no key to get this far):
+- Every connection must log in within ``login_timeout`` of its TCP accept.
+- At most ``max_unauthenticated_per_address`` (4) connections wait for a login per source
+  address (IPv4 address, IPv6 /64), and ``max_unauthenticated`` (32) in all. A new connection
+  is always admitted; when a limit is reached, an older waiting one is closed instead: the
+  least advanced (no key exchange done yet before one that did), then the one whose address
+  has the most waiting, then the oldest. So idle TCP connections can neither lock out a
+  peer arriving after them, nor push out a login that has finished its key exchange, and a
+  flood from other addresses evicts its own connections first. What can still push a
+  peer's login out is a flood that opens, during the peer's key exchange (a few round
+  trips), more than 3 connections from the peer's own address, or more than 31 from
+  addresses that each have no more waiting than the peer's; the peer's next attempt gets
+  in. Each accepted connection costs a thread until it is closed (evicted ones end within
+  ~0.1 s). Evictions are logged as counts (``ssh.conn.evicted``): at most one line per
+  ``EVICTION_LOG_EVERY`` seconds.
+- Packets are bounded before they are read: ``PREAUTH_MAX_PACKET`` bytes until the login
+  succeeds, ``MAX_WIRE_PACKET`` after; the lines before the peer's version string, that one
+  included, ``MAX_BANNER_BYTES`` in all. A longer claim ends the connection at once
+  (paramiko would buffer a claimed length, up to 4 GiB, by quadratic concatenation).
+
+After login: a channel's handler gets the channel with an I/O timeout of
+``channel_idle_timeout``: a peer that sends nothing (or takes nothing) for that long gets
+its channel closed, its handler thread back and its channel slot released.
 """
 
 from __future__ import annotations
@@ -29,13 +54,15 @@ import base64
 import contextlib
 import errno
 import hashlib
+import ipaddress
 import logging
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import paramiko
@@ -64,6 +91,12 @@ TCP_KEEPIDLE = 30  # TCP keepalive: dead peer noticed after ~IDLE + INTVL * CNT 
 TCP_KEEPINTVL = 10
 TCP_KEEPCNT = 3
 TCP_USER_TIMEOUT_MS = 60_000  # unacknowledged data for this long: the connection is dead
+
+PREAUTH_MAX_PACKET = 35_000  # RFC 4253 6.1: the packet size every implementation must take
+MAX_WIRE_PACKET = 256 * 1024  # after login; OpenSSH's own limit, 2x our channels' MAX_PACKET_SIZE
+MAX_BANNER_BYTES = 8192  # the peer's version line and any lines before it, in all
+EVICTION_LOG_EVERY = 10.0  # seconds between ssh.conn.evicted lines during a flood
+DEFAULT_CHANNEL_IDLE_TIMEOUT = 60.0  # seconds; the agent passes one derived from gossip timing
 
 _POLL = 0.05  # granularity of the server's login-deadline wait
 _DRAIN = 0.25  # how often a connection thread sweeps idle channels and notices a close
@@ -145,8 +178,11 @@ class ChannelHandler(Protocol):
         """Serve one channel from an authenticated ``peer_id``.
 
         Runs on its own worker thread (never the paramiko Transport thread), so it may
-        block. The transport closes the channel after this returns or raises; an exception
-        is logged and never takes the server down.
+        block. The channel comes with an I/O timeout of the server's
+        ``channel_idle_timeout``: ``recv``/``sendall`` raise TimeoutError when the peer
+        sends (or takes) nothing for that long, and the handler should then return; it
+        must not lengthen the timeout. The transport closes the channel after this
+        returns or raises; an exception is logged and never takes the server down.
         """
         ...
 
@@ -191,6 +227,38 @@ def _answer_then_start(chan: paramiko.Channel, m: paramiko.Message) -> None:
             session.start_claimed(chan)
 
 
+class _Packetizer(paramiko.Packetizer):
+    """paramiko's Packetizer with bounded reads: a packet longer than the limit, or a
+    version banner longer than ``MAX_BANNER_BYTES``, raises SSHException (the connection
+    ends) before anything is buffered. The limit is ``PREAUTH_MAX_PACKET`` until
+    ``logged_in()`` (set by ``_Transport``) says the login succeeded, then
+    ``MAX_WIRE_PACKET``.
+
+    Hooks: every packet body is read by one ``read_all(n)`` (``n`` is the claimed length
+    less the first block, plus the MAC); the banner lines only through ``_read_timeout``.
+    Both are paramiko internals; the tests with a huge claimed length and an endless
+    banner keep this honest on upgrades.
+    """
+
+    def __init__(self, sock: object) -> None:
+        super().__init__(sock)
+        self.logged_in: Callable[[], bool] = lambda: False
+        self._banner_bytes = 0  # touched by the Transport thread only
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        limit = MAX_WIRE_PACKET if self.logged_in() else PREAUTH_MAX_PACKET
+        if n > limit:
+            raise paramiko.SSHException(f"packet of {n} bytes is over the limit of {limit}")
+        return super().read_all(n, check_rekey)
+
+    def _read_timeout(self, timeout: float) -> bytes:
+        data = super()._read_timeout(timeout)
+        self._banner_bytes += len(data)
+        if self._banner_bytes > MAX_BANNER_BYTES:
+            raise paramiko.SSHException(f"banner over the limit of {MAX_BANNER_BYTES} bytes")
+        return data
+
+
 class _Transport(paramiko.Transport):
     """paramiko.Transport without the rekey livelock of paramiko issue #822, and whose
     channel handlers start only after the request that started them has been answered.
@@ -215,6 +283,8 @@ class _Transport(paramiko.Transport):
     claims the channel, and the channel-request dispatch entry below starts the handler
     after paramiko has sent the reply. Replaces one entry of a private table; a test with
     an instant handler keeps this honest on upgrades.
+
+    Reads go through ``_Packetizer`` (bounded packets and banner).
     """
 
     _channel_handler_table = {
@@ -223,7 +293,8 @@ class _Transport(paramiko.Transport):
     }
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, packetizer_class=_Packetizer, **kwargs)
+        self.packetizer.logged_in = self.is_authenticated
         self._during_kex: list[paramiko.Message] = []  # touched by the Transport thread only
 
     def _send_user_message(self, data: paramiko.Message) -> None:
@@ -268,6 +339,20 @@ def _safe(text: str, limit: int = 64) -> str:
     """A client-controlled string made fit for one log field (no spaces, no newlines)."""
     cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text[:limit])
     return cleaned + ("..." if len(text) > limit else "")
+
+
+def _address_bucket(host: str) -> str:
+    """The unit of the per-address login limit: an IPv4 address (IPv4-mapped included), or
+    an IPv6 /64 (one host often holds a whole /64). Unparsable text stands for itself."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _reason(exc: BaseException | None) -> str:
@@ -342,6 +427,66 @@ class _Slot:
     channel: paramiko.Channel | None = None
     started: bool = False  # claimed by a subsystem/exec request: it has (or gets) a handler
     start_pending: bool = False  # claimed, handler not started yet (see _answer_then_start)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One accepted connection that has not logged in yet (identity-hashed)."""
+
+    bucket: str  # see _address_bucket
+    sock: socket.socket
+    accepted_at: float
+    negotiated: threading.Event = field(default_factory=threading.Event)  # kex done or failed
+    transport: paramiko.Transport | None = None  # set by the connection thread
+    evicted: bool = False  # closed to make room: its end is counted, not logged
+
+    def logged_in(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.is_authenticated()
+
+    def rank(self) -> tuple[int, float]:
+        """Eviction order among one address's connections: not past kex first, oldest first."""
+        return (1 if self.negotiated.is_set() else 0, self.accepted_at)
+
+    def shut(self) -> None:
+        """Wake the connection's threads (paramiko's read sees EOF); they clean up."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _EvictionLog:
+    """``ssh.conn.evicted`` as counts: the first eviction after a quiet spell is logged at
+    once, the ones that follow as one line per ``every`` seconds (count, how many addresses
+    -- counted up to ``_MAX_BUCKETS`` -- the busiest one, the reasons). Used by the accept
+    thread only."""
+
+    _MAX_BUCKETS = 1024
+
+    def __init__(self, log: logging.Logger, every: float) -> None:
+        self._log = log
+        self._every = every
+        self._quiet_until = 0.0
+        self._buckets: Counter[str] = Counter()
+        self._reasons: Counter[str] = Counter()
+
+    def note(self, now: float, reason: str, bucket: str) -> None:
+        self._reasons[reason] += 1
+        if bucket in self._buckets or len(self._buckets) < self._MAX_BUCKETS:
+            self._buckets[bucket] += 1
+        self.flush(now)
+
+    def flush(self, now: float, force: bool = False) -> None:
+        if not self._reasons or (now < self._quiet_until and not force):
+            return
+        top, _ = self._buckets.most_common(1)[0]
+        self._log.warning(
+            "ssh.conn.evicted count=%d addrs=%d top_addr=%s reasons=%s",
+            sum(self._reasons.values()), len(self._buckets), top,
+            ",".join(f"{r}:{n}" for r, n in sorted(self._reasons.items())),
+        )
+        self._buckets.clear()
+        self._reasons.clear()
+        self._quiet_until = now + self._every
 
 
 class _ServerSession(paramiko.ServerInterface):
@@ -567,8 +712,14 @@ class _MaildropSubsystem(paramiko.SubsystemHandler):
         session = self._session
         log = session.server._log
         try:
+            channel.settimeout(session.server._channel_idle_timeout)
             session.server._handler.handle_channel(session.peer_id or "", channel)
             self._status = 0
+        except TimeoutError:  # the idle timeout set above did its job: no crash
+            log.warning(
+                "ssh.channel.idle peer=%s chan=%d reason=timeout seconds=%g addr=%s",
+                session.peer_id, channel.get_id(), session.server._channel_idle_timeout, session.addr,
+            )
         except MaildropError as exc:
             log.warning("ssh.channel.handler-failed peer=%s error=%s", session.peer_id, _reason(exc))
         except Exception:
@@ -597,10 +748,15 @@ class SSHServer:
     client never stalls another; each channel gets its own worker thread.
 
     Limits: at most ``max_unauthenticated`` connections between TCP accept and successful
-    login (more are closed at once); login must complete within ``login_timeout`` seconds
-    of the TCP accept; at most ``max_channels_per_peer`` open channels per peer; a channel
-    that has not asked for the maildrop subsystem ``channel_request_timeout`` seconds
-    (default: ``login_timeout``) after it was opened is closed and gives back its slot.
+    login, and ``max_unauthenticated_per_address`` from one address; at a limit the new
+    connection is admitted and an older waiting one closed (the order is in the module
+    docstring). Login must complete within ``login_timeout`` seconds of the TCP accept; at
+    most ``max_channels_per_peer`` open channels per peer; a channel that has not asked for
+    the maildrop subsystem ``channel_request_timeout`` seconds (default: ``login_timeout``)
+    after it was opened is closed and gives back its slot; a served channel on which the
+    peer sends (or takes) nothing for ``channel_idle_timeout`` seconds is closed (its
+    handler sees TimeoutError) and gives back its slot. Make that timeout longer than the
+    longest pause a client leaves between two messages on a channel it keeps open.
     """
 
     def __init__(
@@ -612,7 +768,9 @@ class SSHServer:
         *,
         login_timeout: float = 10.0,
         channel_request_timeout: float | None = None,
+        channel_idle_timeout: float = DEFAULT_CHANNEL_IDLE_TIMEOUT,
         max_unauthenticated: int = 32,
+        max_unauthenticated_per_address: int = 4,
         max_channels_per_peer: int = 16,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -625,11 +783,15 @@ class SSHServer:
         self._channel_request_timeout = (
             login_timeout if channel_request_timeout is None else channel_request_timeout
         )
+        self._channel_idle_timeout = channel_idle_timeout
         self._max_channels_per_peer = max_channels_per_peer
+        self._max_unauthenticated = max_unauthenticated
+        self._max_unauthenticated_per_address = max_unauthenticated_per_address
         self._log = logger or logging.getLogger(__name__)
         self._ledger = _ChannelLedger(max_channels_per_peer)
-        self._unauthenticated = threading.BoundedSemaphore(max_unauthenticated)
+        self._evictions = _EvictionLog(self._log, EVICTION_LOG_EVERY)
         self._lock = threading.Lock()
+        self._pending: set[_Pending] = set()  # accepted, not logged in; guarded by _lock
         self._stopping = threading.Event()
         self._sessions: set[_ServerSession] = set()
         self._threads: set[threading.Thread] = set()
@@ -700,13 +862,19 @@ class SSHServer:
                 self._wake_w.send(b"x")
         with self._lock:
             sessions = list(self._sessions)
+            pending = list(self._pending)
         for session in sessions:
             session.transport.close()
+        for entry in pending:  # a closed transport does not set it: wake _wait_login
+            entry.negotiated.set()
         threads = [self._accept_thread] if self._accept_thread is not None else []
         with self._lock:
             threads += list(self._threads)
         for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # A channel worker is registered before it is started (join would raise); one
+            # not started yet runs against a closed channel and ends by itself.
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             self._log.warning("ssh.server.stop-slow threads=%d names=%s", len(alive), ",".join(alive[:5]))
@@ -739,7 +907,7 @@ class SSHServer:
         selector.register(self._wake_r, selectors.EVENT_READ)
         try:
             while not self._stopping.is_set():
-                for key, _ in selector.select():
+                for key, _ in selector.select(timeout=1.0):  # wakes to flush eviction counts
                     if key.fileobj is self._wake_r:
                         return
                     try:
@@ -751,33 +919,54 @@ class SSHServer:
                         self._log.error("ssh.server.accept-failed error=%s", _reason(exc))
                         self._stopping.wait(0.1)
                         continue
-                    self._admit(sock, f"{addr[0]}:{addr[1]}")
+                    self._admit(sock, addr[0], f"{addr[0]}:{addr[1]}")
+                self._evictions.flush(time.monotonic())
         finally:
+            self._evictions.flush(time.monotonic(), force=True)
             selector.close()
             listener.close()
 
-    def _admit(self, sock: socket.socket, addr: str) -> None:
-        if not self._unauthenticated.acquire(blocking=False):
-            self._log.warning("ssh.conn.refused reason=too-many-unauthenticated addr=%s", addr)
-            sock.close()
-            return
+    def _admit(self, sock: socket.socket, host: str, addr: str) -> None:
+        """Accept thread: register the connection as pending, making room first if a
+        limit is reached (see the module docstring), and start its thread."""
+        now = time.monotonic()
+        entry = _Pending(_address_bucket(host), sock, now)
+        victim: _Pending | None = None
+        reason = ""
+        with self._lock:
+            waiting = [p for p in self._pending if not p.logged_in()]
+            same = [p for p in waiting if p.bucket == entry.bucket]
+            if len(same) >= self._max_unauthenticated_per_address:
+                victim, reason = min(same, key=_Pending.rank), "per-address"
+            elif len(waiting) >= self._max_unauthenticated:
+                per_bucket = Counter(p.bucket for p in waiting)
+                victim = min(waiting, key=lambda p: (p.rank()[0], -per_bucket[p.bucket], p.accepted_at))
+                reason = "total"
+            if victim is not None:
+                victim.evicted = True
+                self._pending.discard(victim)
+            self._pending.add(entry)
+        if victim is not None:
+            victim.shut()
+            self._evictions.note(now, reason, victim.bucket)
         thread = threading.Thread(
-            target=self._serve_connection, args=(sock, addr), name=f"maildrop-ssh-conn-{addr}", daemon=True
+            target=self._serve_connection, args=(entry, addr), name=f"maildrop-ssh-conn-{addr}", daemon=True
         )
         self._add_worker(thread)
         thread.start()
 
-    def _serve_connection(self, sock: socket.socket, addr: str) -> None:
+    def _serve_connection(self, entry: _Pending, addr: str) -> None:
         """Login within the deadline, then drain the transport's accept queue (channels are
         served by request callbacks) and sweep idle channels until the connection ends."""
-        deadline = time.monotonic() + self._login_timeout
-        holding_slot = True
+        sock = entry.sock
+        deadline = entry.accepted_at + self._login_timeout
         session: _ServerSession | None = None
         transport: paramiko.Transport | None = None
         try:
             sock.setblocking(True)
             _tune_socket(sock)
             transport = _new_transport(sock)
+            entry.transport = transport
             transport.add_server_key(self._host_key)
             transport.banner_timeout = self._login_timeout
             session = _ServerSession(self, transport, addr)
@@ -785,12 +974,10 @@ class SSHServer:
                 if self._stopping.is_set():
                     return
                 self._sessions.add(session)
-            negotiated = threading.Event()
-            transport.start_server(event=negotiated, server=session)
-            if not self._wait_login(transport, negotiated, deadline, addr):
+            transport.start_server(event=entry.negotiated, server=session)
+            if not self._wait_login(transport, entry, deadline, addr):
                 return
-            self._unauthenticated.release()
-            holding_slot = False
+            self._leave_pending(entry)
             # set_authorized may have swapped the peers while this login was being checked.
             if self._peers.refusal(session.peer_id or "", session.key_blob or b"") is not None:
                 self._log.warning("ssh.peer.deauthorized peer=%s addr=%s", session.peer_id, addr)
@@ -805,8 +992,7 @@ class SSHServer:
         except Exception:
             self._log.exception("ssh.conn.crashed addr=%s", addr)
         finally:
-            if holding_slot:
-                self._unauthenticated.release()
+            self._leave_pending(entry)
             if transport is not None:
                 transport.close()  # a no-op when it never started, hence the close below
             sock.close()
@@ -816,22 +1002,29 @@ class SSHServer:
                     self._sessions.discard(session)
             self._remove_worker(threading.current_thread())
 
-    def _wait_login(
-        self, transport: paramiko.Transport, negotiated: threading.Event, deadline: float, addr: str
-    ) -> bool:
-        """True once authenticated; False (logged) on a failed handshake, a closed
-        connection or the login deadline. Polls: paramiko has no auth-done callback."""
-        if not negotiated.wait(max(0.0, deadline - time.monotonic())):
+    def _leave_pending(self, entry: _Pending) -> None:
+        with self._lock:
+            self._pending.discard(entry)
+
+    def _wait_login(self, transport: paramiko.Transport, entry: _Pending, deadline: float, addr: str) -> bool:
+        """True once authenticated; False on a failed handshake, a closed connection, the
+        login deadline (each logged, unless the connection was evicted: that is counted by
+        ``_EvictionLog``) or the server stopping. Polls: paramiko has no auth-done callback."""
+        if not entry.negotiated.wait(max(0.0, deadline - time.monotonic())):
             self._log.warning("ssh.conn.login-timeout stage=handshake addr=%s", addr)
             return False
+        if self._stopping.is_set():
+            return False
         if not transport.is_active():
-            self._log.info(
-                "ssh.conn.handshake-failed addr=%s reason=%s", addr, _reason(transport.get_exception())
-            )
+            if not entry.evicted:
+                self._log.info(
+                    "ssh.conn.handshake-failed addr=%s reason=%s", addr, _reason(transport.get_exception())
+                )
             return False
         while not transport.is_authenticated():
             if not transport.is_active():
-                self._log.info("ssh.conn.closed-before-login addr=%s", addr)
+                if not entry.evicted:
+                    self._log.info("ssh.conn.closed-before-login addr=%s", addr)
                 return False
             if time.monotonic() >= deadline:
                 self._log.warning("ssh.conn.login-timeout stage=auth addr=%s", addr)

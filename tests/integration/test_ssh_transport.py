@@ -562,15 +562,27 @@ def test_set_authorized_applies_at_runtime(make_key, servers, clients, caplog_ss
 def test_unauthenticated_connections_are_capped(make_key, servers, clients, caplog_ssh):
     a, b = make_key("a"), make_key("b")
     server = servers(a, {"NodeB": b.public_line}, max_unauthenticated=2, login_timeout=30)
+    def banner(sock: socket.socket) -> bytes:
+        sock.settimeout(5)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += sock.recv(1)
+        return line
+
     silent = [socket.create_connection(server.address, timeout=5) for _ in range(2)]
     try:
         for sock in silent:  # both hold a slot: each got the server banner
-            sock.settimeout(5)
-            assert sock.recv(8) == b"SSH-2.0-"
+            assert banner(sock).startswith(b"SSH-2.0-")
+        # One more: it is served, and the oldest waiting connection is closed to make room
+        # (a new arrival is never refused: idle connections must not lock out a peer).
         extra = socket.create_connection(server.address, timeout=5)
-        assert read_until_closed(extra, timeout=5) == b""  # closed at once, no banner
+        assert banner(extra).startswith(b"SSH-2.0-")
+        assert read_until_closed(silent[0], timeout=5) == b""  # EOF (else TimeoutError)
+        silent[1].settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            silent[1].recv(1 << 16)  # still open: the cap is 2, not 1
         extra.close()
-        assert messages(caplog_ssh, "ssh.conn.refused")
+        wait_until(lambda: messages(caplog_ssh, "ssh.conn.evicted"), what="eviction log")
     finally:
         for sock in silent:
             sock.close()
