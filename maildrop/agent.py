@@ -47,7 +47,8 @@ from .events import Event
 from .keys import NodeKey, load_key
 from .logsafe import OneLine
 from .protocol import FrameStream
-from .relay import Expire, Policy, Send, choose_hop, plan
+from .relay import Action, Expire, Held, Plan, Policy, Send, choose_hop, plan
+from .routing import reachable
 from .spool import Spool, durable_write, ensure_layout, ensure_outbox
 from .transfers import Custody
 from .transport.ssh import (
@@ -70,6 +71,8 @@ SMALL_FILE = 1024 * 1024  # files up to this size use the small-file lane
 SMALL_LANE = 12  # small transfers at once per peer
 TAKE_BATCH = 256  # files taken with one set of syncs
 SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
+BROKEN_RETRY = 10.0  # a transfer whose planning or expiry failed is tried again after this
+CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed custody
 
 
 def open_log(config: Config, writable: bool = True) -> EventLog:
@@ -146,10 +149,14 @@ class Agent:
         self._single = _lock_root(config)
         self.log = open_log(config)
         self.spool = Spool(config.spool)
-        self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after)
+        # A hop's signed custody reaches a relay by gossip within about one round (rounds are
+        # kicked by new events): ten rounds without it and the relay resends elsewhere.
+        self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after,
+                             confirm_after=CONFIRM_ROUNDS * config.gossip_interval)
         self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
                                max_file_size=config.max_file_size,
-                               min_free_space=config.min_free_space, on_change=self._changed)
+                               min_free_space=config.min_free_space,
+                               stale_after=config.expire_after, on_change=self._changed)
         self.custody.on_receiving = self._on_receiving
         self.links: dict[str, PeerLink] = {
             p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key))
@@ -452,21 +459,26 @@ class Agent:
                 log.exception("outbox.take.failed files=%d", len(batch))
 
     def _relay_loop(self) -> None:
+        """Plan and carry out. Never dies of one transfer: a failure while planning, expiring
+        or dropping one is logged with its id and that transfer waits ``BROKEN_RETRY`` s
+        before it is tried again; the others go on. A failed sweep is logged and retried."""
         next_sweep = 0.0
+        broken: dict[str, float] = {}  # transfer id -> when to try it again
         while not self.stop.is_set():
             self._relay_kick.clear()
             now = time.time()
             if now >= next_sweep:
-                self.custody.sweep()
-                with self.log.lock:
-                    known = [n for n in self.log.network.nodes if n != self.me]
-                ensure_outbox(self.config.outbox, known)
                 next_sweep = now + SWEEP_EVERY
+                try:
+                    self._sweep()
+                except Exception:
+                    log.exception("relay.sweep.failed")
+            for tid in [t for t, until in broken.items() if until <= now]:
+                del broken[tid]
             with self.custody.lock:
-                held = list(self.custody.held.values())
+                held = [h for h in self.custody.held.values() if h.transfer not in broken]
                 with self.log.lock:
-                    p = plan(self.log.network, self.me, held, now, self.policy,
-                             excluded=self.log.ledger.conflicts)
+                    p = self._plan(held, now, broken)
                 for a in p.actions:
                     if isinstance(a, Send):
                         h = self.custody.held.get(a.transfer)
@@ -475,12 +487,48 @@ class Agent:
                         h.in_flight = True
                         self._executor.submit(self._send, a.transfer, a.hop)
             for a in p.actions:
-                if isinstance(a, Expire):
-                    self.custody.expire(a.transfer, a.reason)
-                elif not isinstance(a, Send):
-                    self.custody.drop(a.transfer, a.reason)
-            timeout = 5.0 if p.wake_at is None else min(5.0, max(0.01, p.wake_at - time.time()))
+                try:
+                    if isinstance(a, Expire):
+                        self.custody.expire(a.transfer, a.reason)
+                    elif not isinstance(a, Send):
+                        self.custody.drop(a.transfer, a.reason)
+                except Exception:
+                    log.exception("relay.action.failed transfer=%s action=%s; retried in %.0f s",
+                                  a.transfer, type(a).__name__.lower(), BROKEN_RETRY)
+                    broken[a.transfer] = time.time() + BROKEN_RETRY
+            wake = [p.wake_at] if p.wake_at is not None else []
+            wake += list(broken.values())
+            timeout = 5.0 if not wake else min(5.0, max(0.01, min(wake) - time.time()))
             self._relay_kick.wait(timeout)
+
+    def _sweep(self) -> None:
+        """Drop stale spool entries; make ``outbox/<id>/`` for every node a route reaches
+        (not for every node known: ids cost a folder and a watch each)."""
+        self.custody.sweep()
+        with self.log.lock:
+            near = reachable(self.log.network, self.me, excluded=self.log.ledger.conflicts)
+        ensure_outbox(self.config.outbox, sorted(near - {self.me}))
+
+    def _plan(self, held: list[Held], now: float, broken: dict[str, float]) -> Plan:
+        """``relay.plan`` over ``held``; should it fail, each transfer alone, and the ones that
+        fail are set aside in ``broken``. Called with the custody and log locks held."""
+        net, conflicts = self.log.network, self.log.ledger.conflicts
+        try:
+            return plan(net, self.me, held, now, self.policy, excluded=conflicts)
+        except Exception:
+            actions: list[Action] = []
+            wake: list[float] = []
+            for h in held:
+                try:
+                    one = plan(net, self.me, [h], now, self.policy, excluded=conflicts)
+                except Exception:
+                    log.exception("relay.plan.failed transfer=%s; retried in %.0f s",
+                                  h.transfer, BROKEN_RETRY)
+                    broken[h.transfer] = now + BROKEN_RETRY
+                    continue
+                actions += one.actions
+                wake += [one.wake_at] if one.wake_at is not None else []
+            return Plan(actions, min(wake) if wake else None)
 
     def _send(self, tid: str, hop: str) -> None:
         link = self.links[hop]
@@ -511,7 +559,8 @@ class Agent:
             log.warning("relay.hop.refused transfer=%s peer=%s reason=%s detail=%s",
                         tid, hop, exc.reason, exc.detail)
             with self.custody.lock:
-                if exc.reason == "busy":
+                if exc.reason == "busy":  # counted: after reroute_after of them, route around
+                    h.failures[hop] = h.failures.get(hop, 0) + 1
                     h.retry_at = time.time() + 1.0
                 else:
                     h.failures[hop] = self.policy.reroute_after

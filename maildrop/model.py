@@ -4,8 +4,14 @@
 because every fact is merged commutatively:
 
 - node facts, link configuration and link observations: the highest seq of their origin wins;
-- a transfer is a join of everything said about it: the origin's ``queued`` facts, the set
-  of nodes that took custody, a receipt, a failure. Delivered beats every other state.
+- a transfer is ``(origin, id)``: a *claim* made by the origin's signed ``queued`` fact
+  (its lowest seq for that id, should it queue one id twice). Facts about an id name no
+  origin, so they are kept per id and each claim reads only the facts its own parties may
+  state: a receipt counts only when signed by the claim's destination *for the claim's
+  sha256*, a failure only when signed by the claim's origin, and ``relayed`` facts (by
+  anyone) only as custody, never as an end state. A rival claim on an id (another origin,
+  e.g. a node id minted to sort first) is a claim of its own: it can end only itself.
+  Delivered beats every other state.
 
 ``Network.apply`` is the same merge for one event, so the agent keeps the model current
 incrementally. Pure: no I/O, no clock.
@@ -37,6 +43,9 @@ class NodeInfo:
 
 @dataclass
 class TransferInfo:
+    """One claim on a transfer id (or, with ``origin`` None, the facts of an id nobody
+    claimed yet). The custody/receipts/failures tables are shared by every claim on the id."""
+
     id: str
     origin: str | None = None
     destination: str | None = None
@@ -44,15 +53,18 @@ class TransferInfo:
     size: int | None = None
     sha256: str | None = None
     queued_ts: str | None = None
-    queued_key: tuple[str, int] | None = None  # (origin, seq) of the queued fact that won
-    custody: dict[str, str] = field(default_factory=dict)  # node that took custody -> from whom
-    receipts: dict[str, tuple[str, str]] = field(default_factory=dict)  # by who: (ts, inbox name)
+    queued_seq: int | None = None  # the seq of the origin's queued fact that won
+    custody: dict[str, str] = field(default_factory=dict)  # node that took custody -> from whom (least)
+    handoffs: set[tuple[str, str]] = field(default_factory=set)  # (node that took custody, from whom)
+    receipts: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (by, sha256): (ts, name)
     failures: dict[str, str] = field(default_factory=dict)  # by who: reason
 
     @property
     def delivered(self) -> tuple[str, str] | None:
-        """The receipt, counted only when the destination itself wrote it."""
-        return self.receipts.get(self.destination) if self.destination else None
+        """The receipt, counted only when the destination wrote it for these very bytes."""
+        if self.destination is None or self.sha256 is None:
+            return None
+        return self.receipts.get((self.destination, self.sha256))
 
     @property
     def failed(self) -> str | None:
@@ -86,7 +98,8 @@ class Network:
         self.nodes: dict[str, NodeInfo] = {}
         self._link_cfg: dict[tuple[str, str], tuple[int, bool]] = {}
         self._link_obs: dict[tuple[str, str], tuple[int, bool, str]] = {}
-        self.transfers: dict[str, TransferInfo] = {}
+        self._facts: dict[str, TransferInfo] = {}  # id -> its facts (a claim-less TransferInfo)
+        self.claims: dict[str, dict[str, TransferInfo]] = {}  # id -> origin -> that origin's claim
         self.event_count = 0
 
     # -- the merge ------------------------------------------------------------------------
@@ -104,21 +117,26 @@ class Network:
         elif t in (E.LINK_UP, E.LINK_DOWN):
             self._latest(self._link_obs, (ev.origin, d["peer"]), (ev.seq, t == E.LINK_UP, ev.ts))
         elif t == E.TRANSFER_QUEUED:
-            tr = self._transfer(d["transfer"])
-            key = (ev.origin, ev.seq)
-            if tr.queued_key is None or key < tr.queued_key:
-                tr.queued_key = key
-                tr.origin, tr.destination, tr.name = ev.origin, d["destination"], d["name"]
-                tr.size, tr.sha256, tr.queued_ts = d["size"], d["sha256"], ev.ts
+            facts = self._facts_of(d["transfer"])
+            mine = self.claims.setdefault(d["transfer"], {})
+            cur = mine.get(ev.origin)
+            if cur is None or ev.seq < cur.queued_seq:  # type: ignore[operator]
+                mine[ev.origin] = TransferInfo(
+                    d["transfer"], ev.origin, d["destination"], d["name"], d["size"], d["sha256"],
+                    ev.ts, ev.seq, facts.custody, facts.handoffs, facts.receipts, facts.failures)
         elif t == E.TRANSFER_RELAYED:
-            self._transfer(d["transfer"]).custody[ev.origin] = d["from"]
+            facts = self._facts_of(d["transfer"])
+            cur = facts.custody.get(ev.origin)
+            if cur is None or d["from"] < cur:
+                facts.custody[ev.origin] = d["from"]
+            facts.handoffs.add((ev.origin, d["from"]))
         elif t == E.TRANSFER_DELIVERED:
-            receipts = self._transfer(d["transfer"]).receipts
-            mine = (ev.ts, d["name"])
-            if ev.origin not in receipts or mine < receipts[ev.origin]:
-                receipts[ev.origin] = mine
+            receipts = self._facts_of(d["transfer"]).receipts
+            key, mine = (ev.origin, d["sha256"]), (ev.ts, d["name"])
+            if key not in receipts or mine < receipts[key]:
+                receipts[key] = mine
         elif t == E.TRANSFER_FAILED:
-            failures = self._transfer(d["transfer"]).failures
+            failures = self._facts_of(d["transfer"]).failures
             if ev.origin not in failures or d["reason"] < failures[ev.origin]:
                 failures[ev.origin] = d["reason"]
 
@@ -128,13 +146,37 @@ class Network:
         if cur is None or value[0] > cur[0]:
             table[key] = value
 
-    def _transfer(self, tid: str) -> TransferInfo:
-        tr = self.transfers.get(tid)
+    def _facts_of(self, tid: str) -> TransferInfo:
+        tr = self._facts.get(tid)
         if tr is None:
-            tr = self.transfers[tid] = TransferInfo(tid)
+            tr = self._facts[tid] = TransferInfo(tid)
         return tr
 
     # -- queries --------------------------------------------------------------------------
+    def transfer(self, tid: str, origin: str) -> TransferInfo | None:
+        """``origin``'s claim on ``tid`` (None until its signed queued fact is here)."""
+        return self.claims.get(tid, {}).get(origin)
+
+    def took_custody(self, tid: str, holder: str, sender: str) -> bool:
+        """True when ``holder`` signed that it took custody of ``tid`` from ``sender``."""
+        facts = self._facts.get(tid)
+        return facts is not None and (holder, sender) in facts.handoffs
+
+    def all_transfers(self) -> list[TransferInfo]:
+        """Every claim, by (id, origin); an id that nobody claimed yet appears once, with
+        origin None (state ``unknown``)."""
+        out: list[TransferInfo] = []
+        for tid in sorted(self._facts):
+            mine = self.claims.get(tid)
+            out.extend([mine[o] for o in sorted(mine)] if mine else [self._facts[tid]])
+        return out
+
+    @property
+    def transfers(self) -> dict[str, TransferInfo]:
+        """One entry per id, for display: the claim of the least origin id. Rival claims are
+        in ``claims``; decisions use ``transfer(tid, origin)``."""
+        return {t.id: t for t in reversed(self.all_transfers())}
+
     def configured(self, a: str, b: str) -> bool:
         """True when ``a`` has configured a link to ``b`` (its latest word on it)."""
         v = self._link_cfg.get((a, b))
@@ -184,7 +226,7 @@ class Network:
         return {
             "nodes": [self.nodes[n].as_dict() for n in sorted(self.nodes)],
             "links": [{"from": a, "to": b, "state": s} for a, b, s in self.links()],
-            "transfers": [self.transfers[t].as_dict() for t in sorted(self.transfers)],
+            "transfers": [t.as_dict() for t in self.all_transfers()],
         }
 
 

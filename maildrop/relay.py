@@ -3,14 +3,21 @@
 ``plan(net, me, held, now, policy)`` returns actions; the agent carries them out:
 
 - ``Drop``: the destination's receipt is in the model (or the origin gave up and we are a
-  relay): let our copy go.
+  relay, or a relay kept it past ``relay_keep``): let our copy go. A transfer is looked up
+  as ``(origin, id)`` (``Held.origin``), so a rival claim on the id by another node can end
+  only itself, never the copy we hold.
 - ``Expire``: we are the origin and ``expire_after`` has passed without a receipt.
-- ``Send``: offer it to the next hop on the route. A hop that failed ``reroute_after``
-  times is avoided (reroute); nodes the transfer already passed are avoided unless there
-  is no other way; conflicted nodes are never used.
-- The origin keeps its copy after the first hop stored it, until the receipt; with no
-  receipt after ``resend_after`` it resends over another path (the destination keeps each
-  transfer id once, so this never delivers twice).
+- ``Send``: offer it to the next hop on the route. A hop that failed (or answered "busy")
+  ``reroute_after`` times is avoided (reroute); nodes the transfer already passed are
+  avoided unless there is no other way (so a ``route`` an offer names only steers, it never
+  excludes every path); conflicted nodes are never used.
+- Every holder keeps its copy after the next hop answered "stored" or "have". The origin
+  keeps it until the receipt and resends over another path after ``resend_after`` (the
+  destination keeps each transfer once, so this never delivers twice). A relay lets go once
+  the model holds evidence that the hop has it (the hop's signed ``transfer.relayed`` from
+  us, or the hop is the origin); without it after ``confirm_after`` it resends elsewhere.
+- Relays keep no copy forever: past ``queued_at + relay_keep(policy)`` it is dropped (the
+  origin has given up by then; its ``transfer.failed`` may just not have reached us).
 
 Nothing here sleeps or reads a clock: ``now`` comes in, ``wake_at`` goes out.
 """
@@ -33,9 +40,9 @@ class Held:
     destination: str
     queued_at: float
     passed: tuple[str, ...] = ()  # nodes that held it before us (the route so far)
-    handed_to: str | None = None  # the hop that stored it (origin keeps its copy meanwhile)
+    handed_to: str | None = None  # the hop that stored it (we keep our copy meanwhile)
     handed_at: float | None = None
-    tried: set[str] = field(default_factory=set)  # hops the origin already handed it to
+    tried: set[str] = field(default_factory=set)  # hops we already handed it to
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed tries per hop
     retry_at: float = 0.0
     in_flight: bool = False
@@ -45,8 +52,16 @@ class Held:
 class Policy:
     expire_after: float = 7 * 86400.0
     resend_after: float = 6 * 3600.0
-    reroute_after: int = 3  # failed tries of one hop before routing around it
+    reroute_after: int = 3  # failed tries (or "busy" answers) of one hop before routing around it
     idle_retry: float = 5.0  # how soon to look again when no route exists
+    confirm_after: float = 120.0  # a relay's wait for the hop's signed custody before resending
+    relay_grace: float = 86400.0  # at most this long past expire_after a relay keeps a copy
+
+
+def relay_keep(policy: Policy) -> float:
+    """How long after ``queued_at`` a relay keeps a copy: ``expire_after`` plus a margin of
+    ``expire_after`` itself, at most ``relay_grace`` (a day by default)."""
+    return policy.expire_after + min(policy.expire_after, policy.relay_grace)
 
 
 @dataclass(frozen=True)
@@ -84,8 +99,8 @@ def choose_hop(net: Network, me: str, h: Held, policy: Policy, excluded: Iterabl
     transfers to one destination cost one route computation, not one each.
     """
     bad = {hop for hop, n in h.failures.items() if n >= policy.reroute_after}
-    if h.origin == me:
-        bad |= h.tried if h.handed_to is None and h.tried else set()
+    if h.handed_to is None:
+        bad |= h.tried
     cache = routes if routes is not None else {}
     for avoid in (set(h.passed) | bad, bad, set(h.passed)):
         avoid = frozenset(avoid - {h.destination})
@@ -105,7 +120,7 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
     excluded = set(excluded)
     routes: dict = {}
     for h in held:
-        tr = net.transfers.get(h.transfer)
+        tr = net.transfer(h.transfer, h.origin)
         state = tr.state if tr else None
         if state == DELIVERED:
             actions.append(Drop(h.transfer, "delivered"))
@@ -122,24 +137,32 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
         elif state == FAILED:
             actions.append(Drop(h.transfer, "origin gave up"))
             continue
+        else:
+            deadline = h.queued_at + relay_keep(policy)
+            if now >= deadline:
+                actions.append(Drop(h.transfer, f"kept {relay_keep(policy):.0f} s at a relay"))
+                continue
+            wake.append(deadline)
         if h.in_flight:
             continue
         if h.handed_to is not None:
-            if h.origin != me:
+            if h.origin != me and (h.handed_to == h.origin
+                                   or net.took_custody(h.transfer, h.handed_to, me)):
                 actions.append(Drop(h.transfer, f"stored by {h.handed_to}"))
                 continue
-            resend = (h.handed_at or now) + policy.resend_after
+            wait = policy.resend_after if h.origin == me else policy.confirm_after
+            resend = (h.handed_at or now) + wait
             if now < resend:
                 wake.append(resend)
                 continue
-            # No receipt in time: resend over another path than the ones tried.
+            # No receipt (or no signed custody) in time: resend over another path.
             h.tried.add(h.handed_to)
             h.handed_to = h.handed_at = None
         if now < h.retry_at:
             wake.append(h.retry_at)
             continue
         hop = choose_hop(net, me, h, policy, excluded, routes)
-        if hop is None and h.tried and h.origin == me:
+        if hop is None and h.tried:
             h.tried.clear()  # every path was tried once: start over rather than give up early
             hop = choose_hop(net, me, h, policy, excluded, routes)
         if hop is None:

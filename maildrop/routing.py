@@ -47,3 +47,8 @@ def route(
 def next_hop(net: Network, src: str, dst: str, **kw: Iterable[str]) -> str | None:
     path = route(net, src, dst, **kw)  # type: ignore[arg-type]
     return path[1] if path and len(path) > 1 else None
+
+
+def reachable(net: Network, src: str, *, excluded: Iterable[str] = ()) -> set[str]:
+    """Every node a route from ``src`` reaches over up links (``src`` itself included)."""
+    return set(distances_to(net.graph(excluded), src)) | {src}

@@ -7,20 +7,35 @@ A transfer in the spool is ``<tid>.json`` (its meta, written durably first) plus
 ``<tid>.part`` (bytes still arriving; its size is the resume offset) or ``<tid>.data`` (a
 whole, verified, fsynced copy). Crash semantics, step by step, are in each method.
 
+Nothing here follows a symlink that someone else could have planted: outbox, inbox and
+failed folders are opened ``O_DIRECTORY|O_NOFOLLOW`` and files are linked, renamed and
+written relative to those descriptors (see :class:`Spool.move_in_at`, :func:`link_unique`,
+:func:`move_to_failed`). The spool folder is kept 0700: only the agent reaches its files.
+
 Edge module: files only. Imports no other edge.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("maildrop.spool")
+
 HASH_CHUNK = 4 * 1024 * 1024
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+ACL_ACCESS_XATTR = "system.posix_acl_access"
+TAKEN_MODE = 0o640
+"""Mode of a taken file: the agent reads and writes, the group only reads (the inbox's
+2750), so nobody else can change it once it is hashed."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,8 +51,20 @@ def durable_write(path: Path, data: bytes, mode: int = 0o640) -> None:
 
     Crash: either the old content or the new one, never a mix.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_at(fd, path.name, data, mode)
+    finally:
+        os.close(fd)
+
+
+def write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o640) -> None:
+    """:func:`durable_write` of ``name`` inside the folder open as ``dir_fd``. The temp file
+    is made with ``O_EXCL|O_NOFOLLOW`` and renamed over ``name``: a symlink planted at
+    either name is replaced, never written through."""
+    tmp = f".{cut_bytes(name, 200)}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
+                 dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -45,8 +72,8 @@ def durable_write(path: Path, data: bytes, mode: int = 0o640) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -57,52 +84,212 @@ def split_name(name: str) -> tuple[str, str]:
     return stem, "." + ext
 
 
-def link_unique(src: Path, folder: Path, name: str) -> Path:
-    """Hard-link ``src`` into ``folder`` as ``name``, or ``name (1)``, ``(2)`` … on a clash.
+def cut_bytes(text: str, limit: int) -> str:
+    """The longest start of ``text`` that is at most ``limit`` UTF-8 bytes; never splits a
+    character."""
+    return text.encode()[:max(limit, 0)].decode("utf-8", "ignore")
 
-    Never overwrites (``os.link`` fails with EEXIST instead). Fsyncs the folder. Crash: the
-    link exists or it does not; ``src`` is untouched either way.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
+
+def _keep_end(text: str, limit: int) -> str:
+    """The longest end of ``text`` that is at most ``limit`` UTF-8 bytes (whole characters)."""
+    data = text.encode()
+    return data[max(len(data) - limit, 0):].decode("utf-8", "ignore")
+
+
+def fit_name(stem: str, tail: str) -> str:
+    """``stem + tail`` in at most :data:`NAME_MAX` bytes: the stem is cut (by bytes, whole
+    characters); a tail over 40 bytes keeps only its last 40 bytes."""
+    if len((stem + tail).encode()) <= NAME_MAX:
+        return stem + tail
+    if len(tail.encode()) > 40:
+        tail = _keep_end(tail, 40)
+    return cut_bytes(stem, NAME_MAX - len(tail.encode())) + tail
+
+
+def clash_name(name: str, n: int) -> str:
+    """``name`` for the ``n``-th clash: ``report (n).tar.gz``, cut to fit in NAME_MAX bytes."""
+    if n == 0:
+        return name
     stem, ext = split_name(name)
-    for n in range(10_000):
-        candidate = folder / (name if n == 0 else f"{stem} ({n}){ext}")
-        if len(candidate.name.encode()) > 255:
-            candidate = folder / f"{stem[:200]} ({n}){ext[-40:]}"
+    if len(f"{stem} ({n}){ext}".encode()) <= NAME_MAX:
+        return f"{stem} ({n}){ext}"
+    if len(ext.encode()) > 40:
+        ext = _keep_end(ext, 40)
+    suffix = f" ({n}){ext}"
+    return cut_bytes(stem, NAME_MAX - len(suffix.encode())) + suffix
+
+
+class FolderRefused(OSError):
+    """A folder the agent writes into (``inbox/<origin>/``, ``failed/``) or takes from
+    (``outbox/<dest>/``) is a symlink or not a folder: refused, never followed."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(errno.ELOOP if reason == "symlink" else errno.ENOTDIR,
+                         f"{path} is {'a symlink' if reason == 'symlink' else 'not a folder'}")
+        self.path = path
+        self.reason = reason
+
+
+def open_folder(path: Path, *, create: bool = False, parent_fd: int | None = None) -> int:
+    """A read descriptor on the folder ``path`` that does not follow a symlink at its last
+    part (``O_DIRECTORY|O_NOFOLLOW``); relative to ``parent_fd`` if given, else to
+    ``path.parent`` (the operator's path, followed). ``create`` makes it first if missing
+    (mode 0777 less the umask, as ``mkdir``). Raises :class:`FolderRefused` for a symlink or
+    a non-folder there."""
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) \
+        if parent_fd is None else parent_fd
+    try:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path.name, dir_fd=parent)
         try:
-            os.link(src, candidate)
+            return os.open(path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=parent)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            st = os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+            raise FolderRefused(path, "symlink" if stat.S_ISLNK(st.st_mode) else "not-a-folder") \
+                from None
+    finally:
+        if parent_fd is None:
+            os.close(parent)
+
+
+def link_unique_at(src: str | Path, dir_fd: int, name: str, src_dir_fd: int | None = None) -> str:
+    """Hard-link ``src`` (relative to ``src_dir_fd`` if given) into the folder open as
+    ``dir_fd`` as ``name``, or ``name (1)``, ``(2)`` … on a clash (cut by bytes to fit);
+    returns the name used. A symlink at ``src`` is linked itself, never its target; an
+    existing name is never overwritten (``EEXIST`` moves on to the next). Not fsynced."""
+    for n in range(10_000):
+        candidate = clash_name(name, n)
+        try:
+            os.link(src, candidate, src_dir_fd=src_dir_fd, dst_dir_fd=dir_fd,
+                    follow_symlinks=False)
         except FileExistsError:
             continue
-        fsync_dir(folder)
         return candidate
-    raise OSError(f"no free name for {name} in {folder}")
+    raise OSError(errno.EEXIST, f"no free name for {name}")
+
+
+def link_unique(src: Path, folder: Path, name: str, *, what: str = "inbox") -> Path:
+    """Hard-link ``src`` into ``folder`` as ``name``, or ``name (1)``, ``(2)`` … on a clash.
+
+    Never overwrites, never follows a symlink (neither ``src`` nor ``folder``): a folder
+    that is a symlink is refused with one log line ``<what>.refused path=… reason=symlink``
+    and :class:`FolderRefused` (the caller keeps ``src``). Fsyncs the folder. Crash: the
+    link exists or it does not; ``src`` is untouched either way.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = open_folder(folder, create=True)
+    except FolderRefused as exc:
+        log.warning("%s.refused path=%s reason=%s", what, folder, exc.reason)
+        raise
+    try:
+        final = link_unique_at(src, fd, name)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return folder / final
 
 
 def find_link(src: Path, folder: Path) -> Path | None:
-    """A file in ``folder`` that is the same inode as ``src`` (a link made before a crash)."""
+    """A file in ``folder`` that is the same inode as ``src`` (a link made before a crash).
+    Neither ``src`` nor ``folder`` is followed if it is a symlink."""
     try:
-        st = src.stat()
+        st = src.lstat()
+        if folder.is_symlink():
+            return None
         for entry in os.scandir(folder):
             est = entry.stat(follow_symlinks=False)
             if est.st_ino == st.st_ino and est.st_dev == st.st_dev:
                 return Path(entry.path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return None
 
 
 def hash_file(path: Path, h: Any | None = None, start: int = 0) -> tuple[int, str]:
-    """(size, sha256 hex) of ``path`` from ``start`` (fed into ``h`` if given)."""
+    """(size, sha256 hex) of ``path`` from ``start`` (fed into ``h`` if given); a symlink at
+    ``path`` is refused (``ELOOP``), never followed."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return hash_fd(fd, h, start)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int, h: Any | None = None, start: int = 0) -> tuple[int, str]:
+    """(size, sha256 hex) of the open file ``fd`` from ``start`` (fed into ``h`` if given)."""
     h = h or hashlib.sha256()
     size = start
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        buf = bytearray(HASH_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    while n := os.preadv(fd, [buf], size):
+        h.update(view[:n])
+        size += n
     return size, h.hexdigest()
+
+
+class Refused(Exception):
+    """An outbox file the agent will not take. ``reason`` is one word for the log line
+    ``outbox.refused path=… reason=…``: symlink, hardlink, not-regular, own-file, unreadable,
+    changed (swapped while it was being taken)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def check_takeable(st: os.stat_result, protected: set[tuple[int, int]]) -> None:
+    """Raise :class:`Refused` unless ``st`` (not followed) is a regular file with exactly one
+    link that is none of the agent's own files (``protected`` holds their (st_dev, st_ino)).
+
+    One link: nobody keeps a second name to change the file after it is hashed, and a file
+    elsewhere (the node's key, someone's secret) cannot be hard-linked into the outbox."""
+    if stat.S_ISLNK(st.st_mode):
+        raise Refused("symlink", "drop the file itself, not a symlink to it")
+    if not stat.S_ISREG(st.st_mode):
+        raise Refused("not-regular", "only regular files are sent")
+    if (st.st_dev, st.st_ino) in protected:
+        raise Refused("own-file", "this is one of the agent's own files")
+    if st.st_nlink != 1:
+        raise Refused("hardlink", f"it has {st.st_nlink} links; drop a copy, not a hard link")
+
+
+def check_outbox_file(dir_fd: int, name: str, protected: set[tuple[int, int]]) -> os.stat_result:
+    """Check ``name`` in the outbox folder open as ``dir_fd`` before it is taken: never
+    followed, :func:`check_takeable`, and readable by the agent (opened ``O_NOFOLLOW``, which
+    is also checked to be the same inode). Raises :class:`Refused` or FileNotFoundError."""
+    check_takeable(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), protected)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except PermissionError:
+        raise Refused("unreadable", "the agent cannot read it; make it group-readable") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Refused("symlink", "drop the file itself, not a symlink to it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    check_takeable(st, protected)
+    return st
+
+
+def make_private(fd: int) -> None:
+    """Give the open file mode :data:`TAKEN_MODE` and drop its access ACL (a default ACL
+    such as ``g:rw`` on ``outbox/`` is inherited by dropped files). Only the file's owner
+    (or root) may: for a file someone else owns the mode stays, and the file is private
+    only by its place (``state/spool`` is 0700) and its single link."""
+    with contextlib.suppress(OSError):  # no ACL (ENODATA), no ACL support, or not the owner
+        os.removexattr(fd, ACL_ACCESS_XATTR)
+    with contextlib.suppress(PermissionError):
+        os.fchmod(fd, TAKEN_MODE)
 
 
 def ensure_layout(root: Path) -> None:
@@ -134,6 +321,21 @@ class Spool:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        if stat.S_IMODE(folder.stat().st_mode) & 0o077:  # the spool is the agent's alone
+            with contextlib.suppress(OSError):
+                os.chmod(folder, 0o700)
+        self._refused: set[tuple[str, int, int, str]] = set()
+
+    def first_refusal(self, path: Path, st: os.stat_result | None, reason: str) -> bool:
+        """True the first time this (path, inode, reason) is refused, so that a file the
+        watcher offers again at every rescan is logged once (bounded memory)."""
+        key = (str(path), st.st_dev if st else 0, st.st_ino if st else 0, reason)
+        if key in self._refused:
+            return False
+        if len(self._refused) >= 10_000:
+            self._refused.clear()
+        self._refused.add(key)
+        return True
 
     def data(self, tid: str) -> Path:
         return self.folder / f"{tid}.data"
@@ -171,23 +373,86 @@ class Spool:
     def intents(self) -> list[Path]:
         return sorted(self.folder.glob("take-*.intent"))
 
-    def move_in(self, src: Path, tid: str) -> None:
-        """Rename ``src`` (same filesystem) to ``<tid>.data``; the caller fsyncs the folders."""
-        os.rename(src, self.data(tid))
+    def move_in_at(self, dir_fd: int, name: str, tid: str, checked: os.stat_result,
+                   protected: set[tuple[int, int]]) -> int:
+        """Rename ``name`` from the outbox folder open as ``dir_fd`` to ``<tid>.data`` and
+        return a read descriptor on what arrived, once it is known to be the very file
+        ``checked`` was taken of (same st_dev/st_ino, still regular with one link), made
+        private (:func:`make_private`). The caller fsyncs the folders and closes the fd.
 
-    def take(self, src: Path, tid: str, meta: dict[str, Any]) -> Path:
-        """Move a file from the outbox into custody.
-
-        Crash: (1) meta written durably, (2) ``rename`` src -> data (same filesystem, atomic),
-        (3) both folders fsynced. After a crash before (2) the file is still in the outbox and
-        the meta has no data: recovery drops the meta. After (2) the data is here.
+        If the name was swapped between the check and the rename (for a symlink, a hard link
+        or another file), or cannot be opened once here, what arrived is put back into the
+        folder (under ``name`` or a clash name, never overwriting) and :class:`Refused`
+        ("changed", "symlink", "hardlink", "unreadable" …) is raised.
+        Crash: the entry is in the outbox or in the spool, where recovery checks it again
+        (:meth:`open_taken`).
         """
-        self.write_meta(tid, meta)
-        dst = self.data(tid)
-        os.rename(src, dst)
-        fsync_dir(self.folder)
-        fsync_dir(src.parent)
-        return dst
+        spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.rename(name, self.data(tid).name, src_dir_fd=dir_fd, dst_dir_fd=spool_fd)
+            try:
+                try:
+                    fd = self._open_checked(spool_fd, tid, protected)
+                except Refused:
+                    raise
+                except OSError as exc:
+                    raise Refused("unreadable", f"cannot open it once moved: {exc}") from None
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+                    os.close(fd)
+                    raise Refused("changed", "it was replaced while it was being taken")
+            except Refused:
+                back = link_unique_at(self.data(tid).name, dir_fd, name, src_dir_fd=spool_fd)
+                os.unlink(self.data(tid).name, dir_fd=spool_fd)
+                os.fsync(dir_fd)
+                if back != name:
+                    log.warning("outbox.put-back name=%s as=%s", name, back)
+                raise
+        finally:
+            os.close(spool_fd)
+        make_private(fd)
+        return fd
+
+    def _open_checked(self, spool_fd: int, tid: str, protected: set[tuple[int, int]]) -> int:
+        try:
+            fd = os.open(self.data(tid).name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                         os.O_NOCTTY | os.O_CLOEXEC, dir_fd=spool_fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise Refused("symlink", "drop the file itself, not a symlink to it") from None
+            raise
+        try:
+            check_takeable(os.fstat(fd), protected)
+        except Refused:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_taken(self, tid: str, protected: set[tuple[int, int]]) -> int:
+        """A read descriptor on ``<tid>.data`` after :func:`check_takeable` (recovery of a
+        take a crash cut short between the rename and its check). Raises Refused."""
+        spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = self._open_checked(spool_fd, tid, protected)
+        finally:
+            os.close(spool_fd)
+        make_private(fd)
+        return fd
+
+    def put_back(self, tid: str, folder: Path, name: str) -> Path:
+        """Move ``<tid>.data`` (never followed) back to ``folder`` as ``name`` (or a clash
+        name): a refused entry is returned to its owner, not lost. Raises FolderRefused
+        if ``folder`` is now a symlink (the entry then stays here)."""
+        dir_fd = open_folder(folder)
+        spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            back = link_unique_at(self.data(tid).name, dir_fd, name, src_dir_fd=spool_fd)
+            os.fsync(dir_fd)
+            os.unlink(self.data(tid).name, dir_fd=spool_fd)
+        finally:
+            os.close(spool_fd)
+            os.close(dir_fd)
+        return folder / back
 
     def part_size(self, tid: str) -> int:
         try:
@@ -225,14 +490,33 @@ class Spool:
         return st.f_bavail * st.f_frsize
 
 
-def move_to_failed(src: Path, failed: Path, name: str, reason: str) -> Path:
+def move_to_failed(src: Path, failed: Path, name: str, reason: str, *,
+                   src_dir_fd: int | None = None, fallback: Path | None = None) -> Path:
     """Put an undeliverable file into ``failed/`` beside ``<name>.reason``; never overwrites.
 
-    Crash: the link is made first, then the reason, then ``src`` is removed; a crash leaves
-    at worst the file in both places, never in neither.
+    ``src`` is relative to ``src_dir_fd`` if given; it is never followed, nor is ``failed``.
+    Names are cut by bytes to fit (``<name>.reason`` included). If ``failed`` is a symlink
+    or not a folder it is refused (one ``failed.refused`` log line) and the file goes to
+    ``fallback`` instead (default ``state/refused/`` beside ``failed/``, private to the
+    agent). Crash: the link is made first, then the reason, then ``src`` is removed; a crash
+    leaves at worst the file in both places, never in neither.
     """
-    final = link_unique(src, failed, name)
-    durable_write(final.with_name(final.name + ".reason"), (reason.rstrip() + "\n").encode(), 0o640)
+    try:
+        fd = open_folder(failed, create=True)
+    except FolderRefused as exc:
+        fallback = fallback or failed.parent / "state" / "refused"
+        fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.warning("failed.refused path=%s reason=%s moved_to=%s", failed, exc.reason, fallback)
+        fd = open_folder(fallback)
+        failed = fallback
+    try:
+        final = link_unique_at(src, fd, name, src_dir_fd=src_dir_fd)
+        os.fsync(fd)
+        reason_name = fit_name(final, ".reason")
+        text = f"{reason.rstrip()}\nfile: {final}\n"
+        write_at(fd, reason_name, text.encode(), 0o640)
+    finally:
+        os.close(fd)
     with contextlib.suppress(FileNotFoundError):
-        src.unlink()
-    return final
+        os.unlink(src, dir_fd=src_dir_fd)
+    return failed / final

@@ -20,6 +20,12 @@ How a file is judged complete (FIELD-NOTES, "closed does not mean complete"):
 - Events are hints: the outbox is rescanned on start, every ``rescan_interval`` seconds, soon
   after watchdog reports an inotify queue overflow, and when a destination folder is created
   or moved in. Rescanned files go through the settle path.
+- Watches: one non-recursive watch on ``outbox/`` and one on each valid destination folder
+  (nothing deeper: sub-folders are ignored anyway), added before the folder is scanned. When
+  the kernel refuses a watch (``ENOSPC``: ``fs.inotify.max_user_watches`` reached, or
+  ``EMFILE``) the watcher does not stop: it logs ``watcher.watch_limit`` once and rescans the
+  folders it could not watch (all of them, if ``outbox/`` itself is unwatched) every
+  :data:`WATCH_LIMIT_RESCAN` seconds, trying to watch them again each time.
 
 Producers should write a dotfile (or ``name.part``) in the destination folder and rename it
 to its final name: that is both safe and the fastest path. A producer that writes the final
@@ -51,6 +57,8 @@ that was settling when its half moved out keeps settling when the same inode mov
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import heapq
 import itertools
 import logging
@@ -77,7 +85,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from maildrop import ids
@@ -86,6 +94,7 @@ from maildrop.errors import MaildropError
 __all__ = [
     "MOVE_PAIRING_DELAY",
     "TEMP_SUFFIXES",
+    "WATCH_LIMIT_RESCAN",
     "OutboxWatcher",
     "WatcherError",
     "is_temp_name",
@@ -98,6 +107,10 @@ TEMP_SUFFIXES: tuple[str, ...] = (".part", ".tmp", "~", ".swp", ".swx", ".crdown
 
 #: Seconds watchdog's inotify backend waits to pair IN_MOVED_FROM with IN_MOVED_TO (see above).
 MOVE_PAIRING_DELAY = 0.02
+
+#: Seconds between rescans of the folders the kernel would not let us watch (at most
+#: ``rescan_interval``): the latency of a drop there while the watch limit is reached.
+WATCH_LIMIT_RESCAN = 2.0
 
 # Longest the worker blocks before it looks at the stop event again.
 _STOP_POLL = 0.2
@@ -255,6 +268,10 @@ class OutboxWatcher:
         self._moved_away: dict[int, float] = {}
         self._warned: set[tuple[str, str]] = set()
         self._next_rescan = 0.0
+        self._observer: BaseObserver | None = None
+        self._watches: dict[str, ObservedWatch] = {}  # watched folder -> its watch
+        self._unwatched: set[str] = set()  # folders the kernel would not let us watch
+        self._next_limited_rescan = 0.0
 
     # ------------------------------------------------------------------ public
 
@@ -278,6 +295,8 @@ class OutboxWatcher:
             self._heap.clear()
             self._held.clear()
             self._moved_away.clear()
+            self._watches.clear()
+            self._unwatched.clear()
             if not self.outbox.is_dir():
                 raise WatcherError(f"outbox {self._root} is not a directory")
             _shorten_move_pairing_delay()
@@ -286,11 +305,12 @@ class OutboxWatcher:
             wd_logger = logging.getLogger("watchdog.observers.inotify_c")
             wd_logger.addHandler(hook)
             try:
-                observer.schedule(
-                    _Forwarder(self._inbox), self._root, recursive=True, event_filter=_EVENT_FILTER
-                )
-                # On return the watches are in place, so the first rescan misses nothing.
+                # Started with no watch, each schedule() puts its watch in place before it
+                # returns (or raises at once when the kernel refuses it): the first rescan,
+                # which watches each folder before it lists it, misses nothing.
                 observer.start()
+                self._observer = observer
+                self._watch(self._root)
                 self._log.info(
                     "watching %s (%s, settle %.2fs, rescan every %.0fs)",
                     self._root,
@@ -301,6 +321,7 @@ class OutboxWatcher:
                 self._loop(observer)
             finally:
                 self.watching.clear()
+                self._observer = None
                 wd_logger.removeHandler(hook)
                 observer.stop()
                 if observer.ident is not None:
@@ -329,10 +350,14 @@ class OutboxWatcher:
             if now >= self._next_rescan:
                 self._scan_all("periodic")
                 self._next_rescan = now + self.rescan_interval
+            elif self._unwatched and now >= self._next_limited_rescan:
+                self._scan_unwatched()
             self._run_due()
             if self._stop.is_set():
                 break
             wake = self._next_rescan
+            if self._unwatched:
+                wake = min(wake, self._next_limited_rescan)
             if self._heap:
                 wake = min(wake, self._heap[0][0])
             timeout = min(max(wake - time.monotonic(), 0.0), _STOP_POLL)
@@ -343,8 +368,68 @@ class OutboxWatcher:
             self._handle(item)
 
     def _check_observer(self, observer: BaseObserver) -> None:
-        if not observer.is_alive() or not all(e.is_alive() for e in list(observer.emitters)):
+        """Raise if watchdog stopped, or stopped watching ``outbox/``; a destination folder
+        whose watch ended (the folder went away) is forgotten and watched again if it
+        comes back."""
+        if not observer.is_alive():
             raise WatcherError(f"watchdog stopped watching {self._root}")
+        for emitter in list(observer.emitters):
+            if emitter.is_alive():
+                continue
+            path = os.fsdecode(emitter.watch.path)
+            if path == self._root:
+                raise WatcherError(f"watchdog stopped watching {self._root}")
+            self._unwatch(path)
+
+    # ------------------------------------------------------------------ watches
+
+    def _watch(self, folder: str) -> None:
+        """Watch ``folder`` (not recursively) unless it is watched; a refusal by the kernel
+        (watch or instance limit) makes it a folder rescanned every WATCH_LIMIT_RESCAN s."""
+        if folder in self._watches or self._observer is None:
+            return
+        try:
+            self._watches[folder] = self._observer.schedule(
+                _Forwarder(self._inbox), folder, recursive=False, event_filter=_EVENT_FILTER
+            )
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                if folder == self._root:
+                    raise
+                self._warn_once("watch", folder, "cannot watch %s: %s", folder, exc)
+                return
+            if not self._unwatched:
+                every = min(WATCH_LIMIT_RESCAN, self.rescan_interval)
+                self._log.warning(
+                    "watcher.watch_limit folder=%s error=%s: the kernel refuses more inotify "
+                    "watches (raise fs.inotify.max_user_watches); falling back to rescans "
+                    "every %gs for the folders not watched",
+                    folder, exc.strerror or exc, every,
+                )
+                self._next_limited_rescan = time.monotonic() + every
+            self._unwatched.add(folder)
+            return
+        self._unwatched.discard(folder)
+
+    def _unwatch(self, folder: str) -> None:
+        self._unwatched.discard(folder)
+        watch = self._watches.pop(folder, None)
+        if watch is not None and self._observer is not None:
+            with contextlib.suppress(KeyError, OSError):
+                self._observer.unschedule(watch)
+
+    def _scan_unwatched(self) -> None:
+        """The fallback for folders the kernel would not let us watch: watch them again if
+        it lets us now, and list them (everything, if ``outbox/`` itself is unwatched)."""
+        self._next_limited_rescan = time.monotonic() + min(WATCH_LIMIT_RESCAN, self.rescan_interval)
+        if self._root in self._unwatched:
+            self._watch(self._root)
+            self._scan_all("unwatched")
+            return
+        for folder in sorted(self._unwatched):
+            self._watch(folder)
+            path = Path(folder)
+            self._scan_folder(path, path.name)
 
     def _handle(self, item: object) -> None:
         if item is _RESCAN:
@@ -372,9 +457,13 @@ class OutboxWatcher:
         elif isinstance(item, DirMovedEvent):
             if src == self._root:
                 raise WatcherError(f"outbox {self._root} was moved away")
+            if src:
+                self._unwatch(src)
             self._on_dir_appeared(os.fsdecode(item.dest_path))
-        elif isinstance(item, DirDeletedEvent) and src == self._root:
-            raise WatcherError(f"outbox {self._root} was deleted")
+        elif isinstance(item, DirDeletedEvent):
+            if src == self._root:
+                raise WatcherError(f"outbox {self._root} was deleted")
+            self._unwatch(src)
 
     # ------------------------------------------------------------------ events
 
@@ -424,6 +513,7 @@ class OutboxWatcher:
         if len(parts) == 1:
             if self._valid_folder(parts[0]):
                 # Moved in with files already inside, or files created before the watch: scan.
+                self._watch(path)
                 self._scan_folder(Path(path), parts[0])
         elif len(parts) == 2 and self._valid_folder(parts[0]):
             self._warn_once(
@@ -580,6 +670,8 @@ class OutboxWatcher:
                 self._warn_once("symlink", entry.path, "refusing symlink %s in the outbox")
             elif entry.is_dir(follow_symlinks=False):
                 if self._valid_folder(entry.name):
+                    if entry.path not in self._unwatched:  # those are retried on their own clock
+                        self._watch(entry.path)
                     self._scan_folder(Path(entry.path), entry.name)
             elif not is_temp_name(entry.name):
                 self._warn_once(

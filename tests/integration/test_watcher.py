@@ -568,3 +568,73 @@ def test_bad_arguments() -> None:
         OutboxWatcher(Path("/tmp"), lambda p, d: None, settle=-1)
     with pytest.raises(ValueError):
         OutboxWatcher(Path("/tmp"), lambda p, d: None, rescan_interval=0)
+
+
+# ------------------------------------------------------------------------------ watch limit
+
+# Runs a watcher in a child process inside its own user namespace, whose inotify watch limit
+# (``/proc/sys/user/max_inotify_watches``, counted per user namespace) is lowered to argv[2]:
+# the rest of the machine keeps its limit, so tests of other people run on untouched. Each
+# file handed over is renamed into ``taken/<dest>/``. SIGTERM stops it.
+_LIMITED_WATCHER = r"""
+import logging, os, signal, sys, threading
+from pathlib import Path
+root, limit = Path(sys.argv[1]), sys.argv[2]
+with open("/proc/sys/user/max_inotify_watches", "w") as f:
+    f.write(limit)
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
+from maildrop.watcher import OutboxWatcher
+def on_ready(path, dest):
+    (root / "taken" / dest).mkdir(parents=True, exist_ok=True)
+    os.rename(path, root / "taken" / dest / path.name)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+w = OutboxWatcher(root / "outbox", on_ready, settle=0.2, rescan_interval=600)
+threading.Thread(target=lambda: (w.watching.wait(), print("watching", flush=True)), daemon=True).start()
+w.run(stop)
+"""
+
+
+def _userns_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _userns_works(),
+                    reason="needs Linux user namespaces (unshare --user)")
+@pytest.mark.parametrize("limit", [4, 0], ids=["some-folders-unwatched", "outbox-unwatched"])
+def test_f5_watch_limit_falls_back_to_rescans(tmp_path: Path, limit: int) -> None:
+    """More destination folders than inotify watches: every file is still taken, soon."""
+    folders = [f"Node{i:02d}" for i in range(12)]
+    for name in folders:
+        (tmp_path / "outbox" / name).mkdir(parents=True)
+    errlog = tmp_path / "watcher.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    with open(errlog, "wb") as err:
+        child = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", sys.executable, "-c", _LIMITED_WATCHER,
+             str(tmp_path), str(limit)],
+            stdout=subprocess.PIPE, stderr=err, env=env)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line == b"watching\n", errlog.read_text()
+        for name in folders:
+            drop_by_rename(tmp_path / "outbox" / name, "late")
+        wait_until(lambda: all((tmp_path / "taken" / n / "late").exists() for n in folders)
+                   or child.poll() is not None, 10, "every file to be taken")
+        assert child.poll() is None, errlog.read_text()
+        text = errlog.read_text()
+        assert text.count("watcher.watch_limit") == 1, text
+        assert "falling back to rescans every" in text
+        (tmp_path / "outbox" / "Node99").mkdir()  # a folder made later is taken from too
+        drop_by_rename(tmp_path / "outbox" / "Node99", "later")
+        wait_until(lambda: (tmp_path / "taken" / "Node99" / "later").exists()
+                   or child.poll() is not None, 10, "the file in the new folder")
+        assert child.poll() is None, errlog.read_text()
+    finally:
+        child.terminate()
+        child.wait(10)

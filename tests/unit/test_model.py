@@ -116,3 +116,44 @@ def test_transfer_states_and_who_may_say_what():
     net.apply(e.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "1" * 64, "name": "r.pdf"}))
     assert net.transfers[tid].state == "delivered"  # delivered beats every other state
     assert q.data["name"] == net.transfers[tid].name
+
+
+def _claims_world():
+    """NodeA queues T to NodeE; a minted node "-" (sorts first) claims T for itself."""
+    a, e, m = FeedWriter("NodeA"), FeedWriter("NodeE"), FeedWriter("-")
+    for f in (a, e, m):
+        f.configured()
+    tid = "f" * 32
+    a.add(E.TRANSFER_QUEUED, {"transfer": tid, "destination": "NodeE", "name": "r.pdf",
+                              "size": 5, "sha256": "1" * 64})
+    m.add(E.TRANSFER_QUEUED, {"transfer": tid, "destination": "-", "name": "x",
+                              "size": 1, "sha256": "2" * 64})
+    return tid, a, e, m
+
+
+def test_f1_a_rival_claim_can_end_only_itself():
+    tid, a, e, m = _claims_world()
+    m.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "2" * 64, "name": "x"})
+    m.add(E.TRANSFER_FAILED, {"transfer": tid, "reason": "gave up"})
+    events = [*a.events, *e.events, *m.events]
+    for net in (fold(events), fold(reversed(events))):
+        mine, rival = net.transfer(tid, "NodeA"), net.transfer(tid, "-")
+        assert (mine.state, mine.destination, mine.size) == ("queued", "NodeE", 5)
+        assert mine.delivered is None and mine.failed is None
+        assert rival.state == "delivered"
+        assert [(t["origin"], t["state"]) for t in net.as_dict()["transfers"]] == [
+            ("-", "delivered"), ("NodeA", "queued")]
+    # The destination's receipt counts only for the bytes it names.
+    net = fold(events)
+    net.apply(e.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "2" * 64, "name": "r.pdf"}))
+    assert net.transfer(tid, "NodeA").state == "queued"
+    net.apply(e.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "1" * 64, "name": "r.pdf"}))
+    assert net.transfer(tid, "NodeA").state == "delivered"
+
+
+def test_f9_custody_is_only_custody_and_handoffs_name_the_sender():
+    tid, a, e, m = _claims_world()
+    net = fold([*a.events, *e.events, *m.events])
+    net.apply(m.add(E.TRANSFER_RELAYED, {"transfer": tid, "from": "NodeA"}))
+    assert net.transfer(tid, "NodeA").state == "relayed"  # custody, never an end state
+    assert net.took_custody(tid, "-", "NodeA") and not net.took_custody(tid, "NodeE", "NodeA")
