@@ -70,6 +70,10 @@ STATUS_EVERY = 1.0
 SMALL_FILE = 1024 * 1024  # files up to this size use the small-file lane
 SMALL_LANE = 12  # small transfers at once per peer
 TAKE_BATCH = 256  # files taken with one set of syncs
+POOL_IDLE = 20.0
+"""Seconds an idle pooled relay channel is reused for; older ones are closed instead. Below
+the peer's channel idle timeout (at least 30 s), so an offer never starts on a channel the
+peer is about to close as idle."""
 SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
 BROKEN_RETRY = 10.0  # a transfer whose planning or expiry failed is tried again after this
 CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed custody
@@ -122,7 +126,7 @@ class PeerLink:
     stream: FrameStream | None = None
     chan: Any = None
     rounds: int = 0
-    pool: list[FrameStream] = field(default_factory=list)  # idle relay channels
+    pool: list[tuple[float, FrameStream]] = field(default_factory=list)  # idle relay channels, since
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -271,24 +275,24 @@ class Agent:
         while not self.stop.is_set():
             try:
                 frame = stream.recv(expect=SERVE_OPS)
+                if link is not None:
+                    self._observe(link, True)
+                if frame.op == "fingerprint":
+                    gossip.answer_fingerprint(stream, frame, self.log)
+                elif frame.op == "gossip":
+                    stats = gossip.answer_gossip(stream, frame, self.log)
+                    self._after_gossip(peer_id, stats)
+                elif frame.op == "offer":
+                    self.custody.receive(peer_id, stream, frame)
+                elif frame.op == "ping":
+                    stream.send("pong")
             except (TimeoutError, EOFError, OSError):
-                return
-            except ProtocolError as exc:
+                return  # the peer went away or went silent: the channel ends here
+            except ProtocolError as exc:  # a bad frame, also one met mid-gossip
                 log.warning("protocol.refused peer=%s reason=%s", peer_id, exc)
                 with contextlib.suppress(Exception):
                     stream.send("error", reason=str(exc)[:200])
                 return
-            if link is not None:
-                self._observe(link, True)
-            if frame.op == "fingerprint":
-                gossip.answer_fingerprint(stream, frame, self.log)
-            elif frame.op == "gossip":
-                stats = gossip.answer_gossip(stream, frame, self.log)
-                self._after_gossip(peer_id, stats)
-            elif frame.op == "offer":
-                self.custody.receive(peer_id, stream, frame)
-            elif frame.op == "ping":
-                stream.send("pong")
 
     def _after_gossip(self, peer_id: str, stats: gossip.RoundStats) -> None:
         if stats.rejected:
@@ -588,9 +592,15 @@ class Agent:
         stream = None
         with link.pool_lock:
             while link.pool and stream is None:
-                candidate = link.pool.pop()
-                if not candidate.chan.closed:
-                    stream = candidate
+                pooled_at, candidate = link.pool.pop()
+                if candidate.chan.closed:
+                    continue
+                if time.monotonic() - pooled_at > POOL_IDLE:
+                    # the peer may be closing it as idle right now: never start an offer on it
+                    with contextlib.suppress(Exception):
+                        candidate.chan.close()
+                    continue
+                stream = candidate
         if stream is None:
             chan = link.client.open_channel()
             chan.settimeout(120.0)
@@ -609,7 +619,7 @@ class Agent:
     @staticmethod
     def _pool(link: PeerLink, stream: FrameStream) -> None:
         with link.pool_lock:
-            link.pool.append(stream)
+            link.pool.append((time.monotonic(), stream))
 
     # -- soft state for status ----------------------------------------------------------------
     def status(self, running: bool = True) -> dict[str, Any]:

@@ -148,11 +148,7 @@ def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats
     missing = store.since(their_vv, ROUND_EVENTS)
     stats.sent = len(missing)
     _send_batches(stream, missing, vv=store.version_vector())
-    try:
-        _recv_batches(stream, store, stats)
-    except ProtocolError as exc:  # tell the caller why, then the channel is closed
-        stream.send("error", reason=str(exc)[:200])
-        raise
+    _recv_batches(stream, store, stats)  # a ProtocolError: the server answers "error", closes
     stream.send("gossip.done", accepted=stats.accepted, rejected=stats.rejected)
     return stats
 

@@ -2,7 +2,8 @@
 
 This is the only module that imports watchdog. It never imports another edge or the agent.
 
-How a file is judged complete (FIELD-NOTES, "closed does not mean complete"):
+How a file is judged complete ("closed" does not mean complete: `scp` killed mid-transfer
+leaves a closed, truncated file; a `mv` from another folder shows no close at all):
 
 - **Fast path.** A final name that appears by a rename is complete the moment it appears and
   is handed over at once, with no settle delay: a rename inside the watched tree (watchdog

@@ -236,6 +236,7 @@ def test_f7_an_oversized_batch_is_one_protocol_error(peer):
     wait_until(lambda: "over the limit of 500" in peer.log(), 10, "the refusal logged")
     text = peer.log()
     assert text.count("over the limit of 500") == 1
+    assert "protocol.refused" in text and "handler-failed" not in text
     assert text.count("gossip.event.invalid") == 0
     peer.still_answers()
 
