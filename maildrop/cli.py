@@ -83,8 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def complete(parser: argparse.ArgumentParser) -> None:
+    """Shell completion (the optional ``completion`` extra): only when the shell asks for
+    completions (``_ARGCOMPLETE`` set) is argcomplete imported; it answers and exits. Without
+    that variable, or without argcomplete installed, this does nothing."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        import argcomplete
+    except ImportError:
+        return
+    argcomplete.autocomplete(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    complete(parser)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
