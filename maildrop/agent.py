@@ -4,12 +4,31 @@ Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
 ``link.up``/``link.down``), ``relay`` (plans and dispatches hops), ``watcher`` (outbox).
+With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
+of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
+and the agent runs on without it.
 The main thread supervises: it writes ``state/agent.json`` (soft state for ``status``),
-pings the systemd watchdog and folds events other processes appended.
+pings the systemd watchdog, folds events other processes appended and applies a reload
+(SIGHUP, ``systemctl reload``: ``reload``, the config file applied whole or refused whole).
 
 Crash: every fact is in the log before it is acted on and every file step is durable
 (see ``transfers``), so ``kill -9`` at any point is recovered by ``Custody.recover`` and
 gossip on the next start.
+
+State loss: before it writes anything (announce, ``link.up``, custody), ``start`` takes a
+gossip round with every peer (``_recover_own_feed``): a node whose ``state/`` was lost or
+restored from an older backup gets its own newer events back (signed by its own key, they
+join its feed) and continues after the old head, never forking it. Meanwhile the SSH server
+answers gossip but refuses offers. A peer that does not answer is not waited for when the
+log holds this node's feed (the ordinary restart; the risk: an older backup restored while
+every peer is down forks the feed when they return); with no own event at all it waits up
+to ``RECOVER_WAIT_EMPTY`` s for one, and fails to start (exit 1) if none answers, rather
+than start a feed its peers may already hold under the same id.
+
+Key rotation: each peer's SSH login key and pinned host key follow that peer's feed (its
+current key, the feed having started from, or rotated to, the pinned key), so a signed
+``rotate-key`` is honoured before the operator updates the config; this node logs in with
+its previous key (``<key>.old``) where the new one is refused.
 """
 
 from __future__ import annotations
@@ -20,13 +39,14 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tenacity import (
@@ -38,13 +58,14 @@ from tenacity import (
 )
 
 from . import events as E
-from . import gossip, sdnotify
+from . import gossip, metrics, sdnotify
 from .announce import config_events
-from .config import Config, format_hostport
-from .errors import MaildropError, ProtocolError, TransferRefused
+from .config import Config, Peer, format_hostport, load_config
+from .control import Control
+from .errors import ConfigError, MaildropError, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event
-from .keys import NodeKey, load_key
+from .keys import NEW_SUFFIX, NodeKey, load_key, load_old_key, sibling
 from .logsafe import OneLine
 from .protocol import FrameStream
 from .relay import Action, Expire, Held, Plan, Policy, Send, choose_hop, plan
@@ -77,12 +98,19 @@ peer is about to close as idle."""
 SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
 BROKEN_RETRY = 10.0  # a transfer whose planning or expiry failed is tried again after this
 CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed custody
+RECOVER_WAIT_EMPTY = 60.0
+"""Seconds a node with no event of its own in its log waits at start for a peer to answer."""
+RECOVER_ROUNDS = 100
+"""Gossip rounds with one peer at most while taking the own feed back (2,000 events each)."""
 
 
-def open_log(config: Config, writable: bool = True) -> EventLog:
+def open_log(config: Config, writable: bool = True, own_key: str | None = None) -> EventLog:
     """The node's event log with its peers' keys pinned and this node's id as ``me`` (the
-    roots of admission, and never marked as a conflict)."""
+    roots of admission, and never marked as a conflict). ``own_key`` pins this node's own
+    feed too, so its events can come back from peers (the agent's state-loss recovery)."""
     pinned = {p.id: p.key for p in config.peers}
+    if own_key is not None:
+        pinned[config.node_id] = own_key
     return EventLog(config.events_path, pinned=pinned, writable=writable, me=config.node_id)
 
 
@@ -95,10 +123,27 @@ def announce(config: Config, key: NodeKey, elog: EventLog) -> list[Event]:
     return elog.append_own(key, config.node_id, items, time.time()) if items else []
 
 
+def _unwritable(config: Config, what: object) -> MaildropError:
+    """The one-line error for a state/ this user cannot write (instead of a traceback)."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return MaildropError(f"{what}: permission denied: this user ({user}) must be able to write "
+                         f"{config.state_dir}; fix: chown -R {user} {config.state_dir} (or run "
+                         "the agent as its owner), then see 'maildrop check'")
+
+
 def _lock_root(config: Config) -> int:
-    """One agent per root: a second one would recover and deliver beside the first."""
+    """One agent per root: a second one would recover and deliver beside the first.
+    MaildropError (one line) when state/ is not writable by this user."""
     path = config.state_dir / "agent.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if config.state_dir.is_dir() and not os.access(config.state_dir, os.W_OK | os.X_OK):
+        raise _unwritable(config, config.state_dir)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        raise _unwritable(config, path) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -123,11 +168,13 @@ class PeerLink:
     down_since: float | None = None
     last_error: str = ""
     kick: threading.Event = field(default_factory=threading.Event)
+    rekeyed: threading.Event = field(default_factory=threading.Event)  # its pinned key moved
     stream: FrameStream | None = None
     chan: Any = None
     rounds: int = 0
     pool: list[tuple[float, FrameStream]] = field(default_factory=list)  # idle relay channels, since
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
+    halt: threading.Event = field(default_factory=threading.Event)  # set: stopping, or left the config
 
 
 class _RecentErrors(logging.Handler):
@@ -149,10 +196,14 @@ class Agent:
         self.me = config.node_id
         self.stop = threading.Event()
         self.key: NodeKey = load_key(config.key_path)
-        ensure_layout(config.root)
-        self._single = _lock_root(config)
-        self.log = open_log(config)
-        self.spool = Spool(config.spool)
+        try:
+            ensure_layout(config.root)
+            self._single = _lock_root(config)
+            self.log = open_log(config, own_key=self.key.public_line)
+            self.spool = Spool(config.spool)
+        except PermissionError as exc:  # e.g. events.jsonl owned by another user
+            raise _unwritable(config, exc.filename) from None
+        self._ready = threading.Event()  # set once the own feed is taken back and announced
         # A hop's signed custody reaches a relay by gossip within about one round (rounds are
         # kicked by new events): ten rounds without it and the relay resends elsewhere.
         self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after,
@@ -162,10 +213,19 @@ class Agent:
                                min_free_space=config.min_free_space,
                                stale_after=config.expire_after, on_change=self._changed)
         self.custody.on_receiving = self._on_receiving
+        self.control = Control(config.state_dir, self.custody, lambda: self.policy, self._changed)
+        self.metrics = self.custody.metrics = metrics.for_agent(
+            config.metrics_listen, [p.id for p in config.peers], self.metrics_sample)
+        old = load_old_key(config.key_path)
         self.links: dict[str, PeerLink] = {
-            p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key))
+            p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key,
+                                                       fallback=[old] if old else []))
             for p in config.peers
         }
+        self._peer_keys = {p.id: p.key for p in config.peers}  # login / host key now (feeds)
+        # Guards _peer_keys and the swap of self.links in a reload; taken before log.lock and
+        # before the SSH server's own lock (set_authorized), never inside either.
+        self._keys_lock = threading.Lock()
         self._relay_kick = threading.Event()
         self._take_q: queue.Queue[tuple[Any, str]] = queue.Queue()
         self._hop_slots = {p: threading.Semaphore(config.parallel) for p in self.links}
@@ -182,17 +242,29 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         logging.getLogger("maildrop").addHandler(self._errors)
-        new = announce(self.config, self.key, self.log)
-        if new:
-            log.info("agent.announced events=%d", len(new))
-        self.custody.recover()
-        self.server = SSHServer(self.key, self.config.listen, {p.id: p.key for p in self.config.peers},
+        self._check_own_key()
+        self._follow_keys()
+        self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
                                 self, logger=logging.getLogger("maildrop.ssh"),
                                 max_channels_per_peer=2 + self.config.parallel + SMALL_LANE,
                                 # > the gossip channel's pause between rounds, with margin
                                 channel_idle_timeout=max(3 * self.config.gossip_interval,
                                                          2 * self.config.link_down_after, 30.0))
         self.server.start()
+        try:
+            self._recover_own_feed()
+            self._check_own_key()
+        except BaseException:
+            self.server.stop()
+            raise
+        if self.stop.is_set():  # stopped while recovering: write nothing
+            return
+        new = announce(self.config, self.key, self.log)
+        if new:
+            log.info("agent.announced events=%d", len(new))
+        self.custody.recover()
+        self.control.start()  # saved holds apply before the relay service plans
+        self._ready.set()
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
         self._spawn("relay", self._relay_loop)
@@ -201,9 +273,122 @@ class Agent:
                                 rescan_interval=self.config.rescan_interval,
                                 polling=self.config.polling, logger=logging.getLogger("maildrop.watcher"))
         self._spawn("watcher", watcher.run, self.stop)
+        self.metrics.start()
         host, port = self.server.address
         log.info("agent.started node=%s listen=%s:%d peers=%d events=%d", self.me, host, port,
                  len(self.links), self.log.ledger.count)
+
+    def _check_own_key(self) -> None:
+        """Refuse to start with a key that is not the own feed's current key: every event
+        signed with it would be refused by the peers (MaildropError saying what to do)."""
+        with self.log.lock:
+            held = self.log.ledger.key_of(self.me)
+            waiting = self.me in self.log.ledger.pending
+        path = self.config.key_path
+        if held is None and waiting:
+            raise MaildropError(
+                f"{path} is not the key this node's events are signed with (its log or its "
+                "peers hold them under another key): restore the node's key from its backup "
+                "(a new key is a new identity its peers refuse)")
+        if held is not None and held != self.key.public_line:
+            fix = ("finish the key rotation: maildrop rotate-key" if sibling(path, NEW_SUFFIX).exists()
+                   else "restore the node's current key from its backup")
+            raise MaildropError(f"{path} is not this node's current key (its feed rotated to "
+                                f"{held[:32]}…): {fix}")
+
+    def _recover_own_feed(self) -> None:
+        """Before this node writes anything: gossip with each peer (in parallel, at most
+        ``RECOVER_ROUNDS`` rounds each, until a round brings nothing), so own events the
+        peers hold and this log lacks come back first. See the module docstring for a peer
+        that does not answer. Logs ``agent.recovered.own_feed seq=N from=PEER`` when the
+        own head moved."""
+        if not self.links:
+            return
+        with self.log.lock:
+            before = self.log.ledger.version_vector().get(self.me, 0)
+        deadline = time.monotonic() + RECOVER_WAIT_EMPTY
+        answered: list[str] = []
+        best: dict[str, int] = {}  # peer -> own head right after its round moved it
+
+        def one(link: PeerLink) -> None:
+            while not self.stop.is_set():
+                try:
+                    self._recovery_rounds(link, best)
+                    answered.append(link.id)
+                    return
+                except Exception as exc:
+                    link.last_error = f"{exc.__class__.__name__}: {exc}"[:200]
+                    log.debug("agent.recover.round_failed peer=%s error=%s", link.id, link.last_error)
+                    if before or answered or isinstance(exc, PERMANENT) or time.monotonic() >= deadline:
+                        return
+                    self.stop.wait(0.5)
+
+        threads = [threading.Thread(target=one, args=(lk,), name=f"recover:{lk.id}", daemon=True)
+                   for lk in self.links.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 15.0)  # a round has its own timeouts
+        if self.stop.is_set():
+            return
+        with self.log.lock:
+            after = self.log.ledger.version_vector().get(self.me, 0)
+        if after > before:
+            source = max(best, key=lambda p: best[p])
+            log.warning("agent.recovered.own_feed seq=%d from=%s had=%d (this node's log lacked "
+                        "its own newer events; it continues after them)", after, source, before)
+        elif not answered and not before:
+            raise MaildropError(
+                f"no peer answered within {RECOVER_WAIT_EMPTY:.0f}s and this node's log holds no "
+                "event of its own: starting a new feed could fork the one its peers hold; start "
+                "it again once a peer is reachable")
+        elif not before:
+            log.info("agent.recover.fresh peers=%s (no peer holds a feed of this node; it starts one)",
+                     ",".join(sorted(answered)))
+        elif len(answered) < len(self.links):
+            log.info("agent.recover.partial answered=%s peers=%d (an own event only an unreachable "
+                     "peer holds would fork this feed)", ",".join(sorted(answered)) or "-", len(self.links))
+
+    def _recovery_rounds(self, link: PeerLink, best: dict[str, int]) -> None:
+        """Gossip rounds with ``link``'s peer on one channel until one brings nothing."""
+        chan = link.client.open_channel()
+        try:
+            chan.settimeout(30.0)
+            stream = FrameStream(chan)
+            for _ in range(RECOVER_ROUNDS):
+                with self.log.lock:
+                    had = self.log.ledger.version_vector().get(self.me, 0)
+                stats = gossip.call(stream, self.log)
+                with self.log.lock:
+                    now = self.log.ledger.version_vector().get(self.me, 0)
+                if now > had:
+                    best[link.id] = now
+                if not stats.accepted:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                chan.close()
+
+    def _follow_keys(self) -> None:
+        """Let each peer's SSH login key and pinned host key follow its feed's current key
+        (the ledger holds a pinned peer's feed only when it passes through the pinned key)."""
+        with self._keys_lock:  # a reload may add or remove peers meanwhile: all under the lock
+            with self.log.lock:
+                now = {p: self.log.ledger.key_of(p) or pin for p, pin in self._peer_keys.items()}
+            changed = {p: k for p, k in now.items() if k != self._peer_keys[p]}
+            if not changed:
+                return
+            self._peer_keys = now
+            for p, key in changed.items():
+                log.warning("peer.key.rotated peer=%s key=%s… (its feed rotated to a new key, "
+                            "signed by the old one; the config still pins the old key: update "
+                            "peers[].key)", p, key[:32])
+                link = self.links.get(p)
+                if link is not None:
+                    link.client.set_peer_key(key)
+                    link.rekeyed.set()
+            if self.server is not None:
+                self.server.set_authorized(dict(now))
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         def body() -> None:
@@ -216,8 +401,11 @@ class Agent:
         self._threads[name] = t
         t.start()
 
-    def run(self, stop: threading.Event | None = None) -> int:
-        """Start, supervise until ``stop`` is set, stop cleanly. Returns an exit status."""
+    def run(self, stop: threading.Event | None = None, reload: threading.Event | None = None,
+            on_reload: Callable[[Config], None] | None = None) -> int:
+        """Start, supervise until ``stop`` is set, stop cleanly. Returns an exit status.
+        When ``reload`` is set (a SIGHUP handler sets it), the main loop clears it and calls
+        ``reload()`` within ``STATUS_EVERY`` s, then ``on_reload`` with the config it applied."""
         if stop is not None:
             self.stop = stop
         self.start()
@@ -227,6 +415,11 @@ class Agent:
         status = 0
         next_wd = 0.0
         while not self.stop.wait(STATUS_EVERY if wd is None else min(STATUS_EVERY, wd)):
+            if reload is not None and reload.is_set():
+                reload.clear()
+                applied = self.reload()
+                if applied is not None and on_reload is not None:
+                    on_reload(applied)
             dead = [n for n, t in self._threads.items() if not t.is_alive()]
             if dead:
                 log.error("agent.service.died services=%s; stopping so the supervisor restarts us",
@@ -235,6 +428,7 @@ class Agent:
                 break
             if self.log.refresh():
                 self._changed()
+            self.control.poll()  # queue/flush/cancel/hold/release requests from the CLI
             self.write_status()
             if wd is not None and time.monotonic() >= next_wd:
                 sdnotify.watchdog_ping()
@@ -247,9 +441,12 @@ class Agent:
         self.stop.set()
         self._relay_kick.set()
         for link in self.links.values():
+            link.halt.set()
             link.kick.set()
+            link.rekeyed.set()
         if self.server is not None:
             self.server.stop()
+        self.metrics.stop()
         for link in self.links.values():
             link.client.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -262,8 +459,159 @@ class Agent:
         logging.getLogger("maildrop").removeHandler(self._errors)
         log.info("agent.stopped node=%s", self.me)
 
+    # -- reload (SIGHUP, systemctl reload) -------------------------------------------------------
+    RELOADABLE = frozenset({"display_name", "advertise", "peers", "gossip_interval",
+                            "link_down_after", "expire_after", "resend_after", "max_file_size",
+                            "min_free_space", "parallel", "log_level", "log_json"})
+    """Config fields ``reload`` applies to the running agent (``log.*`` through ``run``'s
+    ``on_reload``). Any other field that changed (node.id, node.listen, root, key, outbox.*,
+    metrics.listen, and every field added later) needs a restart."""
+    _YAML_NAMES = {"node_id": "node.id", "display_name": "node.display_name",
+                   "listen": "node.listen", "advertise": "node.advertise", "key_path": "key",
+                   "gossip_interval": "gossip.interval", "link_down_after": "gossip.link_down_after",
+                   "expire_after": "transfers.expire_after", "resend_after": "transfers.resend_after",
+                   "max_file_size": "transfers.max_file_size",
+                   "min_free_space": "transfers.min_free_space", "parallel": "transfers.parallel",
+                   "settle": "outbox.settle", "rescan_interval": "outbox.rescan_interval",
+                   "polling": "outbox.polling", "log_level": "log.level", "log_json": "log.json",
+                   "metrics_listen": "metrics.listen"}
+    """Config fields by the YAML keys an operator knows them as (the others: their own name)."""
+
+    def reload(self) -> Config | None:
+        """Re-read the config file and apply it whole, or refuse it whole; runs on the main
+        thread (``run``), never raises for a bad file, returns the config applied or None.
+
+        Refused, with one ``agent.reload.refused file=... reason=...`` line and the running
+        config kept in force: a file that does not load (YAML error, unknown key, bad value),
+        one that changes a field outside ``RELOADABLE`` (reason ``restart needed for ...``),
+        and one whose key file now holds another key. Applied otherwise: limits, intervals
+        and the expire/resend policy at once; peers: an added one gets a link, its pinned key
+        and a gossip thread; a removed one's link is retired (its gossip thread ends, its
+        connections close, its logins are refused); a changed address or key is a retired
+        link and a new one. Unchanged peers keep their connections and every transfer in
+        flight goes on (``parallel`` applies to hops that start after the reload). Then the
+        config facts are announced (``link.configured``, ``link.removed``, ``node.configured``)
+        and one ``agent.reloaded`` line lists what changed. systemd sees ``RELOADING=1`` and
+        then ``READY=1``."""
+        path = self.config.path
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:  # everything that can fail comes before the first change
+                new = load_config(path)
+                why = self._reload_refusal(new)
+                fresh = {} if why else {p.id: self._new_link(p) for p in new.peers
+                                        if self.config.peer(p.id) != p}
+            except ConfigError as exc:
+                why = str(exc)
+            if why:
+                log.error("agent.reload.refused file=%s reason=%s; the running config stays in force",
+                          path, why)
+                return None
+            return self._apply(new, fresh)
+        except Exception:  # a bug here must not kill the agent: say so, keep running
+            log.exception("agent.reload.failed file=%s; the config may be partly applied: restart "
+                          "the agent (systemctl restart maildrop)", path)
+            return None
+        finally:
+            sdnotify.ready(f"node {self.me} listening on {format_hostport(self.server.address)}"  # type: ignore[union-attr]
+                           if self.server else "")
+
+    def _reload_refusal(self, new: Config) -> str:
+        """Why ``new`` cannot be applied to the running agent ("" if it can)."""
+        old = self.config
+        fixed = [self._YAML_NAMES.get(f.name, f.name) for f in fields(Config)
+                 if f.name not in self.RELOADABLE and f.name != "path"
+                 and getattr(old, f.name) != getattr(new, f.name)]
+        if fixed:
+            return f"restart needed for {', '.join(fixed)} (systemctl restart maildrop)"
+        try:
+            now = load_key(new.key_path).public_line
+        except (ConfigError, OSError) as exc:
+            return f"key: {exc}"
+        if now != self.key.public_line:
+            return f"restart needed for key: {new.key_path} holds another key than the running one"
+        return ""
+
+    def _apply(self, new: Config, fresh: dict[str, PeerLink]) -> Config:
+        """Apply ``new`` (checked by ``_reload_refusal``); ``fresh``: the links of the peers
+        it adds or changes, already made."""
+        old, self.config = self.config, new
+        before, after = {p.id: p for p in old.peers}, {p.id: p for p in new.peers}
+        gone = sorted(p for p in before if p not in after or before[p] != after[p])
+        added = sorted(fresh)
+        self.policy = replace(self.policy, expire_after=new.expire_after, resend_after=new.resend_after,
+                              confirm_after=CONFIRM_ROUNDS * new.gossip_interval)
+        with self.custody.lock:
+            self.custody.max_file_size = new.max_file_size
+            self.custody.min_free_space = new.min_free_space
+            self.custody.stale_after = new.expire_after
+        with self.log.lock:
+            pinned = self.log.ledger.pinned
+            for p in gone:
+                pinned.pop(p, None)
+            pinned.update({p: after[p].key for p in added})
+        links = dict(self.links)
+        retired = [links.pop(p) for p in gone]
+        links.update(fresh)
+        # Slots before links (a sender that finds a new link finds its slots; one that finds
+        # no slots returns and is replanned), copied on write: other threads read these
+        # dicts without a lock.
+        if new.parallel != old.parallel:
+            self._hop_slots = {p: threading.Semaphore(new.parallel) for p in links}
+        else:
+            self._hop_slots = {p: self._hop_slots.get(p) or threading.Semaphore(new.parallel)
+                               for p in links}
+        self._small_slots = {p: self._small_slots.get(p) or threading.Semaphore(SMALL_LANE)
+                             for p in links}
+        with self._keys_lock:
+            keys = {p: k for p, k in self._peer_keys.items() if p in links and p not in fresh}
+            self.links = links
+            self._peer_keys = keys | {p: after[p].key for p in fresh}
+        for link in retired:
+            self._retire(link)
+        workers = (new.parallel + SMALL_LANE) * max(1, len(links))
+        if workers != (old.parallel + SMALL_LANE) * max(1, len(old.peers)):
+            # Hops already submitted run on in the old pool, which then ends.
+            stale, self._executor = self._executor, ThreadPoolExecutor(max_workers=workers,
+                                                                       thread_name_prefix="hop")
+            stale.shutdown(wait=False)
+        self._follow_keys()
+        if self.server is not None:
+            with self._keys_lock:
+                authorized = dict(self._peer_keys)
+            self.server.set_authorized(authorized)
+        for link in fresh.values():
+            self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
+        announced = announce(new, self.key, self.log)
+        changed = [self._YAML_NAMES.get(f.name, f.name) for f in fields(Config)
+                   if f.name not in ("path", "peers") and getattr(old, f.name) != getattr(new, f.name)]
+        log.info("agent.reloaded file=%s peers_added=%s peers_removed=%s changed=%s announced=%d",
+                 new.path, ",".join(p for p in added if p not in before) or "-",
+                 ",".join(p for p in gone if p not in after) or "-",
+                 ",".join(changed + [f"peers.{p}" for p in added if p in before]) or "-",
+                 len(announced))
+        self._changed()
+        return new
+
+    def _new_link(self, peer: Peer) -> PeerLink:
+        """A link to a peer a reload added (as ``__init__`` makes them)."""
+        old = load_old_key(self.config.key_path)
+        return PeerLink(peer.id, peer.address,
+                        PeerClient(self.me, self.key, peer.id, peer.address, peer.key,
+                                   fallback=[old] if old else []))
+
+    def _retire(self, link: PeerLink) -> None:
+        """End a link a reload removed or replaced: its gossip loop and hops stop (``halt``),
+        its connection closes; the thread is no longer supervised (it ends by itself)."""
+        link.halt.set()
+        link.kick.set()
+        link.rekeyed.set()
+        link.client.close()
+        self._threads.pop(f"gossip:{link.id}", None)
+
     def _changed(self) -> None:
-        """New facts or new custody: replan now and tell the peers soon."""
+        """New facts or new custody: follow rotated peer keys, replan now and tell the peers soon."""
+        self._follow_keys()
         self._relay_kick.set()
         for link in self.links.values():
             link.kick.set()
@@ -275,13 +623,15 @@ class Agent:
         while not self.stop.is_set():
             try:
                 frame = stream.recv(expect=SERVE_OPS)
-                if link is not None:
+                if link is not None and self._ready.is_set():  # link.up waits for recovery
                     self._observe(link, True)
                 if frame.op == "fingerprint":
                     gossip.answer_fingerprint(stream, frame, self.log)
                 elif frame.op == "gossip":
                     stats = gossip.answer_gossip(stream, frame, self.log)
                     self._after_gossip(peer_id, stats)
+                elif frame.op == "offer" and not self._ready.is_set():
+                    stream.send("refuse", reason="busy", detail="starting: taking back this node's own feed")
                 elif frame.op == "offer":
                     self.custody.receive(peer_id, stream, frame)
                 elif frame.op == "ping":
@@ -295,6 +645,7 @@ class Agent:
                 return
 
     def _after_gossip(self, peer_id: str, stats: gossip.RoundStats) -> None:
+        self.metrics.gossiped(peer_id, stats.accepted, stats.rejected)
         if stats.rejected:
             log.warning("gossip.rejected peer=%s count=%d", peer_id, stats.rejected)
         if stats.accepted:
@@ -303,8 +654,11 @@ class Agent:
 
     # -- gossip and liveness ---------------------------------------------------------------------
     def _gossip_loop(self, link: PeerLink) -> None:
-        interval = self.config.gossip_interval
-        while not self.stop.is_set():
+        """Gossip with ``link``'s peer until the agent stops or a reload retires the link
+        (``link.halt``, set in both cases, ends every wait here). The interval is re-read
+        every round (a reload may change it)."""
+        while not link.halt.is_set() and not self.stop.is_set():
+            interval = self.config.gossip_interval
             # Clear before the round, not after the wait: a kick that lands while a round runs
             # (or just after the wait ends) then always gets a round of its own.
             link.kick.clear()
@@ -312,19 +666,20 @@ class Agent:
                 for attempt in Retrying(
                     retry=retry_if_exception(self._transient),
                     wait=wait_random_exponential(multiplier=0.2, max=max(2 * interval, 1.0)),
-                    stop=lambda _rs: self.stop.is_set(),
-                    sleep=self.stop.wait,
+                    stop=lambda _rs, link=link: link.halt.is_set() or self.stop.is_set(),
+                    sleep=link.halt.wait,
                     before_sleep=lambda rs, link=link: self._round_failed(link, rs.outcome.exception()),
                     reraise=True,
                 ):
                     with attempt:
                         self._gossip_round(link)
             except Exception as exc:  # permanent: wrong host key, auth refused
-                if self.stop.is_set():
+                if link.halt.is_set() or self.stop.is_set():
                     return
                 self._round_failed(link, exc)
                 log.error("gossip.peer.refused peer=%s reason=%s; fix the key in the config", link.id, exc)
-                self.stop.wait(max(30.0, interval * 6))
+                link.rekeyed.wait(max(30.0, interval * 6))  # sooner when its key rotated
+                link.rekeyed.clear()
                 continue
             link.kick.wait(interval * random.uniform(0.8, 1.2))
 
@@ -402,7 +757,8 @@ class Agent:
             return
         with self.log.lock:
             hop = choose_hop(self.log.network, self.me, h, self.policy, self.log.ledger.conflicts)
-        if hop is None or hop not in self.links or self.links[hop].state != "up":
+        link = self.links.get(hop) if hop is not None else None  # (a reload may remove it)
+        if link is None or link.state != "up":
             self.custody.unreserve(tid)  # store first; the planner forwards it after
             return
         try:
@@ -415,9 +771,9 @@ class Agent:
 
     def _cut_through(self, h: Any, hop: str, queued: Event, prog: Any, rfd: int) -> None:
         tid = h.transfer
-        link = self.links[hop]
         result = None
         try:
+            link = self.links[hop]  # (a KeyError if a reload removed the peer: stopped below)
             with self._hop_slots[hop], self._relay_channel(link) as stream:
                 result = self.custody.forward_while_receiving(hop, stream, h, queued, prog, rfd)
         except Exception as exc:
@@ -535,25 +891,26 @@ class Agent:
             return Plan(actions, min(wake) if wake else None)
 
     def _send(self, tid: str, hop: str) -> None:
-        link = self.links[hop]
+        link = self.links.get(hop)
         h = self.custody.held.get(tid)
         if h is None:
             return
         try:
             queued = self.custody.queued_event(tid)
             small = queued is not None and queued.data["size"] <= SMALL_FILE
-            with (self._small_slots if small else self._hop_slots)[hop]:
+            slots = (self._small_slots if small else self._hop_slots).get(hop)
+            if link is None or slots is None:  # a reload removed the peer since the plan
+                return
+            with slots:
                 for attempt in Retrying(
                     retry=retry_if_exception(self._transient),
                     stop=stop_after_attempt(self.policy.reroute_after),
                     wait=wait_random_exponential(multiplier=0.3, max=5.0),
                     sleep=self.stop.wait,
-                    before_sleep=lambda rs: log.info(
-                        "relay.hop.retry transfer=%s peer=%s attempt=%d error=%s", tid, hop,
-                        rs.attempt_number, rs.outcome.exception()),
+                    before_sleep=lambda rs: self._hop_retry(tid, hop, rs),
                 ):
                     with attempt:
-                        if self.stop.is_set():
+                        if self.stop.is_set() or link.halt.is_set():  # halt: replanned
                             return
                         with self._relay_channel(link) as stream:
                             result = self.custody.offer_to(hop, stream, h)
@@ -562,7 +919,9 @@ class Agent:
         except TransferRefused as exc:
             log.warning("relay.hop.refused transfer=%s peer=%s reason=%s detail=%s",
                         tid, hop, exc.reason, exc.detail)
+            self.metrics.hop_refused(hop, exc.reason)
             with self.custody.lock:
+                h.last_error = f"{hop} refused: {exc}"[:300]
                 if exc.reason == "busy":  # counted: after reroute_after of them, route around
                     h.failures[hop] = h.failures.get(hop, 0) + 1
                     h.retry_at = time.time() + 1.0
@@ -572,17 +931,26 @@ class Agent:
         except (TimeoutError, RetryError, MaildropError, OSError, EOFError) as exc:
             cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
             log.warning("relay.hop.failed transfer=%s peer=%s error=%s; rerouting", tid, hop, cause)
+            self.metrics.hop_failed(hop)
             with self.custody.lock:
+                h.last_error = f"{hop}: {cause.__class__.__name__}: {cause}"[:300]
                 h.failures[hop] = h.failures.get(hop, 0) + self.policy.reroute_after
                 h.retry_at = time.time() + 1.0
         except Exception:
             log.exception("relay.hop.crashed transfer=%s peer=%s", tid, hop)
             with self.custody.lock:
+                h.last_error = f"{hop}: crashed (see the agent's log)"
                 h.retry_at = time.time() + 5.0
         finally:
             with self.custody.lock:
                 h.in_flight = False
             self._relay_kick.set()
+
+    def _hop_retry(self, tid: str, hop: str, rs: Any) -> None:
+        """Before the next attempt of an offer that broke (tenacity's ``before_sleep``)."""
+        log.info("relay.hop.retry transfer=%s peer=%s attempt=%d error=%s", tid, hop,
+                 rs.attempt_number, rs.outcome.exception())
+        self.metrics.hop_retried(hop)
 
     @contextlib.contextmanager
     def _relay_channel(self, link: PeerLink) -> Iterator[FrameStream]:
@@ -648,6 +1016,23 @@ class Agent:
             os.replace(tmp, path)  # soft state: atomic, not fsynced
         except OSError as exc:
             log.debug("agent.status.write_failed error=%s", exc)
+
+    def metrics_sample(self) -> metrics.Sample:
+        """What a metrics scrape reads (on the metrics server's thread): the custody lock,
+        then the log lock, each alone, never one inside the other."""
+        custody: collections.Counter[str] = collections.Counter()
+        with self.custody.lock:
+            for h in self.custody.held.values():
+                custody["in-flight" if h.in_flight else "on-hold" if h.hold
+                        else "handed" if h.handed_to else "queued"] += 1
+            custody["receiving"] = sum(1 for _, direction in self.custody.progress if direction == "in")
+        with self.log.lock:
+            transfers = collections.Counter(t.state for t in self.log.network.all_transfers())
+            events, conflicts = self.log.ledger.count, len(self.log.ledger.conflicts)
+        peers = {lk.id: metrics.PeerSample(lk.state == "up", lk.rounds, lk.client.bytes_sent,
+                                           lk.client.bytes_received)
+                 for lk in list(self.links.values())}
+        return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers)
 
 
 __all__ = ["Agent", "announce", "open_log", "durable_write"]

@@ -1,7 +1,17 @@
 """``maildrop check``: validate config, key, folders and permissions; say what to fix.
 
 Exit status: 0 when every check passed (warnings allowed), 1 when any failed, 2 when the
-config itself cannot be read (the one-line config error).
+config itself cannot be used: then every problem in it is listed (one ``FAIL`` each, its
+fix the problem's "expected ..."), stderr gets one line (the config error, or the number of
+problems when there are several) and nothing else is checked.
+
+``--json`` prints one JSON document instead of text (same exit status): ``config`` (the
+file, null if none was found), ``node`` (null when the config cannot be used), ``checks``
+(a list of ``{"check", "status": "ok"|"warn"|"fail", "what", "fix"}``; ``fix`` is null for
+ok), ``failed``, ``warned`` and ``status`` (the exit status). ``--peers`` also dials each configured
+peer, at most ``PEER_TIMEOUT`` seconds a stage, all peers at once: TCP connect, SSH
+handshake, the host key against the configured one, our login; a failure is named in the
+README's troubleshooting words, and its entry carries ``peer`` and ``stage``.
 """
 
 from __future__ import annotations
@@ -11,36 +21,113 @@ import os
 import socket
 import stat
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from .config import Config, find_config, load_config
+from .config import Config, ConfigProblems, Peer, find_config, format_hostport, load_config
 from .errors import MaildropError
-from .keys import load_key
+from .keys import NodeKey, load_key
+
+PEER_TIMEOUT = 5.0
+"""Seconds ``--peers`` waits for a peer's TCP connect, then for each SSH stage."""
 
 
 class _Report:
-    def __init__(self) -> None:
+    """The results of the checks: printed as they come, or kept for one JSON document.
+    ``check`` names the part being checked (``config``, ``key``, ...), for the JSON."""
+
+    def __init__(self, as_json: bool = False) -> None:
+        self.as_json = as_json
+        self.check = "config"
+        self.items: list[dict[str, Any]] = []
         self.failed = 0
         self.warned = 0
 
-    def ok(self, what: str) -> None:
-        print(f"ok    {what}")
+    def _add(self, status: str, what: str, fix: str | None, extra: dict[str, Any]) -> None:
+        self.items.append({"check": self.check, "status": status, "what": what, "fix": fix, **extra})
+        if not self.as_json:
+            label = "FAIL" if status == "fail" else status
+            print(f"{label:<6}{what}" + (f"\n      → {fix}" if fix else ""))
 
-    def warn(self, what: str, fix: str) -> None:
+    def ok(self, what: str, **extra: Any) -> None:
+        self._add("ok", what, None, extra)
+
+    def warn(self, what: str, fix: str, **extra: Any) -> None:
         self.warned += 1
-        print(f"warn  {what}\n      → {fix}")
+        self._add("warn", what, fix, extra)
 
-    def fail(self, what: str, fix: str) -> None:
+    def fail(self, what: str, fix: str, **extra: Any) -> None:
         self.failed += 1
-        print(f"FAIL  {what}\n      → {fix}")
+        self._add("fail", what, fix, extra)
+
+    def finish(self, status: int, config: Path | None, node: str | None) -> int:
+        """Print the summary (or the JSON document); returns ``status``."""
+        if self.as_json:
+            json.dump({"config": str(config) if config else None, "node": node,
+                       "checks": self.items, "failed": self.failed, "warned": self.warned,
+                       "status": status}, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        elif status == 2:
+            print(f"\n{self.failed} problem(s) in the config; nothing else was checked")
+        elif self.failed or self.warned:
+            print(f"\n{self.failed} failed, {self.warned} warning(s)")
+        else:
+            print("\nall checks passed")
+        return status
+
+
+def _own_feed(c: Config) -> tuple[int, str | None]:
+    """How many events of this node its log holds, and the feed's current key (0, None when
+    there is no log or it cannot be read)."""
+    from .eventlog import EventLog
+
+    try:
+        elog = EventLog(c.events_path, writable=False, me=c.node_id)
+    except (OSError, MaildropError):
+        return 0, None
+    try:
+        return elog.ledger.version_vector().get(c.node_id, 0), elog.ledger.key_of(c.node_id)
+    finally:
+        elog.close()
+
+
+def _key_trouble(path: Path) -> str:
+    """What is wrong with a key file that does not load, without advice."""
+    if not path.exists():
+        return "is missing"
+    if path.is_dir():
+        return "is a folder, not a key file"
+    if not os.access(path, os.R_OK):
+        st = path.stat()
+        return (f"is not readable by this user (owner uid {st.st_uid}, "
+                f"mode {stat.S_IMODE(st.st_mode):04o})")
+    return "does not load as an unencrypted OpenSSH ed25519 private key"
 
 
 def _check_key(c: Config, r: _Report) -> None:
+    """The key loads, is private, and is the key this node's feed is signed with. For a
+    node that already exists (its log holds its events) the advice is never a new key:
+    a new key is a new identity its peers refuse."""
+    events, feed_key = _own_feed(c)
     try:
         key = load_key(c.key_path)
     except MaildropError as exc:
-        r.fail(f"key {c.key_path}: {exc}", "create it with 'ssh-keygen -t ed25519 -N \"\" -f KEYFILE' or 'maildrop init'")
+        if not events:
+            r.fail(f"key {c.key_path}: {exc}",
+                   "create it with 'ssh-keygen -t ed25519 -N \"\" -f KEYFILE' or 'maildrop init'")
+            return
+        trouble = _key_trouble(c.key_path)
+        fix = (f"chown it to the agent's user and chmod 600 {c.key_path}; " if "readable" in trouble else "")
+        r.fail(f"key {c.key_path} {trouble}; this node exists already ({events} events of its own in its log)",
+               f"{fix}restore the key from this node's backup. Do not make a new one: peers refuse a new "
+               "key under this id (to change keys on purpose: maildrop rotate-key)")
         return
+    if feed_key is not None and feed_key != key.public_line:
+        r.fail(f"key {c.key_path} is not the key this node's feed is signed with "
+               f"(the log says {feed_key[:32]}…)",
+               "restore this node's current key from its backup (after a crash in rotate-key: run "
+               "'maildrop rotate-key' again to finish it)")
     mode = stat.S_IMODE(c.key_path.stat().st_mode)
     if mode & 0o077:
         r.fail(f"key {c.key_path} is readable by others (mode {mode:04o})", f"chmod 600 {c.key_path}")
@@ -133,6 +220,11 @@ def _check_log(c: Config, r: _Report) -> None:
                "they are ignored; see 'maildrop events' (gossip refills valid events)")
     else:
         r.ok(f"event log {c.events_path}: {elog.ledger.count} valid events")
+    for p in c.peers:
+        held = elog.ledger.key_of(p.id)
+        if held is not None and held != p.key:
+            r.warn(f"peer {p.id} rotated its key (signed by its old one): the config pins an old key",
+                   f"update peers[].key of {p.id} to: {held}")
     for origin, why in elog.ledger.conflicts.items():
         r.warn(f"conflict for {origin}: {why}", f"check {origin}'s key with its operator; it is not routed to")
     elog.close()
@@ -140,6 +232,7 @@ def _check_log(c: Config, r: _Report) -> None:
 
 def _check_listen(c: Config, r: _Report) -> None:
     host, port = c.listen
+    where = format_hostport(c.listen)
     state = c.state_dir / "agent.json"
     try:
         running = json.loads(state.read_text()).get("running")
@@ -149,30 +242,120 @@ def _check_listen(c: Config, r: _Report) -> None:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-        r.ok(f"listen address {host}:{port} is free")
+        r.ok(f"listen address {where} is free")
     except OSError as exc:
         if running:
-            r.ok(f"listen address {host}:{port} is in use (the agent is running)")
+            r.ok(f"listen address {where} is in use (the agent is running)")
         else:
-            r.fail(f"cannot listen on {host}:{port}: {exc.strerror}", "choose another node.listen or stop what uses it")
+            r.fail(f"cannot listen on {where}: {exc.strerror}", "choose another node.listen or stop what uses it")
 
 
-def run_checks(config_arg: str | None) -> int:
+def _dial(c: Config, key: NodeKey | None, peer: Peer) -> tuple[str, str | None, str, str | None]:
+    """Dial ``peer`` as the agent would: ``(status, stage, what, fix)``; ``stage`` is the one
+    that failed (tcp, ssh, host-key, login), None when every stage passed."""
+    from .transport.ssh import (
+        AuthRefused,
+        HostKeyMismatch,
+        PeerClient,
+        PeerIncompatible,
+        PeerUnreachable,
+    )
+
+    where = f"peer {peer.id} at {format_hostport(peer.address)}"
+    try:
+        socket.create_connection(peer.address, timeout=PEER_TIMEOUT).close()
+    except ConnectionRefusedError:
+        return ("fail", "tcp", f"{where}: connection refused",
+                f"its agent is not running or listens elsewhere: start it on {peer.id} "
+                f"(systemctl start maildrop), or fix this peer's address in {c.path}")
+    except TimeoutError:
+        return ("fail", "tcp", f"{where}: no answer to the TCP connect in {PEER_TIMEOUT:g}s",
+                "a firewall drops it, or the address is wrong: check the peer's address and the network")
+    except OSError as exc:
+        return ("fail", "tcp", f"{where}: cannot connect ({exc.strerror or exc})",
+                "check the peer's address (host name, port) and the network")
+    if key is None:
+        return ("warn", "ssh", f"{where}: TCP connect ok; no SSH login tried: this node's key does not load",
+                "fix the key (see above), then run 'maildrop check --peers' again")
+    client = PeerClient(c.node_id, key, peer.id, peer.address, peer.key, connect_timeout=PEER_TIMEOUT)
+    try:
+        client.connect()
+    except HostKeyMismatch as exc:
+        return ("fail", "host-key",
+                f"{where}: host key mismatch: the key you configured is not the one it has ({exc})",
+                f"compare this peer's key: in {c.path} with 'maildrop pubkey' on {peer.id}")
+    except AuthRefused:
+        return ("fail", "login",
+                f"{where}: authentication refused: it does not list this node ({c.node_id}) "
+                "under peers:, or lists it with another key",
+                f"on {peer.id}, add to peers: id {c.node_id}, address {format_hostport(c.advertise)}, "
+                f"key {key.public_line}")
+    except PeerIncompatible as exc:
+        return ("fail", "ssh", f"{where}: SSH handshake failed: {exc}",
+                "something other than a maildrop agent listens there: check the address")
+    except PeerUnreachable as exc:
+        return ("fail", "ssh", f"{where}: SSH handshake failed: {exc}",
+                "something other than a maildrop agent listens there, or it is overloaded: "
+                f"check the address and {peer.id}'s log")
+    finally:
+        client.close()
+    return "ok", None, f"{where}: TCP connect, SSH handshake, host key and login ok", None
+
+
+def _check_peers(c: Config, r: _Report) -> None:
+    if not c.peers:
+        r.ok("no peers configured: nothing to dial")
+        return
+    try:
+        key: NodeKey | None = load_key(c.key_path)
+    except MaildropError:
+        key = None
+    with ThreadPoolExecutor(max_workers=min(16, len(c.peers)), thread_name_prefix="dial") as pool:
+        results = list(pool.map(lambda p: _dial(c, key, p), c.peers))
+    for peer, (status, stage, what, fix) in zip(c.peers, results, strict=True):
+        extra = {"peer": peer.id, "stage": stage}
+        if status == "ok":
+            r.ok(what, **extra)
+        elif status == "warn":
+            r.warn(what, fix or "", **extra)
+        else:
+            r.fail(what, fix or "", **extra)
+
+
+def _report_config_error(exc: MaildropError, r: _Report) -> None:
+    """One FAIL per problem of the config; the fix is the problem's 'expected ...'."""
+    for line in exc.problems if isinstance(exc, ConfigProblems) else (str(exc),):
+        what, sep, expected = line.rpartition("; expected ")
+        if sep:
+            r.fail(what, f"expected {expected}")
+        else:
+            r.fail(line, "fix the config (see the README's configuration section)")
+
+
+def run_checks(config_arg: str | None, *, as_json: bool = False, peers: bool = False) -> int:
+    """Run every check and report (text or JSON); returns the exit status (see above)."""
+    r = _Report(as_json)
+    path: Path | None = None
     try:
         path = find_config(config_arg)
         c = load_config(path)
-    except MaildropError as exc:
-        print(f"maildrop: {exc}", file=sys.stderr)
-        return 2
-    r = _Report()
+    except MaildropError as exc:  # ConfigProblems lists them all
+        if isinstance(exc, ConfigProblems) and len(exc.problems) > 1:
+            print(f"maildrop: {path}: {len(exc.problems)} problems, each listed on stdout",
+                  file=sys.stderr)
+        else:
+            print(f"maildrop: {exc}", file=sys.stderr)
+        _report_config_error(exc, r)
+        return r.finish(2, path, None)
     r.ok(f"config {path}: node {c.node_id}, {len(c.peers)} peer(s)")
-    _check_key(c, r)
-    _check_ownership(c, path, r)
-    _check_folders(c, r)
-    _check_log(c, r)
-    _check_listen(c, r)
-    print(f"\n{r.failed} failed, {r.warned} warning(s)" if (r.failed or r.warned) else "\nall checks passed")
-    return 1 if r.failed else 0
+    for name, check in (("key", _check_key), ("ownership", lambda c, r: _check_ownership(c, path, r)),
+                        ("folders", _check_folders), ("log", _check_log), ("listen", _check_listen)):
+        r.check = name
+        check(c, r)
+    if peers:
+        r.check = "peers"
+        _check_peers(c, r)
+    return r.finish(1 if r.failed else 0, path, c.node_id)
 
 
 __all__ = ["run_checks"]

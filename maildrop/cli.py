@@ -25,6 +25,8 @@ from . import __version__
 from .errors import ConfigError, MaildropError, UsageError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+QUEUE_STATES = ("queued", "deferred", "in-flight", "handed", "held", "delivering", "receiving",
+                "partial", "delivered", "failed", "unknown")  # control.STATES, without its imports
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,14 +71,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("node", metavar="NODE")
     sp.add_argument("--wait", action="store_true", help="show progress and wait for the receipt")
-    sp.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
-                    help="with --wait: give up waiting after this long (default 600)")
-    cmd("check", "check config, key, folders and permissions; say what to fix")
+    sp.add_argument("--timeout", type=_timeout, default=600.0, metavar="DURATION",
+                    help="with --wait: give up waiting after this long: seconds or 30s, 5m, 2h "
+                         "(default 10m)")
+    sp = cmd("check", "check config, key, folders and permissions; say what to fix")
+    sp.epilog = ("Exit status: 0 every check passed (warnings allowed); 1 a check failed; 2 the "
+                 "config cannot be used (every problem in it is listed).")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON document: each check with its status (ok, warn, fail), what and fix")
+    sp.add_argument("--peers", action="store_true",
+                    help="also dial each peer: TCP connect, SSH handshake, its host key, our login")
     sp = cmd("conflicts", "list the nodes marked as conflicts (forked feeds, never routed to), or clear one")
     sp.add_argument("--json", action="store_true", help="one JSON document, with the evidence events")
     sp.add_argument("--clear", metavar="NODE",
                     help="forget NODE's conflict (the running agent sees it within a second); "
                          "exit 1 if NODE had none. A real fork is found again when its events come back")
+    control_exit = ("Works with the agent running (it acts within a second) and stopped (the command "
+                    "acts on the log and spool itself). TRANSFER is an id or its unique start, as "
+                    "'maildrop queue' shows it. Exit status: 0 done; 1 operational failure (no such "
+                    "transfer here, not the origin, already delivered or failed, not on hold, the "
+                    "agent did not answer); 2 usage error (a malformed or ambiguous id).")
+    sp = cmd("queue", "list what this node holds: id, from, to, name, size, state, next try, last error")
+    sp.epilog = ("With the agent running it answers (next try, last error, progress); stopped, the log "
+                 "and spool are read. Exit status: 0 listed; 1 operational failure; 2 usage error.")
+    sp.add_argument("--json", action="store_true", help="one JSON document with every row")
+    sp.add_argument("--to", metavar="NODE", help="only transfers to NODE")
+    sp.add_argument("--state", metavar="STATE", help="only transfers in STATE: " + ", ".join(QUEUE_STATES))
+    sp.add_argument("-n", "--limit", type=int, default=100, metavar="N",
+                    help="show at most N rows, oldest first (default 100; 0: all)")
+    sp = cmd("flush", "offer TRANSFER (or every transfer) now: no backoff, no avoided hop (like postqueue -f)")
+    sp.epilog = control_exit
+    sp.add_argument("transfer", nargs="?", metavar="TRANSFER")
+    sp.add_argument("--all", action="store_true", help="every transfer held here (except those on hold)")
+    sp = cmd("cancel", "give up TRANSFER at its origin: the file goes to failed/ with reason 'cancelled'")
+    sp.epilog = control_exit + " Only the origin may cancel; relays drop their copies when they learn it."
+    sp.add_argument("transfer", metavar="TRANSFER")
+    sp = cmd("hold", "never offer TRANSFER until 'maildrop release' (the hold survives restarts)")
+    sp.epilog = control_exit
+    sp.add_argument("transfer", metavar="TRANSFER")
+    sp = cmd("release", "end the hold on TRANSFER: it is offered again")
+    sp.epilog = control_exit
+    sp.add_argument("transfer", metavar="TRANSFER")
+    cmd("rotate-key", "give this node a new key, announced signed by the old one (stop the agent first)")
     sp = sub.add_parser("demo", help="run a five-node network on 127.0.0.1 and show a delivery and a reroute",
                         description="Build five nodes A-B-C-D-E (plus an alternate path) on free loopback ports, deliver a file, stop a relay, deliver another over the other path.")
     sp.add_argument("--dir", metavar="DIR", help="keep the demo network in DIR (default: a temp folder, removed)")
@@ -94,6 +130,19 @@ def complete(parser: argparse.ArgumentParser) -> None:
     except ImportError:
         return
     argcomplete.autocomplete(parser)
+
+
+def _timeout(text: str) -> float:
+    """``send --timeout``: a duration above zero, as the config reads one (``600``, ``5m``)."""
+    from .config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; expected seconds or e.g. 30s, 5m, 2h") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is zero; expected a duration above zero")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,17 +188,19 @@ def _table(rows: list[list[str]], headers: list[str], indent: str = "  ") -> str
     return "\n".join(out)
 
 
-def _ago(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "never"
-    d = max(0.0, now - ts)
+def _span(d: float) -> str:
+    """A short human duration: ``45s``, ``12m``, ``3.5h``, ``2.0d``."""
     if d < 60:
-        return f"{d:.0f}s ago"
+        return f"{d:.0f}s"
     if d < 3600:
-        return f"{d / 60:.0f}m ago"
+        return f"{d / 60:.0f}m"
     if d < 86400:
-        return f"{d / 3600:.1f}h ago"
-    return f"{d / 86400:.1f}d ago"
+        return f"{d / 3600:.1f}h"
+    return f"{d / 86400:.1f}d"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "never" if ts is None else f"{_span(max(0.0, now - ts))} ago"
 
 
 def _size(n: int | None) -> str:
@@ -184,9 +235,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     for p in (cfg_path, key_path):
         if p.exists():
             raise UsageError(f"{p} already exists; refusing to overwrite it (choose another DIR or remove it)")
-    text = render_config(args.id, args.listen, display_name=args.display_name)
-    if args.advertise:
-        text = text.replace(f"  # advertise: {args.listen}", f"  advertise: {args.advertise}", 1)
+    text = render_config(args.id, args.listen, display_name=args.display_name,
+                         advertise=args.advertise)
     try:
         root.mkdir(parents=True, exist_ok=True)
         key = generate_key(key_path, comment=f"maildrop-{args.id}")
@@ -282,6 +332,7 @@ def _agent_state(config) -> dict[str, Any] | None:
 
 
 def status_document(config) -> dict[str, Any]:
+    from .config import format_hostport
     from .eventlog import EventLog
     from .routing import route
 
@@ -296,9 +347,11 @@ def status_document(config) -> dict[str, Any]:
         soft = next((x for x in (agent or {}).get("peers", []) if x.get("id") == p.id), {})
         obs = net.last_observation(config.node_id, p.id)
         state = soft.get("state") if running else ("up" if obs and obs[0] else "down")
-        peers.append({"id": p.id, "address": f"{p.address[0]}:{p.address[1]}",
+        current = elog.ledger.key_of(p.id) or p.key  # its feed's key (it may have rotated)
+        peers.append({"id": p.id, "address": format_hostport(p.address),
                       "state": "up" if state == "up" else "down",
-                      "last_seen": soft.get("last_seen"), "last_error": soft.get("last_error", "")})
+                      "last_seen": soft.get("last_seen"), "last_error": soft.get("last_error", ""),
+                      "key": current, "config_pins_old_key": current != p.key})
     routes = {}
     for n in sorted(net.nodes):
         if n != config.node_id:
@@ -315,7 +368,7 @@ def status_document(config) -> dict[str, Any]:
     doc = net.as_dict()
     doc.update({
         "node": config.node_id, "display_name": config.display_name,
-        "listen": f"{config.listen[0]}:{config.listen[1]}",
+        "listen": format_hostport(config.listen),
         "fingerprint": elog.ledger.fingerprint(), "events": elog.ledger.count,
         "log_bytes": elog.size_bytes, "rejected_events": len(elog.rejected),
         "conflicts": dict(elog.ledger.conflicts),
@@ -326,6 +379,24 @@ def status_document(config) -> dict[str, Any]:
     })
     elog.close()
     return doc
+
+
+STATUS_TRANSFERS = 50  # the newest transfers `status` shows; a line counts the others
+LAST_ERROR_WIDTH = 60
+
+
+def _last_error(peer: dict[str, Any]) -> str:
+    """A peer's last error for its row: without the peer's id and address (the row shows
+    them), and cut in the middle when still too long, so the reason at the end stays."""
+    text = peer["last_error"]
+    host, _, port = peer["address"].rpartition(":")
+    for where in (f"peer {peer['id']} at {peer['address']}",
+                  f"peer {peer['id']} at {host.strip('[]')}:{port}"):  # the transport's form
+        text = text.replace(f" {where}", "").replace(f"{where} ", "")
+    if len(text) <= LAST_ERROR_WIDTH:
+        return text
+    head = LAST_ERROR_WIDTH // 3
+    return f"{text[:head]}…{text[-(LAST_ERROR_WIDTH - head - 1):]}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -341,8 +412,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"node       {doc['node']} ({doc['display_name']})  listen {doc['listen']}  {state}")
     print(f"log        {doc['events']} events, {_size(doc['log_bytes'])}, fingerprint {doc['fingerprint'][:16]}")
     print("peers")
-    print(_table([[p["id"], p["address"], p["state"], _ago(p["last_seen"], now), p["last_error"][:60]]
+    print(_table([[p["id"], p["address"], p["state"], _ago(p["last_seen"], now), _last_error(p)]
                   for p in doc["peers"]], ["ID", "ADDRESS", "STATE", "LAST SEEN", "LAST ERROR"]))
+    for p in doc["peers"]:
+        if p["config_pins_old_key"]:
+            print(f"  {p['id']} rotated its key (signed by the old one): the config pins an old key; "
+                  f"update its peers[].key to: {p['key']}")
     print("known nodes and routes")
     rows = []
     for n in doc["nodes"]:
@@ -354,7 +429,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(_table([[lk["from"], lk["to"], lk["state"]] for lk in doc["links"]], ["FROM", "TO", "STATE"]))
     print("transfers")
     rows = []
-    for t in doc["transfers"][-50:]:
+    shown = doc["transfers"][-STATUS_TRANSFERS:]
+    for t in shown:
         prog = ""
         if t.get("hop"):
             pct = 100 * (t["bytes"] or 0) / t["size"] if t["size"] else 100
@@ -363,6 +439,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             prog = t["failed"] or ""
         rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "?",
                      _size(t["size"]), t.get("state_detail") or t["state"], prog])
+    if len(doc["transfers"]) > len(shown):  # the older ones, above the rows shown
+        print(f"  … {len(doc['transfers']) - len(shown)} more, older (of {len(doc['transfers'])}; "
+              "'maildrop status --json' lists every one)")
     print(_table(rows, ["ID", "FROM", "TO", "NAME", "SIZE", "STATE", "PROGRESS"]))
     if doc["conflicts"]:
         print("conflicts (never routed to)")
@@ -386,37 +465,33 @@ def cmd_route(args: argparse.Namespace) -> int:
     elog = EventLog(config.events_path, writable=False)
     path = route(elog.network, config.node_id, args.node, excluded=elog.ledger.conflicts)
     known = args.node in elog.network.nodes
+    conflict = elog.ledger.conflicts.get(args.node)
     if args.json:
-        _print_json({"from": config.node_id, "to": args.node, "known": known, "route": path})
+        _print_json({"from": config.node_id, "to": args.node, "known": known, "route": path,
+                     "conflict": conflict})
     elif path:
         print(" → ".join(path))
     else:
-        why = "is not known yet (no gossip from it)" if not known else "is known but unreachable over up links"
+        if conflict is not None:
+            why = (f"is a conflict ({conflict}): never routed to; see 'maildrop conflicts', "
+                   "clear it once its operator fixed it")
+        elif not known:
+            why = "is not known yet (no gossip from it)"
+        else:
+            why = "is known but unreachable over up links"
         print(f"no route: {args.node} {why}", file=sys.stderr)
     return EXIT_OK if path else EXIT_FAIL
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        d = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-             "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            d["exc"] = self.formatException(record.exc_info)
-        return json.dumps(d, sort_keys=True)
-
-
 def setup_logging(level: str, as_json: bool) -> None:
-    from .logsafe import OneLine
+    """Log to stderr, one line per record (``logsafe``): text, or JSON with ``as_json``;
+    each line prefixed with its syslog priority when ``$JOURNAL_STREAM`` says stderr is the
+    journal. Called again on a reload: the new handler replaces the old one."""
+    from .logsafe import JsonFormatter, TextFormatter
 
+    journal = bool(os.environ.get("JOURNAL_STREAM"))
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(OneLine())  # text from peers never starts a line of its own
-    if as_json:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)-7s %(name)s %(message)s",
-                                "%Y-%m-%dT%H:%M:%S")
-        handler.setFormatter(fmt)
-    logging.Formatter.converter = time.gmtime
+    handler.setFormatter(JsonFormatter(journal) if as_json else TextFormatter(journal))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
@@ -427,21 +502,26 @@ def setup_logging(level: str, as_json: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Run the agent. SIGTERM and SIGINT stop it, SIGHUP reloads its config; the handlers
+    only set an event, the agent's main loop acts on it."""
     from .agent import Agent
+    from .config import Config
 
-    config = _config(args)
-    setup_logging(args.log_level or config.log_level,
-                  config.log_json if args.log_json is None else args.log_json)
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        logging.getLogger("maildrop.agent").info("agent.signal signal=%s", signal.Signals(signum).name)
-        stop.set()
+        (reload if signum == signal.SIGHUP else stop).set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    config = _config(args)
+
+    def logging_of(c: Config) -> None:  # the command line's --log-* win over the file
+        setup_logging(args.log_level or c.log_level, c.log_json if args.log_json is None else args.log_json)
+
+    logging_of(config)
     agent = Agent(config)
-    return agent.run(stop)
+    return agent.run(stop, reload=reload, on_reload=logging_of)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -451,8 +531,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     src = Path(args.file)
     if not is_node_id(args.node):
         raise UsageError(f"{args.node!r} is not a node id; expected letters, digits, '-', '_'")
-    if not src.is_file():
-        raise UsageError(f"{src}: no such file")
+    _check_sendable(src)
     name = safe_file_name(src.name)
     if name is None:
         raise UsageError(f"{src.name!r} cannot be sent as a file name (no leading dot, control characters or path parts)")
@@ -482,7 +561,26 @@ def cmd_send(args: argparse.Namespace) -> int:
     return _wait_for_receipt(config, final.name, args.node, dropped_at, args.timeout)
 
 
+def _check_sendable(src: Path) -> None:
+    """UsageError saying what ``src`` is when it is not a regular file this user can read."""
+    import stat
+
+    try:
+        st = src.stat()
+    except FileNotFoundError:
+        raise UsageError(f"{src}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{src}: cannot be looked at ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{src}: is a folder; send one regular file (e.g. a tar of the folder)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{src}: is not a regular file (a device, pipe or socket); send a regular file")
+    if not os.access(src, os.R_OK):
+        raise UsageError(f"{src}: is not readable by this user (check its owner and mode)")
+
+
 def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float) -> int:
+    from .config import format_duration
     from .eventlog import EventLog
     from .events import parse_ts
 
@@ -525,8 +623,8 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
             print(line, file=sys.stderr)
         last_line = line
         time.sleep(0.2)
-    print(f"\rmaildrop: no receipt within {timeout:.0f} s (the transfer goes on; see 'maildrop status')",
-          file=sys.stderr)
+    print(f"\rmaildrop: no receipt within {format_duration(timeout)} (the transfer goes on; "
+          "see 'maildrop status')", file=sys.stderr)
     return EXIT_FAIL
 
 
@@ -554,10 +652,131 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _until(ts: float, now: float) -> str:
+    return "now" if ts - now < 1 else f"in {_span(ts - now)}"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from .control import request
+    from .ids import is_node_id
+
+    if args.to is not None and not is_node_id(args.to):
+        raise UsageError(f"--to: {args.to!r} is not a node id; expected letters, digits, '-', '_'")
+    if args.state is not None and args.state not in QUEUE_STATES:
+        raise UsageError(f"--state: {args.state!r} is not a state; expected one of {', '.join(QUEUE_STATES)}")
+    if args.limit < 0:
+        raise UsageError(f"--limit: {args.limit} is negative; give a count, or 0 for all")
+    config = _config(args)
+    ans = request(config, "queue")
+    if ans.message:
+        print(f"maildrop: {ans.message}", file=sys.stderr)
+    if ans.status:
+        return ans.status
+    rows = [r for r in ans.rows if (args.to is None or r["destination"] == args.to)
+            and (args.state is None or r["state"] == args.state)]
+    if args.json:
+        _print_json({"node": config.node_id, "agent_running": ans.agent, "total": len(rows),
+                     "transfers": rows})
+        return EXIT_OK
+    now = time.time()
+    shown = rows if args.limit == 0 else rows[:args.limit]
+    table = []
+    for r in shown:
+        state = r["state"] + (f" → {r['hop']}" if r["hop"] else "")
+        if r["bytes"] is not None and r["size"]:
+            state += f" {100 * r['bytes'] / r['size']:.0f}%"
+        if r["state"] == "held":
+            when = "on hold"
+        elif r["next_try"] is not None:
+            when = _until(r["next_try"], now)
+        else:
+            when = "at start" if not ans.agent and r["state"] in ("queued", "handed") else "-"
+        table.append([r["id"][:12], r["origin"] or "?", r["destination"] or "?", r["name"] or "?",
+                      _size(r["size"]), state, when, r["last_error"]])
+    print(_table(table, ["ID", "FROM", "TO", "NAME", "SIZE", "STATE", "NEXT TRY", "LAST ERROR"], indent=""))
+    if len(rows) > len(shown):
+        print(f"… {len(rows) - len(shown)} more (-n 0 shows every row, --json too)")
+    total = sum(r["size"] or 0 for r in rows)
+    print(f"-- {len(rows)} transfer(s), {_size(total)}"
+          + ("" if ans.agent else "; the agent is not running (read from the log and spool)"))
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace, op: str, all_: bool = False) -> int:
+    from .control import request
+
+    ans = request(_config(args), op, args.transfer, all_)
+    if ans.message:
+        print(ans.message if ans.status == EXIT_OK else f"maildrop: {ans.message}", file=sys.stderr)
+    return ans.status
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    if (args.transfer is None) == (not args.all):
+        raise UsageError("give one TRANSFER or --all (not both)")
+    return _control(args, "flush", args.all)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    return _control(args, "cancel")
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return _control(args, "hold")
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _control(args, "release")
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_checks
 
-    return run_checks(getattr(args, "config", None))
+    return run_checks(getattr(args, "config", None), as_json=args.json, peers=args.peers)
+
+
+def cmd_rotate_key(args: argparse.Namespace) -> int:
+    """Generate ``<key>.new``, append a ``node.configured`` with it signed by the current
+    key, then install it (the old key kept as ``<key>.old``). Refused while the agent runs
+    (it signs with the key it loaded). Run again after a crash, it finishes the rotation."""
+    from .agent import _lock_root, open_log
+    from .announce import node_configured
+    from .config import format_hostport
+    from .keys import NEW_SUFFIX, OLD_SUFFIX, install_new_key, load_key, new_key_for, sibling
+
+    config = _config(args)
+    path = config.key_path
+    lock = _lock_root(config)
+    try:
+        current = load_key(path)
+        elog = open_log(config)
+        try:
+            with elog.lock:
+                feed_key = elog.ledger.key_of(config.node_id)
+            pending = sibling(path, NEW_SUFFIX)
+            if feed_key is None:
+                raise MaildropError(f"{config.events_path} holds no event of this node: start the agent "
+                                    "once (it takes its feed back from its peers), stop it, then rotate")
+            if feed_key == current.public_line:
+                new = new_key_for(path, comment=f"maildrop-{config.node_id}")
+                elog.append_own(current, config.node_id, node_configured(
+                    config.node_id, config.display_name, format_hostport(config.advertise),
+                    new.public_line), time.time())
+            elif pending.exists() and load_key(pending).public_line == feed_key:
+                new = load_key(pending)  # announced before a crash: only the switch is left
+            else:
+                raise MaildropError(f"{path} is not this node's current key (its feed rotated to "
+                                    f"{feed_key[:32]}…): restore the current key from its backup")
+        finally:
+            elog.close()
+        install_new_key(path)
+    finally:
+        os.close(lock)
+    print(new.public_line)
+    print(f"rotated the key of {config.node_id}: the old key is kept as {sibling(path, OLD_SUFFIX)}. "
+          "Start the agent: peers follow the signed rotation on their own; give each peer's "
+          "operator the line above for their config", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -569,5 +788,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "init": cmd_init, "pubkey": cmd_pubkey, "events": cmd_events, "status": cmd_status,
     "route": cmd_route, "run": cmd_run, "send": cmd_send, "check": cmd_check, "demo": cmd_demo,
-    "conflicts": cmd_conflicts,
+    "conflicts": cmd_conflicts, "rotate-key": cmd_rotate_key,
+    "queue": cmd_queue, "flush": cmd_flush, "cancel": cmd_cancel, "hold": cmd_hold, "release": cmd_release,
 }

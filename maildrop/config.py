@@ -1,8 +1,13 @@
 """YAML -> frozen ``Config``: the one place a node's config file is read and checked.
 
-Every mistake becomes one ``ConfigError`` whose message is a single line of the form
-``<file>: <dotted.key>: <what is wrong>; expected <what is expected>``, so the CLI can print
-it as it is. Unknown keys are errors at every level (a typo must never be ignored).
+Every mistake becomes one line of the form
+``<file>: <dotted.key>: <what is wrong>; expected <what is expected>``. Each part of the file
+is checked on its own, so one mistake never hides the next: ``load_config`` raises one
+``ConfigProblems`` (a ``ConfigError``) whose ``problems`` hold every line (``maildrop check``
+lists them all) and whose message is the first one, plus "(and N more problems: see
+'maildrop check')" when there are more, so every other command still prints one line.
+A YAML syntax error stops the reading there: it is the only problem reported. Unknown keys
+are errors at every level (a typo must never be ignored).
 
 YAML is read with a stricter resolver than PyYAML's YAML 1.1 default: only ``true``/``false``
 are booleans (``yes``, ``no``, ``on``, ``off`` stay text, so ``id: NO`` is the node "NO" and
@@ -21,7 +26,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -37,6 +42,7 @@ __all__ = [
     "LOCAL_CONFIG_NAME",
     "SYSTEM_CONFIG",
     "Config",
+    "ConfigProblems",
     "Peer",
     "find_config",
     "format_duration",
@@ -60,6 +66,18 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 DEFAULT_GOSSIP_INTERVAL = 5.0
 DEFAULT_LINK_DOWN_AFTER = 15.0
+
+
+class ConfigProblems(ConfigError):
+    """A config file with one or more problems. ``problems`` holds every one, each a single
+    line naming the file, in the order they were checked (about the file's order); the
+    message is the first, with a count of the others."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(_one_line(p) for p in problems)
+        more = len(self.problems) - 1
+        extra = f" (and {more} more problem{'s' if more > 1 else ''}: see 'maildrop check')"
+        super().__init__(self.problems[0] + (extra if more else ""))
 
 
 @dataclass(frozen=True)
@@ -95,6 +113,7 @@ class Config:
     polling: bool = False
     log_level: str = "info"
     log_json: bool = False
+    metrics_listen: tuple[str, int] | None = None  # None: no metrics served
 
     def peer(self, peer_id: str) -> Peer | None:
         """The configured peer with this id, or None."""
@@ -185,10 +204,13 @@ def _exists(path: Path) -> bool:
 
 
 def load_config(path: Path) -> Config:
-    """Read and check the config file at ``path``; ConfigError (one line) on any problem."""
+    """Read and check the config file at ``path``. On any problem: ConfigError whose message
+    is one line; ``ConfigProblems`` (with every problem) once the file could be parsed."""
     path = _absolute(Path(path))
     try:
         return _load_config(path)
+    except ConfigProblems:
+        raise
     except ConfigError as exc:
         raise ConfigError(_one_line(str(exc))) from None
 
@@ -244,14 +266,19 @@ def _unreadable(path: Path) -> ConfigError:
 def parse_config(text: str, path: Path) -> Config:
     """Check ``text`` (the YAML of the file at ``path``) and build the Config.
 
-    Relative paths in it resolve against ``path.parent``. Reads no files.
+    Relative paths in it resolve against ``path.parent``. Reads no files. Raises
+    ConfigProblems with every problem found (ConfigError for a YAML syntax error).
     """
     path = _absolute(Path(path))
-    data = _load_yaml(text, path)
+    duplicates: list[str] = []
+    data = _load_yaml(text, path, duplicates)
     try:
-        return _build(data, path)
+        config = _build(data, path)
     except _Invalid as exc:
-        raise ConfigError(_one_line(f"{path}: {exc.message}")) from None
+        raise ConfigProblems([*duplicates, *(f"{path}: {m}" for m in exc.messages)]) from None
+    if duplicates:
+        raise ConfigProblems(duplicates)
+    return config
 
 
 # --------------------------------------------------------------------------- YAML
@@ -285,7 +312,9 @@ _Loader.add_implicit_resolver(
 _Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])
 
 
-def _load_yaml(text: str, path: Path) -> Any:
+def _load_yaml(text: str, path: Path, duplicates: list[str]) -> Any:
+    """The document in ``text``; each key said twice is added to ``duplicates`` (PyYAML
+    keeps the last one, so the rest can still be checked)."""
     if not isinstance(text, str):
         raise ConfigError(f"{path}: not text; expected a UTF-8 YAML file")
     if text.startswith("\ufeff"):
@@ -299,7 +328,7 @@ def _load_yaml(text: str, path: Path) -> Any:
                 f"{path}: no settings (the file is empty or only comments); expected a YAML "
                 "mapping with node, root, key and peers (see sample_config/)"
             )
-        _check_duplicate_keys(node, path, "")
+        _check_duplicate_keys(node, path, "", duplicates)
         return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -321,9 +350,10 @@ def _load_yaml(text: str, path: Path) -> Any:
 
 
 def _check_duplicate_keys(
-    node: yaml.Node, path: Path, where: str, seen_nodes: set[int] | None = None
+    node: yaml.Node, path: Path, where: str, found: list[str], seen_nodes: set[int] | None = None
 ) -> None:
     """PyYAML keeps the last of two equal keys silently; a config must say a key once.
+    Adds a line to ``found`` for each key said again.
 
     Each node is visited once, so aliases (even recursive ones) cost nothing extra.
     """
@@ -339,37 +369,63 @@ def _check_duplicate_keys(
                 line = key_node.start_mark.line + 1
                 dotted = f"{where}.{name}" if where else name
                 if name in seen:
-                    raise ConfigError(
+                    found.append(
                         _one_line(
                             f"{path}: {dotted}: duplicate key (lines {seen[name]} and {line}); "
                             "expected each key once"
                         )
                     )
                 seen[name] = line
-                _check_duplicate_keys(value_node, path, dotted, seen_nodes)
+                _check_duplicate_keys(value_node, path, dotted, found, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, path, f"{where}[{i}]", seen_nodes)
+            _check_duplicate_keys(item, path, f"{where}[{i}]", found, seen_nodes)
 
 
 # --------------------------------------------------------------------------- checking
 
 
 class _Invalid(Exception):
-    """One problem at one dotted key; parse_config adds the file name."""
+    """One or more problems, each a line ``<dotted.key>: ...; expected ...``; parse_config
+    adds the file name. ``message`` is the first."""
 
-    def __init__(self, key: str, what: str, expected: str) -> None:
-        self.message = (
-            f"{key}: {what}; expected {expected}" if key else f"{what}; expected {expected}"
-        )
+    def __init__(self, *messages: str) -> None:
+        self.messages = list(messages)
+        self.message = messages[0]
         super().__init__(self.message)
 
 
+def _problem(key: str, what: str, expected: str) -> str:
+    return f"{key}: {what}; expected {expected}" if key else f"{what}; expected {expected}"
+
+
 def _fail(key: str, what: str, expected: str) -> NoReturn:
-    raise _Invalid(key, what, expected)
+    raise _Invalid(_problem(key, what, expected))
 
 
-_TOP_KEYS = ("node", "root", "key", "peers", "gossip", "transfers", "outbox", "log")
+class _Problems:
+    """The problems of one file, in the order they are checked.
+
+    Each part (a key, a field of a peer, a key of a section) is checked on its own, so one
+    mistake never hides the next; a check that needs a broken value is skipped, so no
+    problem is reported only because of another."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, key: str, what: str, expected: str) -> None:
+        self.messages.append(_problem(key, what, expected))
+
+    def take(self, check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``check(*args, **kwargs)``, or None after noting the problems it raised."""
+        try:
+            return check(*args, **kwargs)
+        except _Invalid as exc:
+            self.messages.extend(exc.messages)
+            return None
+
+
+_TOP_KEYS = ("node", "root", "key", "peers", "gossip", "transfers", "outbox", "log", "metrics")
 _NODE_KEYS = ("id", "display_name", "listen", "advertise")
 _PEER_KEYS = ("id", "address", "key")
 _SECTION_KEYS = {
@@ -377,6 +433,7 @@ _SECTION_KEYS = {
     "transfers": ("expire_after", "resend_after", "max_file_size", "min_free_space", "parallel"),
     "outbox": ("settle", "rescan_interval", "polling"),
     "log": ("level", "json"),
+    "metrics": ("listen",),
 }
 # Where each key belongs, to say "it belongs under gossip:" when it is in the wrong place.
 _HOME_OF: dict[str, str] = {}
@@ -391,6 +448,7 @@ _LISTEN_EXPECTED = (
     "HOST:PORT where this node's SSH server listens, e.g. 127.0.0.1:7001 or 0.0.0.0:7001"
 )
 _ADVERTISE_EXPECTED = "HOST:PORT that other nodes dial to reach this node, e.g. 192.0.2.10:7001"
+_METRICS_EXPECTED = "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9464"
 _ADDRESS_EXPECTED = "e.g. 127.0.0.1:7002 (the peer's HOST:PORT; IPv6 as [::1]:7002)"
 _KEY_EXPECTED = "one OpenSSH line 'ssh-ed25519 AAAA...' (the peer's 'maildrop pubkey' output)"
 _DURATION_EXPECTED = "e.g. 30s, 5m, 2h, 7d"
@@ -447,8 +505,11 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def _mapping(value: Any, where: str, keys: Sequence[str], *, optional: bool) -> dict:
-    """Check that ``value`` is a mapping with only ``keys``; None is {} when optional."""
+def _mapping(
+    value: Any, where: str, keys: Sequence[str], *, optional: bool, problems: _Problems
+) -> dict:
+    """Check that ``value`` is a mapping (None is {} when optional); each key not in
+    ``keys`` is added to ``problems`` (the others can still be checked)."""
     if value is None and optional:
         return {}
     if not isinstance(value, dict):
@@ -464,7 +525,7 @@ def _mapping(value: Any, where: str, keys: Sequence[str], *, optional: bool) -> 
                 hint = f" (did you mean '{close[0]}'?)"
             elif name in _HOME_OF:
                 hint = f" ('{name}' belongs {_HOME_OF[name]})"
-            _fail(_join(where, name), f"unknown key{hint}", f"one of {', '.join(keys)}")
+            problems.add(_join(where, name), f"unknown key{hint}", f"one of {', '.join(keys)}")
     return value
 
 
@@ -574,115 +635,36 @@ def _bool(m: dict, where: str, name: str, default: bool) -> bool:
 
 
 def _build(data: Any, path: Path) -> Config:
+    """The Config of ``data``; _Invalid with every problem found (see _Problems)."""
     # Relative paths are relative to the folder the file really lives in, so a symlink such
     # as /etc/maildrop/maildrop.yaml -> /var/lib/maildrop/maildrop.yaml keeps working.
     base = Path(os.path.realpath(path)).parent
-    top = _mapping(data, "", _TOP_KEYS, optional=False)
-
-    # node
-    node_expected = "a mapping with keys id, listen (and optional display_name, advertise)"
-    if "node" not in top:
-        _fail("node", "missing", node_expected)
-    if top["node"] is None:
-        _fail("node", "empty", node_expected)
-    node = _mapping(top["node"], "node", _NODE_KEYS, optional=False)
-    node_id = _node_id(
-        _required(node, "node", "id", _NODE_ID_EXPECTED.format(example="NodeA")), "node.id", "NodeA"
-    )
-    display_name = node_id
-    if node.get("display_name") is not None:
-        display_name = _text(
-            node["display_name"],
-            "node.display_name",
-            "a name for people, e.g. Node A",
-            MAX_DISPLAY_NAME,
-        )
-    listen = _hostport(
-        _required(node, "node", "listen", _LISTEN_EXPECTED),
-        "node.listen",
-        _LISTEN_EXPECTED + " (port 0 picks a free port)",
-        allow_port_zero=True,
-    )
-    advertise = listen
-    if node.get("advertise") is not None:
-        advertise = _hostport(node["advertise"], "node.advertise", _ADVERTISE_EXPECTED)
+    problems = _Problems()
+    top = _mapping(data, "", _TOP_KEYS, optional=False, problems=problems)
+    node_id, display_name, listen, advertise = _node(top, problems)
 
     # paths
     root_expected = "the folder for outbox/, inbox/, failed/ and state/, e.g. ./NodeA or /var/lib/maildrop/NodeA"
-    root = _path(_required(top, "", "root", root_expected), "root", root_expected, base)
+    root = problems.take(_top_path, top, "root", root_expected, base)
     key_expected = "the path of this node's OpenSSH ed25519 private key, e.g. ./NodeA/node_ed25519"
-    key_path = _path(_required(top, "", "key", key_expected), "key", key_expected, base)
+    key_path = problems.take(_top_path, top, "key", key_expected, base)
 
-    # peers
-    peers_value = top.get("peers")
-    peers_expected = "a list of peers, each with id, address and key (or [] for none)"
-    if peers_value is None:
-        peers_value = []
-    if not isinstance(peers_value, list):
-        _fail("peers", _got(peers_value), peers_expected)
-    peers: list[Peer] = []
-    own_addresses = {_address_id(listen): "node.listen", _address_id(advertise): "node.advertise"}
-    by_id: dict[str, int] = {}
-    by_key: dict[str, int] = {}
-    by_address: dict[tuple[str, int], int] = {}
-    for i, item in enumerate(peers_value):
-        where = f"peers[{i}]"
-        entry = _mapping(item, where, _PEER_KEYS, optional=False)
-        pid = _node_id(
-            _required(entry, where, "id", _NODE_ID_EXPECTED.format(example="NodeB")),
-            f"{where}.id",
-            "NodeB",
-        )
-        if pid == node_id:
-            _fail(f"{where}.id", f"{pid} is this node itself", "only other nodes as peers")
-        if pid in by_id:
-            _fail(
-                f"{where}.id", f"duplicate peer {pid} (also peers[{by_id[pid]}])", "each peer once"
-            )
-        by_id[pid] = i
-        address = _hostport(
-            _required(entry, where, "address", _ADDRESS_EXPECTED),
-            f"{where}.address",
-            _ADDRESS_EXPECTED,
-        )
-        aid = _address_id(address)
-        if aid in own_addresses:
-            _fail(
-                f"{where}.address",
-                f"{format_hostport(address)} is this node's own address ({own_addresses[aid]})",
-                f"the address of {pid}",
-            )
-        if aid in by_address:
-            j = by_address[aid]
-            _fail(
-                f"{where}.address",
-                f"{format_hostport(address)} is also the address of peers[{j}] ({peers[j].id})",
-                "a different address for each peer",
-            )
-        by_address[aid] = i
-        key = _public_key(_required(entry, where, "key", _KEY_EXPECTED), f"{where}.key")
-        if key in by_key:
-            j = by_key[key]
-            _fail(
-                f"{where}.key",
-                f"same key as peers[{j}] ({peers[j].id})",
-                "a different key for each peer (a key identifies its peer at login)",
-            )
-        by_key[key] = i
-        peers.append(Peer(pid, address, key))
+    peers = _peers(top, node_id, listen, advertise, problems)
 
     # optional sections
     sections = {
-        name: _mapping(top.get(name), name, keys, optional=True)
+        name: problems.take(_mapping, top.get(name), name, keys, optional=True, problems=problems)
+        or {}
         for name, keys in _SECTION_KEYS.items()
     }
     gossip = sections["gossip"]
-    interval = _duration(gossip, "gossip", "interval", DEFAULT_GOSSIP_INTERVAL)
-    link_down_after = _duration(
-        gossip, "gossip", "link_down_after", max(DEFAULT_LINK_DOWN_AFTER, 3 * interval)
+    interval = problems.take(_duration, gossip, "gossip", "interval", DEFAULT_GOSSIP_INTERVAL)
+    link_down_after = problems.take(
+        _duration, gossip, "gossip", "link_down_after",
+        max(DEFAULT_LINK_DOWN_AFTER, 3 * (interval or DEFAULT_GOSSIP_INTERVAL)),
     )
-    if link_down_after < interval:
-        _fail(
+    if interval is not None and link_down_after is not None and link_down_after < interval:
+        problems.add(
             "gossip.link_down_after",
             f"{format_duration(link_down_after)} is shorter than gossip.interval "
             f"({format_duration(interval)})",
@@ -690,40 +672,37 @@ def _build(data: Any, path: Path) -> Config:
         )
 
     transfers = sections["transfers"]
-    expire_after = _duration(transfers, "transfers", "expire_after", Config.expire_after)
-    resend_after = _duration(transfers, "transfers", "resend_after", Config.resend_after)
-    max_file_size = _size(transfers, "transfers", "max_file_size", Config.max_file_size)
-    min_free_space = _size(
-        transfers, "transfers", "min_free_space", Config.min_free_space, allow_zero=True
+    expire_after = problems.take(_duration, transfers, "transfers", "expire_after", Config.expire_after)
+    resend_after = problems.take(_duration, transfers, "transfers", "resend_after", Config.resend_after)
+    max_file_size = problems.take(_size, transfers, "transfers", "max_file_size", Config.max_file_size)
+    min_free_space = problems.take(
+        _size, transfers, "transfers", "min_free_space", Config.min_free_space, allow_zero=True
     )
-    parallel = Config.parallel
-    if transfers.get("parallel") is not None:
-        parallel = transfers["parallel"]
-        expected = f"a whole number from 1 to {MAX_PARALLEL}"
-        if not isinstance(parallel, int) or isinstance(parallel, bool):
-            _fail("transfers.parallel", _got(parallel), expected)
-        if not 1 <= parallel <= MAX_PARALLEL:
-            _fail("transfers.parallel", f"{parallel} is out of range", expected)
+    parallel = problems.take(_parallel, transfers)
 
     outbox = sections["outbox"]
-    settle = _duration(outbox, "outbox", "settle", Config.settle, allow_zero=True)
-    rescan_interval = _duration(outbox, "outbox", "rescan_interval", Config.rescan_interval)
-    polling = _bool(outbox, "outbox", "polling", Config.polling)
+    settle = problems.take(_duration, outbox, "outbox", "settle", Config.settle, allow_zero=True)
+    rescan_interval = problems.take(
+        _duration, outbox, "outbox", "rescan_interval", Config.rescan_interval
+    )
+    polling = problems.take(_bool, outbox, "outbox", "polling", Config.polling)
 
     log = sections["log"]
-    log_level = Config.log_level
-    if log.get("level") is not None:
-        level = log["level"]
-        expected = f"one of {', '.join(LOG_LEVELS)}"
-        if not isinstance(level, str):
-            _fail("log.level", _got(level), expected)
-        if level.lower() not in LOG_LEVELS:
-            close = difflib.get_close_matches(level.lower(), LOG_LEVELS, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            _fail("log.level", f"{_show(level)} is not a log level{hint}", expected)
-        log_level = level.lower()
-    log_json = _bool(log, "log", "json", Config.log_json)
+    log_level = problems.take(_log_level, log)
+    log_json = problems.take(_bool, log, "log", "json", Config.log_json)
 
+    metrics_listen = None
+    if sections["metrics"].get("listen") is not None:
+        metrics_listen = problems.take(
+            _hostport, sections["metrics"]["listen"], "metrics.listen", _METRICS_EXPECTED
+        )
+        if (metrics_listen is not None and listen is not None
+                and _address_id(metrics_listen) == _address_id(listen)):
+            problems.add("metrics.listen", f"{format_hostport(listen)} is node.listen too",
+                         "another port than the SSH server's")
+
+    if problems.messages:
+        raise _Invalid(*problems.messages)
     return Config(
         path=path,
         node_id=node_id,
@@ -745,7 +724,153 @@ def _build(data: Any, path: Path) -> Config:
         polling=polling,
         log_level=log_level,
         log_json=log_json,
+        metrics_listen=metrics_listen,
     )
+
+
+def _node(top: dict, problems: _Problems) -> tuple[Any, Any, Any, Any]:
+    """``node:``'s id, display_name, listen and advertise; None for each one that is broken."""
+    node_expected = "a mapping with keys id, listen (and optional display_name, advertise)"
+    if "node" not in top:
+        problems.add("node", "missing", node_expected)
+        return None, None, None, None
+    if top["node"] is None:
+        problems.add("node", "empty", node_expected)
+        return None, None, None, None
+    node = problems.take(_mapping, top["node"], "node", _NODE_KEYS, optional=False, problems=problems)
+    if node is None:
+        return None, None, None, None
+    node_id = problems.take(_required_node_id, node, "node", "NodeA")
+    display_name = node_id
+    if node.get("display_name") is not None:
+        display_name = problems.take(
+            _text, node["display_name"], "node.display_name", "a name for people, e.g. Node A",
+            MAX_DISPLAY_NAME,
+        )
+    listen = problems.take(
+        _required_hostport, node, "node", "listen", _LISTEN_EXPECTED,
+        _LISTEN_EXPECTED + " (port 0 picks a free port)", allow_port_zero=True,
+    )
+    advertise = listen
+    if node.get("advertise") is not None:
+        advertise = problems.take(_hostport, node["advertise"], "node.advertise", _ADVERTISE_EXPECTED)
+    return node_id, display_name, listen, advertise
+
+
+def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
+           advertise: tuple[str, int] | None, problems: _Problems) -> list[Peer]:
+    """The valid entries of ``peers:``; each problem of each entry goes to ``problems``."""
+    peers_value = top.get("peers")
+    if peers_value is None:
+        return []
+    if not isinstance(peers_value, list):
+        problems.add(
+            "peers", _got(peers_value),
+            "a list of peers, each with id, address and key (or [] for none)",
+        )
+        return []
+    own_addresses = {_address_id(a): name for name, a in
+                     (("node.listen", listen), ("node.advertise", advertise)) if a is not None}
+    names: dict[int, str] = {}  # index -> peer id, of the entries whose id is valid
+    by_id: dict[str, int] = {}
+    by_key: dict[str, int] = {}
+    by_address: dict[tuple[str, int], int] = {}
+    peers: list[Peer] = []
+    for i, item in enumerate(peers_value):
+        where = f"peers[{i}]"
+        entry = problems.take(_mapping, item, where, _PEER_KEYS, optional=False, problems=problems)
+        if entry is None:
+            continue
+        pid = problems.take(_required_node_id, entry, where, "NodeB")
+        if pid is not None:
+            if pid == node_id:
+                problems.add(f"{where}.id", f"{pid} is this node itself", "only other nodes as peers")
+            elif pid in by_id:
+                problems.add(f"{where}.id", f"duplicate peer {pid} (also peers[{by_id[pid]}])",
+                             "each peer once")
+            else:
+                by_id[pid] = i
+            names[i] = pid
+        address = problems.take(
+            _required_hostport, entry, where, "address", _ADDRESS_EXPECTED, _ADDRESS_EXPECTED
+        )
+        if address is not None:
+            aid = _address_id(address)
+            if aid in own_addresses:
+                problems.add(
+                    f"{where}.address",
+                    f"{format_hostport(address)} is this node's own address ({own_addresses[aid]})",
+                    f"the address of {pid or 'the peer'}",
+                )
+            elif aid in by_address:
+                j = by_address[aid]
+                problems.add(
+                    f"{where}.address",
+                    f"{format_hostport(address)} is also the address of peers[{j}] "
+                    f"({names.get(j, '?')})",
+                    "a different address for each peer",
+                )
+            else:
+                by_address[aid] = i
+        key = problems.take(_required_public_key, entry, where)
+        if key is not None:
+            if key in by_key:
+                j = by_key[key]
+                problems.add(
+                    f"{where}.key",
+                    f"same key as peers[{j}] ({names.get(j, '?')})",
+                    "a different key for each peer (a key identifies its peer at login)",
+                )
+            else:
+                by_key[key] = i
+        if pid is not None and address is not None and key is not None:
+            peers.append(Peer(pid, address, key))
+    return peers
+
+
+def _required_node_id(m: dict, where: str, example: str) -> str:
+    expected = _NODE_ID_EXPECTED.format(example=example)
+    return _node_id(_required(m, where, "id", expected), _join(where, "id"), example)
+
+
+def _required_hostport(m: dict, where: str, name: str, missing_expected: str, expected: str,
+                       *, allow_port_zero: bool = False) -> tuple[str, int]:
+    return _hostport(_required(m, where, name, missing_expected), _join(where, name), expected,
+                     allow_port_zero=allow_port_zero)
+
+
+def _required_public_key(m: dict, where: str) -> str:
+    return _public_key(_required(m, where, "key", _KEY_EXPECTED), f"{where}.key")
+
+
+def _top_path(top: dict, name: str, expected: str, base: Path) -> Path:
+    return _path(_required(top, "", name, expected), name, expected, base)
+
+
+def _parallel(transfers: dict) -> int:
+    if transfers.get("parallel") is None:
+        return Config.parallel
+    parallel = transfers["parallel"]
+    expected = f"a whole number from 1 to {MAX_PARALLEL}"
+    if not isinstance(parallel, int) or isinstance(parallel, bool):
+        _fail("transfers.parallel", _got(parallel), expected)
+    if not 1 <= parallel <= MAX_PARALLEL:
+        _fail("transfers.parallel", f"{parallel} is out of range", expected)
+    return parallel
+
+
+def _log_level(log: dict) -> str:
+    if log.get("level") is None:
+        return Config.log_level
+    level = log["level"]
+    expected = f"one of {', '.join(LOG_LEVELS)}"
+    if not isinstance(level, str):
+        _fail("log.level", _got(level), expected)
+    if level.lower() not in LOG_LEVELS:
+        close = difflib.get_close_matches(level.lower(), LOG_LEVELS, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        _fail("log.level", f"{_show(level)} is not a log level{hint}", expected)
+    return level.lower()
 
 
 def _address_id(address: tuple[str, int]) -> tuple[str, int]:
@@ -921,12 +1046,14 @@ def render_config(
     listen: str,
     *,
     display_name: str | None = None,
+    advertise: str | None = None,
     root: str = ".",
     key: str = "node_ed25519",
     peers: Sequence[Peer] = (),
 ) -> str:
     """The commented YAML that ``maildrop init`` writes; ``parse_config`` reads it back to
-    the same values. Optional sections are written commented out, showing the defaults.
+    the same values. Optional sections are written commented out, showing the defaults;
+    so is ``advertise`` when it is None (it defaults to ``listen``).
     Raises ConfigError ("<dotted.key>: ...; expected ...") when a value is not valid."""
     lines = [
         f"# maildrop configuration of node {_comment_safe(node_id)}, written by 'maildrop init'.",
@@ -947,7 +1074,9 @@ def render_config(
     lines += [
         _entry("  listen", listen, "where this node's SSH server listens (HOST:PORT)"),
         _entry(
-            "  # advertise", listen, "optional: the HOST:PORT other nodes dial (default: listen)"
+            "  # advertise" if advertise is None else "  advertise",
+            listen if advertise is None else advertise,
+            "optional: the HOST:PORT other nodes dial (default: listen)",
         ),
         "",
         _entry("root", root, "outbox/, inbox/, failed/ and state/ live here"),

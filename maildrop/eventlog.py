@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
 from .events import NODE_CONFIGURED, Event, make_event, parse_event
 from .keys import NodeKey
@@ -416,11 +417,7 @@ def clear_conflict(events_path: Path, origin: str) -> bool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
         return True
     finally:
         os.close(lock_fd)

@@ -3,6 +3,11 @@
 Uses ``cryptography`` (a dependency of paramiko) so the pure core can sign and verify
 without importing paramiko. Keys are OpenSSH-format files, as ``ssh-keygen -t ed25519``
 writes them. A new private key is written 0600 with O_EXCL: never overwritten.
+
+Rotation (``maildrop rotate-key``): the new key is generated at ``<key>.new``, announced
+(signed by the old key) and only then installed by ``install_new_key``, which keeps the
+old key at ``<key>.old``; every step is durable, so a crash leaves a state that
+``rotate-key`` run again finishes.
 """
 
 from __future__ import annotations
@@ -16,9 +21,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .durable import fsync_dir
 from .errors import ConfigError
 
 KEY_TYPE = "ssh-ed25519"
+NEW_SUFFIX = ".new"
+"""``<key>.new``: the key a ``maildrop rotate-key`` generated, until it is installed."""
+OLD_SUFFIX = ".old"
+"""``<key>.old``: the key before the latest rotation (a login fallback for peers that have
+not learned the rotation yet); an earlier ``.old`` is replaced."""
 
 
 def parse_public_line(line: str) -> Ed25519PublicKey:
@@ -111,6 +122,9 @@ def load_key(path: Path) -> NodeKey:
         ) from None
     except PermissionError:
         raise ConfigError(f"{path}: key file is not readable by this user (check its owner and mode)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a key file; 'key:' in the config names this "
+                          "node's private key file itself (e.g. /var/lib/maildrop/node_ed25519)") from None
     try:
         private = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -120,3 +134,41 @@ def load_key(path: Path) -> NodeKey:
     if not isinstance(private, Ed25519PrivateKey):
         raise ConfigError(f"{path}: key type is not ed25519; use 'ssh-keygen -t ed25519'")
     return NodeKey(path, private)
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` added to its name (``node_ed25519`` -> ``node_ed25519.old``)."""
+    return path.with_name(path.name + suffix)
+
+
+def new_key_for(path: Path, comment: str = "") -> NodeKey:
+    """The rotation's new key at ``<path>.new``: the one a crashed rotation left, else a new one."""
+    new = sibling(path, NEW_SUFFIX)
+    if new.exists():
+        return load_key(new)
+    return generate_key(new, comment)
+
+
+def install_new_key(path: Path) -> None:
+    """Make ``<path>.new`` the key at ``path``, keeping the current one at ``<path>.old``.
+
+    Crash: ``path`` always holds a whole key (the old one, then the new one: each switch is
+    a rename); the folder is fsynced at the end. Run again after a crash, it finishes."""
+    new, old = sibling(path, NEW_SUFFIX), sibling(path, OLD_SUFFIX)
+    for suffix in (".pub", ""):  # the key last: once it is in place, nothing is left
+        cur, src, keep = sibling(path, suffix), sibling(new, suffix), sibling(old, suffix)
+        if not src.exists():
+            continue
+        if cur.exists():
+            tmp = sibling(keep, ".tmp")
+            tmp.unlink(missing_ok=True)
+            os.link(cur, tmp)
+            os.replace(tmp, keep)
+        os.replace(src, cur)
+    fsync_dir(path.parent)
+
+
+def load_old_key(path: Path) -> NodeKey | None:
+    """The key before the latest rotation (``<path>.old``), or None when there is none."""
+    old = sibling(path, OLD_SUFFIX)
+    return load_key(old) if old.is_file() else None

@@ -6,8 +6,13 @@ Chain rules (every event, from a peer or from the local file):
   ``prev ==`` the head's id, signed by the feed's current key. The first event of every
   feed is the origin's ``node.configured``, self-signed with the key it announces; a later
   ``node.configured`` with another key is a key change, signed with the old key.
-- A configured (pinned) peer's feed must carry the key pinned in our config: a seq 1 with
-  another key is refused and marks nothing (anyone can mint one).
+- A configured (pinned) peer's feed must pass through the key pinned in our config: it
+  starts with that key, or it starts with another one and rotates to the pinned key (the
+  pin was updated after a ``maildrop rotate-key``). A seq 1 with another key waits in
+  ``pending`` (marking nothing: anyone can mint one) until the rotation to the pinned key
+  waits behind it, then that whole verified chain joins. ``me`` may be pinned the same way
+  (the agent pins its own current key), so this node takes its own feed back from peers
+  after losing its log (``receive``), and never a feed that does not lead to its key.
 - The signature is checked before anything about the event is believed. A forged event
   changes no state at all: a bad ``prev`` on an event that is not validly signed is just
   a forgery.
@@ -15,7 +20,10 @@ Chain rules (every event, from a peer or from the local file):
   that cannot both be in one chain (two events for one seq, or an event for ``head + 1``
   whose ``prev`` is not the held head). The origin is marked in ``conflicts`` (routing
   never uses it) and both events are kept in ``evidence``. This node's own id is never
-  marked from outside (``me``): a fork of its own feed is refused and noted.
+  marked from outside (``me``): a fork of its own feed is refused and noted. Its own events
+  that it lacks (the log was lost or restored from an older backup) join from a peer like
+  any other: next link, signed by the feed's key; an unheld own feed only when ``me`` is
+  pinned (see above).
 - A *rival* is a second self-signed seq-1 ``node.configured`` under another key for an id
   whose feed is held: the first feed is kept, the rival is noted once and not kept.
 
@@ -43,8 +51,11 @@ Events from a peer (``receive``, with the receive time ``now``) also obey:
   under a key known now, at most ``MAX_PENDING_PER_ORIGIN`` per origin and
   ``MAX_PENDING`` in all, and for at most ``PENDING_MAX_AGE`` seconds (``expire``).
 
-Local events (``offer``: the log file, this node's own appends) obey the chain rules only;
-the file holds nothing a peer could add without passing ``receive``.
+Local events (``offer``: the log file, this node's own appends) obey the chain rules and
+the pinned key (a feed that starts with another key waits for its rotation to the pin) only;
+the file holds nothing a peer could add without passing ``receive``. A pinned feed whose
+rotation to the pinned key lies more than ``MAX_PENDING_PER_ORIGIN`` events deep cannot
+join from a peer (it never waits whole): pin the key the feed starts with, then update it.
 
 Pure: no I/O, no clock (``now`` is passed in). The log lines the ledger wants written are
 queued in ``notes`` (each at most once an hour per subject); the caller drains and logs them.
@@ -145,6 +156,7 @@ class Ledger:
         self._buckets: dict[str, tuple[float, float]] = {}  # origin -> (tokens, at)
         self._folded: dict[str, str] = {}  # casefolded id -> held id
         self._noted: dict[str, float] = {}
+        self._anchored: set[str] = set()  # unheld pinned origins with a rotation to the pin waiting
 
     # -- queries --------------------------------------------------------------------------
     def version_vector(self) -> dict[str, int]:
@@ -248,8 +260,8 @@ class Ledger:
             return self._older(feed, ev, now, verify)
         if feed is None and now is not None:
             return self._unheld(ev, now, verify)
-        if ev.seq > head + 1:
-            return self._hold(ev, now, verify)
+        if ev.seq > head + 1 or self._before_pin(ev):
+            return self._hold_pinned(ev, now, verify)
         reason = self._check_next(feed, ev, now, verify, signed_here)
         if reason is None and now is not None:
             reason = self._spend(ev, now)
@@ -304,11 +316,6 @@ class Ledger:
             if ev.type != NODE_CONFIGURED:
                 return f"{ev.origin} seq 1 is {ev.type}, expected node.configured"
             key = ev.data["key"]
-            pinned = self.pinned.get(ev.origin)
-            if pinned is not None and pinned != key:
-                self._note(f"pinned:{ev.origin}:{key}", now, f"ledger.pinned.mismatch origin={ev.origin} "
-                           "(a feed with another key than the configured one; refused)")
-                return f"{ev.origin} announces a key that differs from the configured one"
             if not signed_here and not verify(ev, key):
                 return f"bad signature for {ev.origin} seq 1"
             return None
@@ -354,6 +361,53 @@ class Ledger:
         return ev
 
     # -- waiting --------------------------------------------------------------------------
+    def _before_pin(self, ev: Event) -> bool:
+        """A seq 1 of an unheld pinned origin under another key than the pinned one."""
+        pin = self.pinned.get(ev.origin)
+        return (ev.seq == 1 and pin is not None and ev.origin not in self.feeds
+                and ev.type == NODE_CONFIGURED and ev.data["key"] != pin)
+
+    def _hold_pinned(self, ev: Event, now: float | None, verify: Verify) -> Offered:
+        """``_hold``; for an unheld pinned origin, then join the chain that rotates from
+        another first key to the pinned one, once it waits whole."""
+        o = ev.origin
+        if self._before_pin(ev):
+            self._note(f"pinned:{o}:{ev.data['key']}", now, f"ledger.pinned.waiting origin={o} "
+                       "(a feed that starts with another key than the configured one waits "
+                       "until it rotates to the configured key)")
+        held = self._hold(ev, now, verify)
+        pin = self.pinned.get(o)
+        if held.rejected or held.duplicate or pin is None or o in self.feeds:
+            return held
+        if ev.type == NODE_CONFIGURED and ev.data["key"] == pin:
+            self._anchored.add(o)
+        if o not in self._anchored:
+            return held
+        accepted = self._join_rotated(o, pin, now, verify)
+        if not accepted:
+            return held
+        if now is not None:
+            accepted += self._admit_from(accepted, now, verify)
+        return Offered(accepted)
+
+    def _join_rotated(self, o: str, pin: str, now: float | None, verify: Verify) -> list[Event]:
+        """Join ``o``'s waiting verified chain that rotates to ``pin``, if one waits whole."""
+        for w in sorted(self.pending.get(o, {}).get(1, []), key=lambda w: w.order):
+            chain = self._chain(w.ev, verify)
+            at = next((e.seq for e in chain if e.type == NODE_CONFIGURED and e.data["key"] == pin), None)
+            if at is None:
+                continue
+            self._anchored.discard(o)
+            out = []
+            for ev in chain:
+                self._take(o, ev.seq)
+                out.append(self._join(ev))
+            out += self._drain(o, now, verify)
+            self._note(f"rotated:{o}", now, f"ledger.pinned.rotated origin={o} seq={at} (its feed "
+                       "starts with another key and rotates to the configured one; joined)")
+            return out
+        return []
+
     def _hold(self, ev: Event, now: float | None, verify: Verify) -> Offered:
         variants = self.pending.get(ev.origin, {}).get(ev.seq, [])
         if any(w.ev.id == ev.id for w in variants):
@@ -417,14 +471,16 @@ class Ledger:
     def _unheld(self, ev: Event, now: float, verify: Verify) -> Offered:
         """An event from a peer for an origin whose feed is not held yet."""
         o = ev.origin
-        if o == self.me:
-            return Offered([], rejected=f"{o} is this node: its feed is written here, not taken from peers")
         pinned = self.pinned.get(o)
+        if o == self.me and pinned is None:
+            return Offered([], rejected=f"{o} is this node: its feed is written here, not taken from peers")
         if pinned is None:
             why = self._refuse_new(o)
             if why:
                 self._note(f"admission:{o}", now, f"ledger.admission.refused origin={o} reason={why}")
                 return Offered([], rejected=f"{o} not admitted: {why}")
+        if self._before_pin(ev) or (pinned is not None and ev.seq > 1):
+            return self._hold_pinned(ev, now, verify)
         if ev.seq == 1:
             reason = self._check_next(None, ev, now, verify, False)
             if reason:
@@ -434,7 +490,7 @@ class Ledger:
                 accepted += self._drain(o, now, verify)
                 return Offered(accepted + self._admit_from(accepted, now, verify))
         held = self._hold(ev, now, verify)
-        if held.rejected or held.duplicate or pinned is not None:
+        if held.rejected or held.duplicate:
             return held
         if ev.seq == 1 or ev.type == LINK_CONFIGURED:
             accepted = self._admit(o, now, verify)

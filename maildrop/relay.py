@@ -18,6 +18,11 @@
   us, or the hop is the origin); without it after ``confirm_after`` it resends elsewhere.
 - Relays keep no copy forever: past ``queued_at + relay_keep(policy)`` it is dropped (the
   origin has given up by then; its ``transfer.failed`` may just not have reached us).
+- Operator controls (``Held.hold``, ``Held.flush``; see ``control``): a transfer on hold is
+  never offered nor resent, though a receipt, the origin's failure, expiry, the keep limit
+  and a hop's signed custody still end it. A flushed one is planned as if every wait were
+  over, once: no ``retry_at``, no avoided hop, and a handed one is resent now (around the
+  hop that stored it, when another path exists).
 
 Nothing here sleeps or reads a clock: ``now`` comes in, ``wake_at`` goes out.
 """
@@ -46,6 +51,9 @@ class Held:
     failures: dict[str, int] = field(default_factory=dict)  # consecutive failed tries per hop
     retry_at: float = 0.0
     in_flight: bool = False
+    hold: bool = False  # the operator's hold (``maildrop hold``): never offered while set
+    flush: bool = False  # the operator asked to try now (``maildrop flush``): every wait is over once
+    last_error: str = ""  # why the last try failed (set by the agent), or "no route ..."
 
 
 @dataclass(frozen=True)
@@ -145,14 +153,20 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
             wake.append(deadline)
         if h.in_flight:
             continue
+        if h.handed_to is not None and h.origin != me and (
+                h.handed_to == h.origin or net.took_custody(h.transfer, h.handed_to, me)):
+            actions.append(Drop(h.transfer, f"stored by {h.handed_to}"))
+            continue
+        if h.hold:
+            continue  # on hold: never offered (nor resent) until released; no wake needed
+        flushed, h.flush = h.flush, False
+        if flushed:  # try now: no backoff, no avoided hop (a hop that stored it is still avoided)
+            h.retry_at = 0.0
+            h.failures.clear()
         if h.handed_to is not None:
-            if h.origin != me and (h.handed_to == h.origin
-                                   or net.took_custody(h.transfer, h.handed_to, me)):
-                actions.append(Drop(h.transfer, f"stored by {h.handed_to}"))
-                continue
             wait = policy.resend_after if h.origin == me else policy.confirm_after
             resend = (h.handed_at or now) + wait
-            if now < resend:
+            if now < resend and not flushed:
                 wake.append(resend)
                 continue
             # No receipt (or no signed custody) in time: resend over another path.
@@ -169,6 +183,7 @@ def plan(net: Network, me: str, held: Iterable[Held], now: float, policy: Policy
             if h.failures:
                 h.failures.clear()  # the avoided hops may be back; try them again later
             h.retry_at = now + policy.idle_retry
+            h.last_error = h.last_error or f"no route to {h.destination} over up links"
             wake.append(h.retry_at)
             continue
         actions.append(Send(h.transfer, hop))

@@ -28,6 +28,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_dir
+
 log = logging.getLogger("maildrop.spool")
 
 HASH_CHUNK = 4 * 1024 * 1024
@@ -36,14 +38,6 @@ ACL_ACCESS_XATTR = "system.posix_acl_access"
 TAKEN_MODE = 0o640
 """Mode of a taken file: the agent reads and writes, the group only reads (the inbox's
 2750), so nobody else can change it once it is hashed."""
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def durable_write(path: Path, data: bytes, mode: int = 0o640) -> None:

@@ -11,7 +11,9 @@ Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and `
 - send:    nobody lets go on the receiver's ``stored`` (or ``have``) alone: the origin waits
            for the receipt, a relay for the hop's signed ``transfer.relayed`` (``relay.plan``).
 - offers:  a transfer is ``(origin, id)``; while bytes of an id are here, an offer of another
-           queued event for it is refused (``conflicting-offer``), never taken in its place.
+           queued event for it is refused (``conflicting-offer``), never taken in its place;
+           an offer of a transfer its origin gave up on (``transfer.failed``: cancelled or
+           expired) is refused (``failed``).
 
 ``recover()`` finishes whatever a crash interrupted, from the spool and the log alone.
 """
@@ -36,6 +38,7 @@ from .errors import InvalidEvent, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event, parse_event, parse_ts
 from .keys import NodeKey
+from .metrics import Metrics
 from .model import DELIVERED, FAILED
 from .protocol import Frame, FrameStream
 from .relay import Held
@@ -139,6 +142,7 @@ class Custody:
         self.on_change = on_change
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
+        self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
         self.lock = threading.RLock()
         self.held: dict[str, Held] = {}
         self.progress: dict[tuple[str, str], Progress] = {}
@@ -445,12 +449,14 @@ class Custody:
         except TransferRefused as exc:
             log.warning("relay.offer.refused peer=%s transfer=%s reason=%s detail=%s",
                         peer, str(tid)[:40], exc.reason, exc.detail)
+            self.metrics.offer_refused(peer, exc.reason)
             stream.send("refuse", reason=exc.reason, detail=exc.detail)
             return
         if have:
             stream.send("have")
             return
         if busy:
+            self.metrics.offer_refused(peer, "busy")
             stream.send("refuse", reason="busy", detail="this transfer is arriving on another channel")
             return
         try:
@@ -492,6 +498,11 @@ class Custody:
             raise TransferRefused("bad-offer", f"queued time {queued.ts!r} is not a date") from None
         if not self._in_ledger(queued):
             self.log.ingest([queued])
+        with self.log.lock:
+            tr = self.log.network.transfer(tid, queued.origin)
+            gave_up = tr is not None and tr.state == FAILED
+        if gave_up:  # cancelled or expired by its origin: neither kept nor delivered any more
+            raise TransferRefused("failed", f"{queued.origin} gave up on this transfer")
         route = frame["route"]
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
             raise TransferRefused("bad-offer", "route is malformed")
@@ -587,6 +598,7 @@ class Custody:
                     self.spool.discard(tid)
                     kept = 0
                 log.warning("relay.refused transfer=%s peer=%s reason=hash-mismatch kept=%d", tid, peer, kept)
+                self.metrics.offer_refused(peer, "hash-mismatch")
                 stream.send("refuse", reason="hash-mismatch", detail="bytes do not match the sha256 of the queued event")
                 return
             self._resume_failed.discard(tid)
@@ -613,6 +625,7 @@ class Custody:
             if not committed:
                 os.close(fd)  # the part stays: the next offer resumes from here
             prog.finish(ok)
+        self.metrics.received(peer, size - offset)
         stream.send("stored")
 
     # -- deliver (destination) ---------------------------------------------------------------
@@ -656,6 +669,7 @@ class Custody:
             raise TransferRefused("lost", "no queued event for this transfer")
         stream = channel if isinstance(channel, FrameStream) else FrameStream(channel)
         size = queued.data["size"]
+        t0 = time.monotonic()
         offset = self._offer(stream, held, queued)
         if offset is None:
             return "have"
@@ -672,7 +686,9 @@ class Custody:
                     stream.send_raw(memoryview(buf)[:n])
                     remaining -= n
                     prog.done += n
-            return self._await_stored(stream)
+            result = self._await_stored(stream)
+            self.metrics.sent(hop, size - offset, time.monotonic() - t0)
+            return result
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
@@ -687,9 +703,11 @@ class Custody:
         """
         tid = held.transfer
         size = queued.data["size"]
+        t0 = time.monotonic()
         sent = self._offer(stream, held, queued, cut_through=True)
         if sent is None:
             return "have"
+        offset = sent
         out = self._outgoing(tid, hop, size, sent)
         try:
             while sent < size:
@@ -705,7 +723,9 @@ class Custody:
                 stream.send_raw(data)
                 sent += len(data)
                 out.done = sent
-            return self._await_stored(stream)
+            result = self._await_stored(stream)
+            self.metrics.sent(hop, size - offset, time.monotonic() - t0)
+            return result
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
@@ -752,6 +772,7 @@ class Custody:
                 return
             h.in_flight = False
             h.failures.clear()
+            h.last_error = ""
             h.handed_to, h.handed_at = hop, time.time()
         log.info("relay.handed transfer=%s to=%s", tid, hop)
 

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from tests.harness import Net
@@ -29,3 +32,15 @@ def make_net(tmp_path, request):
     if rep is not None and rep.failed:
         for net in nets:
             print(net.logs())
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A node made by ``maildrop init`` as an operator would (root 0750, nothing running);
+    returns its config file."""
+    root = tmp_path / "a"
+    cp = subprocess.run([sys.executable, "-m", "maildrop", "init", str(root), "--id", "NodeA",
+                         "--listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=90)
+    assert cp.returncode == 0, cp.stderr
+    root.chmod(0o750)
+    return root / "maildrop.yaml"

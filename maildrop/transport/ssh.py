@@ -61,7 +61,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -1074,6 +1074,11 @@ class PeerClient:
     """One long-lived, pinned, authenticated SSH connection to one peer, handing out
     ``maildrop`` channels. Thread-safe: many threads may call ``open_channel`` at once;
     they share the connection. A dropped connection is re-made on the next call.
+
+    Key rotation: ``fallback`` keys (this node's key before a rotation) are offered only
+    when the peer refuses ``key``, so a peer that has not learned the rotation yet still
+    lets us in and learns it by gossip. ``set_peer_key`` moves the pinned host key (the
+    peer's feed rotated from the pinned key) and closes the connection made under the old one.
     """
 
     def __init__(
@@ -1086,6 +1091,7 @@ class PeerClient:
         *,
         connect_timeout: float = 10.0,
         logger: logging.Logger | None = None,
+        fallback: Sequence[NodeKey] = (),
     ) -> None:
         _quiet_paramiko()
         self.node_id = node_id
@@ -1096,6 +1102,7 @@ class PeerClient:
         except ValueError as exc:
             raise ConfigError(f"configured key of peer {peer_id}: {exc}") from None
         self._pkey = _load_pkey(key)
+        self._fallback = [_load_pkey(k) for k in fallback]
         self._connect_timeout = connect_timeout
         self._log = logger or logging.getLogger(__name__)
         self._lock = threading.Lock()
@@ -1170,6 +1177,21 @@ class PeerClient:
         if transport is not None:
             transport.close()
 
+    def set_peer_key(self, peer_key: str) -> None:
+        """Pin ``peer_key`` as the peer's host key from now on; a connection made under the
+        old pin is closed (the next call reconnects and checks the new one)."""
+        try:
+            blob = _key_blob(peer_key)
+        except ValueError as exc:
+            raise ConfigError(f"key of peer {self.peer_id}: {exc}") from None
+        with self._lock:
+            if blob == self._peer_blob:
+                return
+            self._peer_blob = blob
+            transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+
     # --- plumbing
 
     def _where(self) -> str:
@@ -1215,7 +1237,7 @@ class PeerClient:
                     f"(fix the peer's key in the config if it really changed)"
                 )
             try:
-                remaining = transport.auth_publickey(self.node_id, self._pkey)
+                remaining = self._login(transport)
             except paramiko.AuthenticationException as exc:
                 if not transport.is_active():
                     # paramiko says "Authentication failed: transport shut down or saw EOF"
@@ -1242,3 +1264,23 @@ class PeerClient:
             self.peer_id, self._where(), transport.local_cipher,
         )
         return transport
+
+    def _login(self, transport: paramiko.Transport) -> list[str]:
+        """Log in with our key, else (refused, still connected) with each fallback key;
+        the last refusal is raised."""
+        refused: paramiko.AuthenticationException | None = None
+        for pkey in (self._pkey, *self._fallback):
+            try:
+                remaining = transport.auth_publickey(self.node_id, pkey)
+            except paramiko.AuthenticationException as exc:
+                refused = exc
+                if not transport.is_active():
+                    break
+                continue
+            if pkey is not self._pkey:
+                self._log.info("ssh.client.old_key peer=%s key=%s (the peer refused our new key "
+                               "and took the one before the rotation: it learns the rotation by "
+                               "gossip)", self.peer_id, _fingerprint(pkey.asbytes()))
+            return remaining
+        assert refused is not None
+        raise refused

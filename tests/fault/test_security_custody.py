@@ -308,7 +308,7 @@ def test_f8_relay_copies_and_abandoned_parts_do_not_stay_forever(outsider):
     wait_until(lambda: a.spool_files(t1) == [] and a.spool_files(t2) == [], 30,
                "A to let go of the relay copy and the abandoned part")
     # Each log line follows its unlink by a moment: wait for them rather than race them.
-    wait_until(lambda: re.search(rf"transfer\.dropped transfer={t1} reason=kept 6 s at a relay",
+    wait_until(lambda: re.search(rf"transfer\.dropped transfer={t1} reason=\"kept 6 s at a relay",
                                  a.log_path.read_text()), 10, "the relay copy's drop logged")
     wait_until(lambda: re.search(rf"spool\.dropped transfer={t2} reason=stale-part",
                                  a.log_path.read_text()), 10, "the part's drop logged")

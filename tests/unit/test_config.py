@@ -347,7 +347,7 @@ def test_empty_file(text: str) -> None:
     if text == "---\n":  # an explicit empty document is null, not "no document"
         assert message == (
             "top level: empty; expected a mapping with keys node, root, key, peers, gossip, "
-            "transfers, outbox, log"
+            "transfers, outbox, log, metrics"
         )
     else:
         assert message == (
@@ -363,7 +363,7 @@ def test_empty_file(text: str) -> None:
 def test_top_level_not_a_mapping(text: str, got: str) -> None:
     assert err(text) == (
         f"top level: {got}; expected a mapping with keys node, root, key, peers, gossip, "
-        "transfers, outbox, log"
+        "transfers, outbox, log, metrics"
     )
 
 
@@ -442,12 +442,14 @@ def test_huge_file(tmp_path: Path) -> None:
 
 
 def test_unknown_key_at_every_level() -> None:
+    # node.id is missing too: the message is the first problem, with a count of the others
     assert err(BASE.replace("  id: NodeA", "  idd: NodeA")) == (
-        "node.idd: unknown key (did you mean 'id'?); expected one of id, display_name, listen, advertise"
+        "node.idd: unknown key (did you mean 'id'?); expected one of id, display_name, listen, "
+        "advertise (and 1 more problem: see 'maildrop check')"
     )
     assert err(BASE + "roots: /x\n") == (
         "roots: unknown key (did you mean 'root'?); expected one of node, root, key, peers, "
-        "gossip, transfers, outbox, log"
+        "gossip, transfers, outbox, log, metrics"
     )
     assert err(BASE + "gossip:\n  intervall: 5s\n") == (
         "gossip.intervall: unknown key (did you mean 'interval'?); expected one of interval, "
@@ -470,7 +472,7 @@ def test_unknown_key_at_every_level() -> None:
 def test_key_in_the_wrong_section_says_where_it_belongs() -> None:
     assert err(BASE + "interval: 5s\n") == (
         "interval: unknown key ('interval' belongs under gossip:); expected one of node, root, "
-        "key, peers, gossip, transfers, outbox, log"
+        "key, peers, gossip, transfers, outbox, log, metrics"
     )
     text = BASE.replace("  id: NodeA\n", "  id: NodeA\n  parallel: 3\n")
     assert err(text).startswith("node.parallel: unknown key ('parallel' belongs under transfers:)")
@@ -1128,3 +1130,73 @@ def test_relative_paths_follow_a_symlinked_config_to_its_real_folder(tmp_path):
     (etc / "maildrop.yaml").symlink_to(real / "maildrop.yaml")
     c = load_config(etc / "maildrop.yaml")
     assert c.root == real and c.key_path == real / "node_ed25519"
+
+
+# --------------------------------------------------------------------------- every problem at once
+
+
+def problems(text: str, path: Path = CFG) -> list[str]:
+    """Every problem parse_config finds in ``text``, without the file name."""
+    with pytest.raises(config_module.ConfigProblems) as info:
+        parse_config(text, path)
+    assert all(p.startswith(f"{path}: ") and "\n" not in p for p in info.value.problems)
+    return [p[len(f"{path}: ") :] for p in info.value.problems]
+
+
+def test_every_problem_is_reported_in_file_order() -> None:
+    text = (
+        "node:\n  id: Node A\n  listen: 127.0.0.1\n  colour: blue\nroot: .\nkey: k\n"
+        "peers:\n  - id: NodeB\n    address: nowhere\n    key: ssh-ed25519 AAAA\n"
+        "  - id: NodeC\n    address: 127.0.0.1:7003\n    key: " + KEY_C + "\n"
+        "gossip:\n  interval: soon\ntransfers:\n  parallel: 0\nlog:\n  level: loud\n"
+    )
+    found = problems(text)
+    assert [p.split(":")[0] for p in found] == [
+        "node.colour", "node.id", "node.listen", "peers[0].address", "peers[0].key",
+        "gossip.interval", "transfers.parallel", "log.level",
+    ], found
+    assert all("; expected " in p for p in found)
+    # the one-line message for every other command: the first problem and a count
+    message = str(pytest.raises(ConfigError, parse_config, text, CFG).value)
+    assert message == f"{CFG}: {found[0]} (and 7 more problems: see 'maildrop check')"
+
+
+def test_a_broken_value_adds_no_problem_of_its_own_elsewhere() -> None:
+    # listen is broken: the peer that has the same address is not reported for it; a broken
+    # interval does not make link_down_after "shorter than the interval"
+    text = with_peers(("NodeB", "127.0.0.1:7001", KEY_B), head=BASE.replace(
+        "listen: 127.0.0.1:7001", "listen: 127.0.0.1")) + "gossip:\n  interval: x\n  link_down_after: 1s\n"
+    assert [p.split(":")[0] for p in problems(text)] == ["node.listen", "gossip.interval"]
+    # a broken peer entry still lets the next be checked against the valid ones
+    text = with_peers(("NodeB", "127.0.0.1:7002", "x"), ("NodeB", "127.0.0.1:7002", KEY_C))
+    assert problems(text) == [
+        "peers[0].key: 'x' is not a public key line; expected one OpenSSH line 'ssh-ed25519 "
+        "AAAA...' (the peer's 'maildrop pubkey' output)",
+        "peers[1].id: duplicate peer NodeB (also peers[0]); expected each peer once",
+        "peers[1].address: 127.0.0.1:7002 is also the address of peers[0] (NodeB); expected a "
+        "different address for each peer",
+    ]
+
+
+def test_duplicate_keys_and_other_problems_are_reported_together() -> None:
+    text = BASE + "log:\n  level: info\n  level: loud\n" + "gossip:\n  interval: x\n"
+    found = problems(text)
+    assert found[0].startswith("log.level: duplicate key (lines 7 and 8)")
+    assert [p.split(":")[0] for p in found[1:]] == ["gossip.interval", "log.level"]
+
+
+def test_a_config_with_one_problem_has_no_count() -> None:
+    message = err(BASE + "gossip:\n  interval: x\n")
+    assert "more problem" not in message
+    assert problems(BASE + "gossip:\n  interval: x\n") == [message]
+
+
+def test_14_render_writes_an_ipv6_advertise_address(tmp_path: Path) -> None:
+    """``init --listen '[::1]:7001' --advertise ...`` lost the advertise address: the line
+    was found by text replacement, which missed the quoted IPv6 form."""
+    text = render_config("NodeA", "[::1]:7001", advertise="[2001:db8::1]:7002")
+    c = parse_config(text, tmp_path / "maildrop.yaml")
+    assert c.listen == ("::1", 7001) and c.advertise == ("2001:db8::1", 7002)
+    plain = parse_config(render_config("NodeA", "[::1]:7001"), tmp_path / "maildrop.yaml")
+    assert plain.advertise == ("::1", 7001)
+    assert "# advertise:" in render_config("NodeA", "[::1]:7001")

@@ -134,7 +134,14 @@ def test_10_watchdog_move_grouper_delay_is_what_the_watcher_lowers(tmp_path, mon
     assert cls is not None, _moved("watchdog", "watchdog.observers.inotify_move_event_grouper."
                                    "InotifyMoveEventGrouper", "is gone",
                                    "maildrop/watcher.py _shorten_move_pairing_delay lowers its delay.")
-    default = cls.__dict__.get("delay")
+    # watchdog's own default, from a fresh interpreter: in this one an agent test may have
+    # lowered the class attribute already (the watcher sets it once per process)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from watchdog.observers.inotify_move_event_grouper import "
+         "InotifyMoveEventGrouper as C; print(repr(C.__dict__.get('delay')))"],
+        capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    default = ast.literal_eval(probe.stdout.strip())
     assert isinstance(default, int | float) and default > watcher.MOVE_PAIRING_DELAY, _moved(
         "watchdog", "InotifyMoveEventGrouper.delay", f"is {default!r}, not a number of seconds "
         f"over {watcher.MOVE_PAIRING_DELAY}", "maildrop/watcher.py lowers it (fast renames in).")

@@ -5,10 +5,11 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce",
-        "protocol", "gossip", "config", "logsafe"}
-EDGES = {"eventlog", "spool", "transport.ssh", "watcher", "sdnotify"}
-SHELL = {"transfers", "agent", "localnet", "demo", "check"}
-THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"}}
+        "protocol", "gossip", "config", "logsafe", "durable"}
+EDGES = {"eventlog", "spool", "transport.ssh", "watcher", "sdnotify", "metrics"}
+SHELL = {"transfers", "agent", "localnet", "demo", "check", "control"}
+THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"},
+                    "prometheus_client": {"metrics"}}
 FORBIDDEN_IN_CORE = {"socket", "subprocess", "paramiko", "watchdog", "fcntl", "threading"}
 
 

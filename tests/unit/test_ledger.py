@@ -60,7 +60,9 @@ def test_pinned_key_must_match():
     other = FeedWriter("NodeX")
     led = Ledger(pinned={"NodeB": other.key.public_line})
     res = led.offer(f.configured())
-    assert res.rejected and "configured" in res.rejected
+    # It waits for a rotation to the pinned key (rotate-key); without one it never joins.
+    assert res.pending and not res.accepted
+    assert not led.offer(f.link("NodeC")).accepted
     assert led.version_vector() == {}
 
 
@@ -176,7 +178,9 @@ def test_f2_a_node_never_marks_itself():
 def test_f2_a_pinned_peer_with_another_key_is_refused_without_a_conflict():
     impostor = FeedWriter("NodeB")
     led = Ledger(pinned={"NodeB": FeedWriter("NodeB").key.public_line}, me="NodeA")
-    assert "differs from the configured" in led.receive(impostor.configured(), NOW).rejected
+    res = led.receive(impostor.configured(), NOW)
+    assert res.pending and not res.accepted  # waits for a rotation to the pinned key: never comes
+    assert not led.receive(impostor.link("NodeA"), NOW).accepted
     assert led.conflicts == {} and led.feeds == {}
 
 
