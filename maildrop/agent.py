@@ -224,7 +224,8 @@ class Agent:
         }
         self._peer_keys = {p.id: p.key for p in config.peers}  # login / host key now (feeds)
         # Guards _peer_keys and the swap of self.links in a reload; taken before log.lock and
-        # before the SSH server's own lock (set_authorized), never inside either.
+        # before the SSH server's own lock (set_authorized), never inside either; nothing
+        # under it waits for the network.
         self._keys_lock = threading.Lock()
         self._relay_kick = threading.Event()
         self._take_q: queue.Queue[tuple[Any, str]] = queue.Queue()
@@ -327,8 +328,9 @@ class Agent:
                    for lk in self.links.values()]
         for t in threads:
             t.start()
+        last = deadline + 15.0  # one deadline for all (a round in progress has its own timeouts)
         for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()) + 15.0)  # a round has its own timeouts
+            t.join(max(0.0, last - time.monotonic()))
         if self.stop.is_set():
             return
         with self.log.lock:
@@ -379,16 +381,16 @@ class Agent:
             if not changed:
                 return
             self._peer_keys = now
-            for p, key in changed.items():
-                log.warning("peer.key.rotated peer=%s key=%s… (its feed rotated to a new key, "
-                            "signed by the old one; the config still pins the old key: update "
-                            "peers[].key)", p, key[:32])
-                link = self.links.get(p)
-                if link is not None:
-                    link.client.set_peer_key(key)
-                    link.rekeyed.set()
-            if self.server is not None:
-                self.server.set_authorized(dict(now))
+            links = [(self.links.get(p), key) for p, key in changed.items()]
+            if self.server is not None:  # quick (the server's own lock): under ours, so a
+                self.server.set_authorized(dict(now))  # reload cannot re-authorize a removed peer
+        for (p, key), (link, _) in zip(changed.items(), links, strict=True):
+            log.warning("peer.key.rotated peer=%s key=%s… (its feed rotated to a new key, "
+                        "signed by the old one; the config still pins the old key: update "
+                        "peers[].key)", p, key[:32])
+            if link is not None:  # may wait for a connect under way: never under _keys_lock
+                link.client.set_peer_key(key)
+                link.rekeyed.set()
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
         def body() -> None:
@@ -449,7 +451,8 @@ class Agent:
         self.metrics.stop()
         for link in self.links.values():
             link.client.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self.custody.lock:  # not while the relay loop submits
+            self._executor.shutdown(wait=False, cancel_futures=True)
         for name, t in self._threads.items():
             t.join(3.0)
             if t.is_alive():
@@ -571,10 +574,12 @@ class Agent:
             self._retire(link)
         workers = (new.parallel + SMALL_LANE) * max(1, len(links))
         if workers != (old.parallel + SMALL_LANE) * max(1, len(old.peers)):
-            # Hops already submitted run on in the old pool, which then ends.
-            stale, self._executor = self._executor, ThreadPoolExecutor(max_workers=workers,
-                                                                       thread_name_prefix="hop")
-            stale.shutdown(wait=False)
+            # Hops already submitted run on in the old pool, which then ends. Swapped under
+            # custody.lock, which the relay loop holds while it submits.
+            with self.custody.lock:
+                stale, self._executor = self._executor, ThreadPoolExecutor(
+                    max_workers=workers, thread_name_prefix="hop")
+                stale.shutdown(wait=False)
         self._follow_keys()
         if self.server is not None:
             with self._keys_lock:
@@ -803,7 +808,12 @@ class Agent:
     def _taker_loop(self) -> None:
         """Take outbox files in batches: under load many files share a handful of syncs.
         Files still queued at shutdown stay in the outbox and are taken at the next start."""
+        unfinished_since: float | None = None
         while not self.stop.is_set():
+            if unfinished_since is not None and time.monotonic() - unfinished_since >= BROKEN_RETRY:
+                # A take that failed after its files moved into the spool (its intent is still
+                # there): finish it here, on the one thread that takes, never beside a take.
+                unfinished_since = None if self.custody.replay_takes() else time.monotonic()
             try:
                 batch = [self._take_q.get(timeout=0.2)]
             except queue.Empty:
@@ -815,8 +825,11 @@ class Agent:
                     break
             try:
                 self.custody.take_batch(batch)
-            except Exception:  # e.g. a full disk: the files stay in the outbox; rescans retry
-                log.exception("outbox.take.failed files=%d", len(batch))
+            except Exception:  # e.g. a full disk at the append
+                log.exception("outbox.take.failed files=%d: files still in the outbox are taken "
+                              "at the next rescan; files already in the spool are queued within "
+                              "%.0f s (or at the next start)", len(batch), BROKEN_RETRY)
+                unfinished_since = time.monotonic()
 
     def _relay_loop(self) -> None:
         """Plan and carry out. Never dies of one transfer: a failure while planning, expiring
@@ -845,7 +858,10 @@ class Agent:
                         if h is None or a.hop not in self.links:
                             continue
                         h.in_flight = True
-                        self._executor.submit(self._send, a.transfer, a.hop)
+                        try:
+                            self._executor.submit(self._send, a.transfer, a.hop)
+                        except RuntimeError:  # the pool shut down: we are stopping
+                            h.in_flight = False
             for a in p.actions:
                 try:
                     if isinstance(a, Expire):

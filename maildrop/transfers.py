@@ -147,6 +147,7 @@ class Custody:
         self.held: dict[str, Held] = {}
         self.progress: dict[tuple[str, str], Progress] = {}
         self._receiving: set[str] = set()
+        self._failing: set[str] = set()  # transfers being expired or cancelled right now
         self._deliver_lock = threading.Lock()
         # transfer id -> the claim (the origin's signed queued event) this node deals with for
         # that id: one it took, accepted bytes for, or recovered. Never replaced by an offer.
@@ -416,10 +417,14 @@ class Custody:
             self._queued[d["transfer"]] = ev
             log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
                      d["transfer"], d["destination"], d["name"], d["size"])
-            if d["destination"] == self.me:
-                self._deliver(d["transfer"], ev)
-            else:
-                self._hold(d["transfer"], self.me, d["destination"], ev.ts, ())
+            try:
+                if d["destination"] == self.me:
+                    self._deliver(d["transfer"], ev)
+                else:
+                    self._hold(d["transfer"], self.me, d["destination"], ev.ts, ())
+            except Exception:  # one transfer's trouble must not strand the rest of the batch
+                log.exception("transfer.take.unfinished transfer=%s: queued, its copy stays in "
+                              "the spool; the next start picks it up", d["transfer"])
         return [ev.data["transfer"] for ev in evs]
 
     def _put_back(self, entry: dict[str, Any], reason: str) -> None:
@@ -783,36 +788,68 @@ class Custody:
         log.info("transfer.dropped transfer=%s reason=%s", tid, reason)
 
     def expire(self, tid: str, reason: str) -> None:
-        """Give up as the origin: the file to ``failed/`` with the reason, then the event."""
-        queued = self.queued_event(tid)
-        name = queued.data["name"] if queued else tid
-        dest = queued.data["destination"] if queued else "?"
-        data = self.spool.data(tid)
-        text = f"transfer {tid} to {dest} failed: {reason}"
-        if data.exists():
-            final = move_to_failed(data, self.failed, name, text)
-        else:
-            final = self.failed / name
-        self._append(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})
+        """Give up as the origin: the file to ``failed/`` with the reason, then the event.
+
+        Once per transfer: an expiry and a cancel that meet let the first one do it, and a
+        transfer already failed is left alone. Crash: the reason is written into the spool
+        meta (durably) before the file moves, so a crash between the move and the event
+        leaves a meta without a copy, and ``recover`` appends the missing
+        ``transfer.failed``. (The event cannot come first: the planner drops the copy of a
+        transfer its origin failed.)
+        """
         with self.lock:
-            self.held.pop(tid, None)
-        self.spool.discard(tid)
-        log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s", tid, dest, reason, final)
+            if tid in self._failing:
+                return
+            self._failing.add(tid)
+        try:
+            with self.log.lock:
+                tr = self.log.network.transfer(tid, self.me)
+                if tr is not None and tr.failed is not None:
+                    return
+            queued = self.queued_event(tid)
+            name = queued.data["name"] if queued else tid
+            dest = queued.data["destination"] if queued else "?"
+            data = self.spool.data(tid)
+            text = f"transfer {tid} to {dest} failed: {reason}"
+            if data.exists():
+                self.spool.write_meta(tid, {**(self.spool.read_meta(tid) or {}), "failing": reason[:500]})
+                final = move_to_failed(data, self.failed, name, text)
+            else:
+                final = self.failed / name
+            self._append(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})
+            with self.lock:
+                self.held.pop(tid, None)
+            self.spool.discard(tid)
+            log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s",
+                        tid, dest, reason, final)
+        finally:
+            with self.lock:
+                self._failing.discard(tid)
 
     # -- recovery ------------------------------------------------------------------------------
     def recover(self) -> None:
         """Finish what a crash interrupted. Idempotent; runs before any service starts."""
         self._index_queued()
-        for intent in self.spool.intents():
-            try:
-                self._replay_intent(intent)
-            except Exception:  # one bad spool entry must not stop the agent
-                log.exception("spool.recover.failed intent=%s", intent.name)
+        self.replay_takes()
         for tid in self.spool.transfer_ids():
             try:
                 self._recover_one(tid)
             except Exception:
                 log.exception("spool.recover.failed transfer=%s", tid)
+
+    def replay_takes(self) -> bool:
+        """Finish every batch take whose intent is still in the spool: a crash, or a take that
+        failed after its files moved in (a full disk at the append). Only the taker (or
+        recovery, before it starts) calls this, so no take is running meanwhile. True when
+        none is left."""
+        done = True
+        for intent in self.spool.intents():
+            try:
+                self._replay_intent(intent)
+            except Exception:  # one bad spool entry must not stop the others
+                log.exception("spool.recover.failed intent=%s", intent.name)
+                done = False
+        return done
 
     def _replay_intent(self, intent: Path) -> None:
         """A batch take that a crash cut short: queue what moved in and has no event yet,
@@ -829,6 +866,10 @@ class Custody:
 
     def _recover_one(self, tid: str) -> None:
         data = self.spool.data(tid)
+        failing = (self.spool.read_meta(tid) or {}).get("failing")
+        if isinstance(failing, str):  # an expiry or cancel a crash cut short: finish it
+            self.expire(tid, failing)
+            return
         if not data.exists() or tid in self.held:
             return  # only a part (the next offer resumes it, or the sweep drops it) or done
         queued = self.queued_event(tid)

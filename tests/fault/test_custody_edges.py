@@ -1,0 +1,102 @@
+"""Custody at its edges: a give-up cut short by a crash, two give-ups at once, and one
+transfer of a batch that cannot be delivered. Each ends with every transfer accounted for:
+delivered, or in ``failed/`` with its ``transfer.failed``, exactly once."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from maildrop.agent import open_log
+from maildrop.config import load_config
+from maildrop.keys import load_key
+from maildrop.spool import Spool
+from maildrop.transfers import Custody
+from tests.harness import wait_until
+
+
+def _custody(node):
+    config = load_config(node.config_path)
+    elog = open_log(config)
+    return elog, Custody(node.name, load_key(config.key_path), elog, Spool(config.spool),
+                         config.inbox, config.failed, max_file_size=2**30, min_free_space=0)
+
+
+def _failed_events(node, tid):
+    return [e for e in node.events("transfer.failed") if e["data"]["transfer"] == tid]
+
+
+def test_a_give_up_cut_short_between_the_move_and_the_event_is_finished_at_start(make_net):
+    """The state a crash leaves inside ``expire``: the reason durably in the spool meta, the
+    file already in failed/, no ``transfer.failed`` yet. The next start appends it."""
+    net = make_net(["NodeA"], [], start=False)
+    a = net["NodeA"]
+    elog, custody = _custody(a)
+    try:
+        path = a.drop("NodeZ", "late.bin", b"x" * 100)
+        (tid,) = custody.take_batch([(path, "NodeZ")])
+        custody.spool.write_meta(tid, {"failing": "cancelled"})
+        os.rename(custody.spool.data(tid), a.failed / "late.bin")  # the move, then the crash
+    finally:
+        elog.close()
+    assert _failed_events(a, tid) == []
+    a.start()
+    wait_until(lambda: _failed_events(a, tid), 20, "the missing transfer.failed")
+    assert [e["data"]["reason"] for e in _failed_events(a, tid)] == ["cancelled"]
+    wait_until(lambda: not a.spool_files(tid), 20, "the meta to go")
+    assert (a.failed / "late.bin").read_bytes() == b"x" * 100
+    assert not (a.failed / "late (1).bin").exists()
+
+
+def test_an_expiry_and_a_cancel_at_once_give_up_once(make_net):
+    net = make_net(["NodeA"], [], start=False)
+    a = net["NodeA"]
+    elog, custody = _custody(a)
+    try:
+        path = a.drop("NodeZ", "twice.bin", b"y" * 1000)
+        (tid,) = custody.take_batch([(path, "NodeZ")])
+        go = threading.Barrier(2)
+        errors = []
+
+        def give_up(reason):
+            go.wait()
+            try:
+                custody.expire(tid, reason)
+            except Exception as exc:  # the test reports any
+                errors.append(exc)
+        threads = [threading.Thread(target=give_up, args=(r,)) for r in ("expired", "cancelled")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+    finally:
+        elog.close()
+    assert errors == []
+    assert len(_failed_events(a, tid)) == 1
+    assert sorted(p.name for p in a.failed.iterdir()) == ["twice.bin", "twice.bin.reason"]
+    assert not a.spool_files(tid)
+
+
+def test_one_undeliverable_file_does_not_strand_the_rest_of_its_batch(make_net, tmp_path):
+    """The first file of a take batch is for this node itself and its delivery fails
+    (``inbox/NodeA`` planted as a symlink): the files for NodeB after it in the same batch
+    are still held for sending, and the failed one keeps its copy in the spool."""
+    net = make_net(["NodeA"], [], start=False)
+    a = net["NodeA"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    a.inbox.mkdir(parents=True, exist_ok=True)
+    (a.inbox / "NodeA").symlink_to(elsewhere)
+    elog, custody = _custody(a)
+    try:
+        batch = [(a.drop("NodeA", "self.bin", b"to myself"), "NodeA")]
+        batch += [(a.drop("NodeB", f"f{i}.bin", b"for B %d" % i), "NodeB") for i in range(5)]
+        tids = custody.take_batch(batch)
+        assert len(tids) == 6
+        held = {h.transfer for h in custody.held.values() if h.destination == "NodeB"}
+        assert held == set(tids[1:]), "files after the failed delivery were stranded"
+        assert custody.spool.data(tids[0]).exists()  # kept: delivered once the inbox is fixed
+        assert list(elsewhere.iterdir()) == []  # never written through the symlink
+        assert not list(custody.spool.intents())
+    finally:
+        elog.close()
