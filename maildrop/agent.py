@@ -70,7 +70,7 @@ from .logsafe import OneLine
 from .protocol import FrameStream
 from .relay import Action, Expire, Held, Plan, Policy, Send, choose_hop, plan
 from .routing import reachable
-from .spool import Spool, durable_write, ensure_layout, ensure_outbox
+from .spool import Spool, ensure_layout, ensure_outbox
 from .transfers import Custody
 from .transport.ssh import (
     AuthRefused,
@@ -216,12 +216,7 @@ class Agent:
         self.control = Control(config.state_dir, self.custody, lambda: self.policy, self._changed)
         self.metrics = self.custody.metrics = metrics.for_agent(
             config.metrics_listen, [p.id for p in config.peers], self.metrics_sample)
-        old = load_old_key(config.key_path)
-        self.links: dict[str, PeerLink] = {
-            p.id: PeerLink(p.id, p.address, PeerClient(self.me, self.key, p.id, p.address, p.key,
-                                                       fallback=[old] if old else []))
-            for p in config.peers
-        }
+        self.links: dict[str, PeerLink] = {p.id: self._new_link(p) for p in config.peers}
         self._peer_keys = {p.id: p.key for p in config.peers}  # login / host key now (feeds)
         # Guards _peer_keys and the swap of self.links in a reload; taken before log.lock and
         # before the SSH server's own lock (set_authorized), never inside either; nothing
@@ -548,11 +543,7 @@ class Agent:
             self.custody.max_file_size = new.max_file_size
             self.custody.min_free_space = new.min_free_space
             self.custody.stale_after = new.expire_after
-        with self.log.lock:
-            pinned = self.log.ledger.pinned
-            for p in gone:
-                pinned.pop(p, None)
-            pinned.update({p: after[p].key for p in added})
+        self.log.set_pins(remove=gone, add={p: after[p].key for p in added})
         links = dict(self.links)
         retired = [links.pop(p) for p in gone]
         links.update(fresh)
@@ -599,7 +590,8 @@ class Agent:
         return new
 
     def _new_link(self, peer: Peer) -> PeerLink:
-        """A link to a peer a reload added (as ``__init__`` makes them)."""
+        """The soft state and SSH client of one configured peer (at start, or added by a
+        reload); the client falls back to the key before the latest rotation, if any."""
         old = load_old_key(self.config.key_path)
         return PeerLink(peer.id, peer.address,
                         PeerClient(self.me, self.key, peer.id, peer.address, peer.key,
@@ -1051,4 +1043,4 @@ class Agent:
         return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers)
 
 
-__all__ = ["Agent", "announce", "open_log", "durable_write"]
+__all__ = ["Agent", "announce", "open_log"]

@@ -230,6 +230,14 @@ class EventLog:
         self._read_new()
 
     # -- the API ----------------------------------------------------------------------------
+    def set_pins(self, remove: Iterable[str] = (), add: Mapping[str, str] | None = None) -> None:
+        """Change the pinned peer keys (a reload): feeds already held stay; the new pins
+        apply to what joins from now on."""
+        with self.lock:
+            for origin in remove:
+                self.ledger.pinned.pop(origin, None)
+            self.ledger.pinned.update(add or {})
+
     def refresh(self) -> list[Event]:
         """Fold what other processes appended since we last looked, and reload the conflicts
         if their file changed (an operator cleared one). Cheap when nothing did."""

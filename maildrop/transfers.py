@@ -10,6 +10,8 @@ Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and `
            -> ``transfer.delivered`` -> drop the spool copy.
 - send:    nobody lets go on the receiver's ``stored`` (or ``have``) alone: the origin waits
            for the receipt, a relay for the hop's signed ``transfer.relayed`` (``relay.plan``).
+- give up: the reason into the spool meta -> the file to ``failed/`` -> ``transfer.failed``
+           (``expire``; a crash in between is finished by ``recover``).
 - offers:  a transfer is ``(origin, id)``; while bytes of an id are here, an offer of another
            queued event for it is refused (``conflicting-offer``), never taken in its place;
            an offer of a transfer its origin gave up on (``transfer.failed``: cancelled or
@@ -143,12 +145,17 @@ class Custody:
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
+        # ``lock`` guards ``held`` (and each Held's soft state), ``progress``, ``_receiving``,
+        # ``_failing`` and ``_queued``. Order: ``_deliver_lock`` -> ``lock`` -> the event log's
+        # ``lock`` (-> its flock); never the other way round. Held across an append (which
+        # fdatasyncs) but never across network I/O; ``Progress.cond`` and the agent's
+        # ``pool_lock`` are leaves.
         self.lock = threading.RLock()
         self.held: dict[str, Held] = {}
         self.progress: dict[tuple[str, str], Progress] = {}
         self._receiving: set[str] = set()
         self._failing: set[str] = set()  # transfers being expired or cancelled right now
-        self._deliver_lock = threading.Lock()
+        self._deliver_lock = threading.Lock()  # one delivery at a time (its link, receipt, drop)
         # transfer id -> the claim (the origin's signed queued event) this node deals with for
         # that id: one it took, accepted bytes for, or recovered. Never replaced by an offer.
         self._queued: dict[str, Event] = {}
