@@ -175,6 +175,9 @@ class PeerLink:
     pool: list[tuple[float, FrameStream]] = field(default_factory=list)  # idle relay channels, since
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
     halt: threading.Event = field(default_factory=threading.Event)  # set: stopping, or left the config
+    # Guards a change of state / down_since and the link.up / link.down it may append (so two
+    # channels that see the change at once append one fact). Taken before the log's lock.
+    observe_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _RecentErrors(logging.Handler):
@@ -722,6 +725,11 @@ class Agent:
         if up and link.state == "up":
             link.last_seen = now  # the common case: nothing changed, no lock, no event
             return
+        with link.observe_lock:
+            self._observe_change(link, up, now)
+
+    def _observe_change(self, link: PeerLink, up: bool, now: float) -> None:
+        """``_observe``'s slow path, under ``link.observe_lock``."""
         with self.log.lock:
             last = self.log.network.last_observation(self.me, link.id)
         if up:
