@@ -698,9 +698,7 @@ class Custody:
                     stream.send_raw(memoryview(buf)[:n])
                     remaining -= n
                     prog.done += n
-            result = self._await_stored(stream)
-            self.metrics.sent(hop, size - offset, time.monotonic() - t0)
-            return result
+            return self._stored(stream, hop, size - offset, t0)
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
@@ -735,12 +733,17 @@ class Custody:
                 stream.send_raw(data)
                 sent += len(data)
                 out.done = sent
-            result = self._await_stored(stream)
-            self.metrics.sent(hop, size - offset, time.monotonic() - t0)
-            return result
+            return self._stored(stream, hop, size - offset, t0)
         finally:
             with self.lock:
                 self.progress.pop((tid, "out"), None)
+
+    def _stored(self, stream: FrameStream, hop: str, sent: int, t0: float) -> str:
+        """The receiver's "stored" for the ``sent`` bytes of an offer made at ``t0`` (counted
+        in the metrics), or TransferRefused."""
+        result = self._await_stored(stream)
+        self.metrics.sent(hop, sent, time.monotonic() - t0)
+        return result
 
     @staticmethod
     def _await_stored(stream: FrameStream) -> str:

@@ -22,8 +22,8 @@ from maildrop.cli import status_document
 from maildrop.config import load_config
 from maildrop.localnet import LocalNet, LocalNode, free_port
 
-__all__ = ["FAST", "Net", "Node", "free_port", "sha256_of", "wait_until",
-           "write_random_file"]
+__all__ = ["FAST", "Net", "Node", "free_port", "introduce_outsider", "offer_as_outsider",
+           "sha256_of", "start_with_outsider", "wait_until", "write_random_file"]
 
 FAST = {
     "gossip": {"interval": "1s", "link_down_after": "3s"},
@@ -125,6 +125,54 @@ class Node(LocalNode):
         if not base.exists():
             return []
         return sorted(p for p in base.rglob("*") if p.is_file())
+
+
+def introduce_outsider(node: Node, client: Any, key: Any) -> Any:
+    """Gossip NodeX's ``node.configured`` and its link to ``node`` over ``client``, so that
+    ``node`` knows NodeX's key (it takes offers only from known origins); returns X's feed
+    writer (tests.factories.FeedWriter) to sign more."""
+    from maildrop import gossip
+    from maildrop.protocol import FrameStream
+    from tests.factories import CraftedStore, FeedWriter
+
+    x = FeedWriter("NodeX", key, port=1)
+    x.configured()
+    x.link(node.name)
+    chan = client.open_channel()
+    chan.settimeout(10)
+    try:
+        gossip.call(FrameStream(chan), CraftedStore(x.events))
+    finally:
+        chan.close()
+    wait_until(lambda: "NodeX" in node.known_nodes(), 10, f"{node.name} to know NodeX")
+    return x
+
+
+def offer_as_outsider(client: Any, queued: Any, body: bytes | None = None, *,
+                      transfer: str | None = None, route: Iterable[str] = ("NodeX",),
+                      cut: int | None = None) -> tuple[Any, Any]:
+    """Offer ``queued`` (an Event or a raw dict) over a new channel of ``client`` and stream
+    ``body`` from the accepted offset (only ``cut`` bytes of it, then close, if given).
+    Returns (first reply, last reply)."""
+    from maildrop.protocol import FrameStream
+
+    raw = queued if isinstance(queued, dict) else queued.to_dict()
+    chan = client.open_channel()
+    chan.settimeout(20)
+    s = FrameStream(chan)
+    try:
+        s.send("offer", transfer=transfer or raw["data"]["transfer"], queued=raw, route=list(route))
+        first = s.recv(expect={"accept", "have", "refuse"})
+        if first.op != "accept" or body is None:
+            return first, first
+        rest = body[first["offset"]:]
+        if cut is not None:
+            s.send_raw(rest[:cut])
+            return first, None
+        s.send_raw(rest)
+        return first, s.recv(expect={"stored", "refuse"})
+    finally:
+        chan.close()
 
 
 def start_with_outsider(net: Net, name: str, key: Any) -> tuple[Node, Any]:

@@ -27,7 +27,7 @@ from maildrop.spool import Spool
 from maildrop.transfers import CLOCK_SKEW, Custody
 from maildrop.transport.ssh import PeerClient, SSHServer
 from tests.factories import CraftedStore, FeedWriter, node_key
-from tests.harness import free_port, start_with_outsider, wait_until
+from tests.harness import free_port, offer_as_outsider, start_with_outsider, wait_until
 
 MiB = 2**20
 KEEP_LINKS_UP = {"gossip": {"link_down_after": "600s"}}  # A never declares its played peers down
@@ -61,25 +61,7 @@ def _queued(feed, data: bytes, destination: str, name: str = "f.bin", tid: str |
 
 
 def _offer(client, queued, body: bytes | None = None, *, route=("NodeX",), cut: int | None = None):
-    """Offer ``queued`` (an Event or raw dict) and stream ``body`` from the accepted offset
-    (only ``cut`` bytes of it if given). Returns (first reply, last reply)."""
-    raw = queued if isinstance(queued, dict) else queued.to_dict()
-    chan = client.open_channel()
-    chan.settimeout(20)
-    s = FrameStream(chan)
-    try:
-        s.send("offer", transfer=raw["data"]["transfer"], queued=raw, route=list(route))
-        first = s.recv(expect={"accept", "have", "refuse"})
-        if first.op != "accept" or body is None:
-            return first, first
-        rest = body[first["offset"]:]
-        if cut is not None:
-            s.send_raw(rest[:cut])
-            return first, None
-        s.send_raw(rest)
-        return first, s.recv(expect={"stored", "refuse"})
-    finally:
-        chan.close()
+    return offer_as_outsider(client, queued, body, route=route, cut=cut)
 
 
 def _linked(x: FeedWriter, *names: str, down: bool = False) -> list:

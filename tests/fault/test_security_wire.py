@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 
 from maildrop import events as E
-from maildrop import gossip
 from maildrop.errors import ProtocolError
 from maildrop.events import MAX_EVENT_BYTES, compute_id, format_ts
 from maildrop.keys import NodeKey, generate_key
 from maildrop.protocol import MAX_HEADER, FrameStream
-from tests.factories import T0, CraftedStore, FeedWriter
-from tests.harness import start_with_outsider, wait_until
+from tests.factories import T0, FeedWriter
+from tests.harness import introduce_outsider, start_with_outsider, wait_until
 
 
 class Peer:
@@ -86,17 +85,7 @@ class Peer:
 def peer(make_net, tmp_path):
     xkey = generate_key(tmp_path / "x_key")
     a, client = start_with_outsider(make_net(["NodeA"], [], start=False), "NodeA", xkey)
-    x = FeedWriter("NodeX", xkey, port=1)
-    x.configured()
-    x.link("NodeA")
-    chan = client.open_channel()
-    chan.settimeout(10)
-    try:  # A must know NodeX's key (from its node.configured) before it takes an offer
-        gossip.call(FrameStream(chan), CraftedStore(x.events))
-    finally:
-        chan.close()
-    wait_until(lambda: "NodeX" in {n["id"] for n in a.status()["nodes"]}, 10, "A to know NodeX")
-    yield Peer(a, client, x)
+    yield Peer(a, client, introduce_outsider(a, client, xkey))
     client.close()
 
 

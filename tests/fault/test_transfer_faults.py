@@ -14,13 +14,18 @@ import time
 import pytest
 
 from maildrop import events as E
-from maildrop import gossip
 from maildrop.errors import InvalidEvent
 from maildrop.events import compute_id, format_ts, make_event
 from maildrop.keys import generate_key
-from maildrop.protocol import FrameStream
-from tests.factories import T0, CraftedStore, FeedWriter
-from tests.harness import sha256_of, start_with_outsider, wait_until, write_random_file
+from tests.factories import T0, FeedWriter
+from tests.harness import (
+    introduce_outsider,
+    offer_as_outsider,
+    sha256_of,
+    start_with_outsider,
+    wait_until,
+    write_random_file,
+)
 
 MiB = 2**20
 
@@ -178,30 +183,11 @@ class Hostile:
             "transfer": tid, "destination": destination, "name": name,
             "size": len(data) if size is None else size, "sha256": sha256_hex(data)})
 
-    def channel(self):
-        chan = self.client.open_channel()
-        chan.settimeout(20)
-        return chan, FrameStream(chan)
-
     def offer(self, queued, body: bytes | None = None, *, cut: int | None = None,
               transfer: str | None = None):
         """Offer ``queued`` (an Event or a raw dict); stream ``body`` from the accepted offset
         (only ``cut`` bytes of it, then close, if given). Returns (first reply, last reply)."""
-        raw = queued if isinstance(queued, dict) else queued.to_dict()
-        chan, s = self.channel()
-        try:
-            s.send("offer", transfer=transfer or raw["data"]["transfer"], queued=raw, route=["NodeX"])
-            first = s.recv(expect={"accept", "have", "refuse"})
-            if first.op != "accept" or body is None:
-                return first, first
-            rest = body[first["offset"]:]
-            if cut is not None:
-                s.send_raw(rest[:cut])
-                return first, None
-            s.send_raw(rest)
-            return first, s.recv(expect={"stored", "refuse"})
-        finally:
-            chan.close()
+        return offer_as_outsider(self.client, queued, body, cut=cut, transfer=transfer)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -213,17 +199,7 @@ def sha256_hex(data: bytes) -> str:
 def hostile(make_net, tmp_path):
     xkey = generate_key(tmp_path / "x_key")
     a, client = start_with_outsider(make_net(["NodeA"], [], settings={"transfers": {"max_file_size": "1MiB"}}, start=False), "NodeA", xkey)
-    x = FeedWriter("NodeX", xkey, port=1)
-    x.configured()
-    x.link("NodeA")
-    chan = client.open_channel()
-    chan.settimeout(10)
-    try:  # A must know NodeX's key (from its node.configured) before it takes an offer
-        gossip.call(FrameStream(chan), CraftedStore(x.events))
-    finally:
-        chan.close()
-    wait_until(lambda: "NodeX" in {n["id"] for n in a.status()["nodes"]}, 10, "A to know NodeX")
-    yield Hostile(a, client, x)
+    yield Hostile(a, client, introduce_outsider(a, client, xkey))
     client.close()
 
 
