@@ -264,6 +264,17 @@ def _check_cancel(tid: str, origin: str, me: str, net: Network) -> None:
         raise _Refused(f"{tid} already failed ({tr.failed}); nothing to cancel")
 
 
+def _give_up(custody: Custody, tid: str, holds: dict[str, Any], holds_file: Holds) -> Answer:
+    """Cancel ``tid`` at its origin (checked by the caller): the file to ``failed/`` with
+    reason "cancelled" and ``transfer.failed``; a hold on it is dropped."""
+    queued = custody.queued_event(tid)
+    had_copy = custody.spool.data(tid).exists()
+    custody.expire(tid, "cancelled")
+    if holds.pop(tid, None) is not None:
+        holds_file.save(holds)
+    return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
+
+
 def _cancelled(tid: str, name: str, failed: Path, had_copy: bool) -> Answer:
     where = (f"{name} is in {failed}/ with its .reason" if had_copy
              else "no copy was here any more")
@@ -412,12 +423,7 @@ class Control:
             own = {t.id for t in net.all_transfers() if t.origin == custody.me}
             tid = resolve(prefix or "", set(origins) | own)
             _check_cancel(tid, origins.get(tid, custody.me), custody.me, net)
-        queued = custody.queued_event(tid)
-        had_copy = custody.spool.data(tid).exists()
-        custody.expire(tid, "cancelled")
-        if self.holds.pop(tid, None) is not None:
-            self._holds_file.save(self.holds)
-        return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
+        return _give_up(custody, tid, self.holds, self._holds_file)
 
     def _hold(self, prefix: str | None) -> Answer:
         custody = self.custody
@@ -632,12 +638,7 @@ def _offline(config: Config, op: str, transfer: str | None, all_: bool) -> Answe
             own = {t.id for t in net.all_transfers() if t.origin == me}
             tid = resolve(transfer or "", set(origins) | own)
             _check_cancel(tid, origins.get(tid, me), me, net)
-            queued = custody.queued_event(tid)
-            had_copy = custody.spool.data(tid).exists()
-            custody.expire(tid, "cancelled")
-            if holds.pop(tid, None) is not None:
-                holds_file.save(holds)
-            return _cancelled(tid, queued.data["name"] if queued else tid, config.failed, had_copy)
+            return _give_up(custody, tid, holds, holds_file)
         raise ValueError(f"unknown op {op!r}")
     finally:
         elog.close()
