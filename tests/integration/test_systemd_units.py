@@ -163,7 +163,7 @@ EXPECTED = {
     "Service.UMask": ["0007"],
     "Service.KillSignal": ["SIGTERM"],
     "Service.TimeoutStopSec": ["20"],
-    "Service.Environment": ["PYTHONUNBUFFERED=1"],
+    "Service.Environment": ["PYTHONUNBUFFERED=1", "MALLOC_ARENA_MAX=2"],
     "Service.NoNewPrivileges": ["yes"],
     "Service.ProtectSystem": ["strict"],
     "Service.ProtectHome": ["yes"],
