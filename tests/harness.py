@@ -22,7 +22,7 @@ from maildrop.cli import status_document
 from maildrop.config import load_config
 from maildrop.localnet import LocalNet, LocalNode, free_port
 
-__all__ = ["FAST", "Net", "Node", "free_port", "introduce_outsider", "offer_as_outsider",
+__all__ = ["FAST", "Net", "Node", "free_port", "gossip_as_outsider", "introduce_outsider", "offer_as_outsider",
            "sha256_of", "start_with_outsider", "wait_until", "write_random_file"]
 
 FAST = {
@@ -131,21 +131,29 @@ def introduce_outsider(node: Node, client: Any, key: Any) -> Any:
     """Gossip NodeX's ``node.configured`` and its link to ``node`` over ``client``, so that
     ``node`` knows NodeX's key (it takes offers only from known origins); returns X's feed
     writer (tests.factories.FeedWriter) to sign more."""
-    from maildrop import gossip
-    from maildrop.protocol import FrameStream
-    from tests.factories import CraftedStore, FeedWriter
+    from tests.factories import FeedWriter
 
     x = FeedWriter("NodeX", key, port=1)
     x.configured()
     x.link(node.name)
+    gossip_as_outsider(client, x.events)
+    wait_until(lambda: "NodeX" in node.known_nodes(), 10, f"{node.name} to know NodeX")
+    return x
+
+
+def gossip_as_outsider(client: Any, events: Iterable[Any]) -> Any:
+    """One gossip round over a new channel of ``client`` that offers exactly ``events``
+    (tests.factories.CraftedStore); returns the round's stats."""
+    from maildrop import gossip
+    from maildrop.protocol import FrameStream
+    from tests.factories import CraftedStore
+
     chan = client.open_channel()
     chan.settimeout(10)
     try:
-        gossip.call(FrameStream(chan), CraftedStore(x.events))
+        return gossip.call(FrameStream(chan), CraftedStore(list(events)))
     finally:
         chan.close()
-    wait_until(lambda: "NodeX" in node.known_nodes(), 10, f"{node.name} to know NodeX")
-    return x
 
 
 def offer_as_outsider(client: Any, queued: Any, body: bytes | None = None, *,

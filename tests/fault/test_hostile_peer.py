@@ -8,12 +8,11 @@ import struct
 
 import pytest
 
-from maildrop import gossip
 from maildrop.keys import generate_key
 from maildrop.protocol import FrameStream
 from maildrop.transport.ssh import HostKeyMismatch, PeerClient
-from tests.factories import CraftedStore, FeedWriter
-from tests.harness import start_with_outsider, wait_until
+from tests.factories import FeedWriter
+from tests.harness import gossip_as_outsider, start_with_outsider, wait_until
 
 
 @pytest.fixture
@@ -26,13 +25,6 @@ def hostile(make_net, tmp_path):
 
 
 
-def _gossip(client, events):
-    chan = client.open_channel()
-    chan.settimeout(10)
-    try:
-        return gossip.call(FrameStream(chan), CraftedStore(events))
-    finally:
-        chan.close()
 
 
 def _still_answers(client):
@@ -50,7 +42,7 @@ def test_forged_event_is_rejected_and_the_agent_stays_up(hostile):
     evil = FeedWriter("NodeX")  # another key signs an event claiming NodeX as origin
     evil.events = [good]
     forged = evil.link("NodeEvil")
-    stats = _gossip(client, [good, forged])
+    stats = gossip_as_outsider(client, [good, forged])
     assert stats.sent == 2
     wait_until(lambda: "bad signature" in a.log_path.read_text(), 10, "the rejection in A's log")
     st = a.status()
@@ -65,10 +57,10 @@ def test_a_fork_is_refused_and_reported(hostile):
     a, client, x = hostile
     e1 = x.configured()
     e2 = x.link("NodeA")
-    _gossip(client, [e1, e2])
+    gossip_as_outsider(client, [e1, e2])
     x.events = [e1]
     e2b = x.link("NodeQ")  # same seq, different fact, validly signed: a fork
-    _gossip(client, [e1, e2b])
+    gossip_as_outsider(client, [e1, e2b])
     wait_until(lambda: "NodeX" in a.status()["conflicts"], 10, "the fork to be reported")
     assert "fork" in a.status()["conflicts"]["NodeX"]
     assert a.running
@@ -80,7 +72,7 @@ def test_a_key_for_another_origin_cannot_sign_its_events(hostile):
     x.configured()
     fake_a = FeedWriter("NodeA")  # NodeX tries to write into NodeA's own feed
     fake_a.configured()
-    _gossip(client, x.events + fake_a.events)
+    gossip_as_outsider(client, x.events + fake_a.events)
     wait_until(lambda: "NodeX" in {n["id"] for n in a.status()["nodes"]}, 10, "X's real event")
     st = a.status()
     mine = next(n for n in st["nodes"] if n["id"] == "NodeA")

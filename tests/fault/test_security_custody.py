@@ -27,7 +27,13 @@ from maildrop.spool import Spool
 from maildrop.transfers import CLOCK_SKEW, Custody
 from maildrop.transport.ssh import PeerClient, SSHServer
 from tests.factories import CraftedStore, FeedWriter, node_key
-from tests.harness import free_port, offer_as_outsider, start_with_outsider, wait_until
+from tests.harness import (
+    free_port,
+    gossip_as_outsider,
+    offer_as_outsider,
+    start_with_outsider,
+    wait_until,
+)
 
 MiB = 2**20
 KEEP_LINKS_UP = {"gossip": {"link_down_after": "600s"}}  # A never declares its played peers down
@@ -35,13 +41,6 @@ KEEP_LINKS_UP = {"gossip": {"link_down_after": "600s"}}  # A never declares its 
 
 # ------------------------------------------------------------------------ helpers
 
-def _gossip(client, events):
-    chan = client.open_channel()
-    chan.settimeout(10)
-    try:
-        return gossip.call(FrameStream(chan), CraftedStore(events))
-    finally:
-        chan.close()
 
 
 def _ingested(node, events, timeout=15):
@@ -167,7 +166,7 @@ def test_f1_a_minted_node_cannot_end_anothers_transfer(outsider, end):
     minted.configured()
     minted.link("NodeX")
     x.link("-")
-    _gossip(client, x.events + minted.events)
+    gossip_as_outsider(client, x.events + minted.events)
     wait_until(lambda: "-" in a.known_nodes(), 15, "A to admit the minted node")
     a.drop("NodeZ", "keep.bin", b"the only copy\n")  # NodeZ is unknown: A holds it
     tid = wait_until(lambda: next((t["id"] for t in a.status()["transfers"]
@@ -179,12 +178,12 @@ def test_f1_a_minted_node_cannot_end_anothers_transfer(outsider, end):
         forged.append(minted.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "0" * 64, "name": "x"}))
     else:
         forged.append(minted.add(E.TRANSFER_FAILED, {"transfer": tid, "reason": "forged"}))
-    _gossip(client, forged)
+    gossip_as_outsider(client, forged)
     _ingested(a, forged)
     # A marker after the forged facts: once A made its folder, a relay pass (whose plan on
     # main dropped the copy within 0.1 s of the forged facts) ran with them in the model.
     marker = _linked(x, "NodeR")
-    _gossip(client, x.events + marker)
+    gossip_as_outsider(client, x.events + marker)
     wait_until((a.outbox / "NodeR").is_dir, 20, "a relay pass after the forged facts")
     assert _spool_data(a, tid).exists(), "A let go of its only copy"
     assert _transfer(a, tid, "NodeA")["state"] == "queued"
@@ -200,7 +199,7 @@ def test_f1_an_offer_cannot_replace_the_claim_a_relay_holds(outsider):
     y.link("NodeX")
     x.link("NodeY")
     z = _linked(x, "NodeZ", down=True)
-    _gossip(client, x.events + y.events + z)
+    gossip_as_outsider(client, x.events + y.events + z)
     wait_until(lambda: {"NodeY", "NodeZ"} <= a.known_nodes(), 15, "A to know NodeY and NodeZ")
     data = b"held at the relay\n"
     q = _queued(x, data, "NodeZ")
@@ -234,7 +233,7 @@ def _fds(node) -> int:
 
 def test_f6_aborted_offers_leak_no_file_handles_and_store_nothing(outsider):
     a, client, x = outsider()
-    _gossip(client, x.events)
+    gossip_as_outsider(client, x.events)
     wait_until(lambda: "NodeX" in a.known_nodes(), 15, "A to know NodeX")
     _offer(client, _queued(x, b"warm-up\n", "NodeA"), b"warm-up\n")  # paths warmed once
     before = _fds(a)
@@ -276,7 +275,7 @@ def test_f6_a_peers_queued_time_is_clamped_to_a_skew_bound(tmp_path):
 def test_f8_relay_copies_and_abandoned_parts_do_not_stay_forever(outsider):
     a, client, x = outsider({"transfers": {"expire_after": "3s"}})
     z = _linked(x, "NodeZ", down=True)
-    _gossip(client, x.events + z)
+    gossip_as_outsider(client, x.events + z)
     wait_until(lambda: "NodeZ" in a.known_nodes(), 15, "A to know NodeZ")
     held = os.urandom(1000)
     q1 = _queued(x, held, "NodeZ")  # NodeZ is known but unroutable: A holds it as a relay
@@ -302,7 +301,7 @@ def test_f8_relay_copies_and_abandoned_parts_do_not_stay_forever(outsider):
 
 def test_f9_garbage_after_a_resume_keeps_the_honest_part(outsider):
     a, client, x = outsider()
-    _gossip(client, x.events)
+    gossip_as_outsider(client, x.events)
     wait_until(lambda: "NodeX" in a.known_nodes(), 15, "A to know NodeX")
     data = os.urandom(400_000)
     q = _queued(x, data, "NodeA")
@@ -412,7 +411,7 @@ def test_f5_outbox_folders_only_for_nodes_a_route_reaches(outsider):
     far = [f"Far{i:02d}" for i in range(20)]
     unreachable = _linked(x, *far, down=True)
     marker = _linked(x, "NodeR")
-    _gossip(client, x.events + unreachable + marker)
+    gossip_as_outsider(client, x.events + unreachable + marker)
     wait_until((a.outbox / "NodeR").is_dir, 20, "A's folder for the reachable node")
     assert far[0] in a.known_nodes()
     assert sorted(p.name for p in a.outbox.iterdir()) == ["NodeR", "NodeX"]
