@@ -61,6 +61,7 @@ TRANSFER_QUEUED = "transfer.queued"
 TRANSFER_RELAYED = "transfer.relayed"
 TRANSFER_DELIVERED = "transfer.delivered"
 TRANSFER_FAILED = "transfer.failed"
+TRANSFER_REFUSED = "transfer.refused"
 
 
 def canonical(obj: Any) -> bytes:
@@ -160,6 +161,9 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     TRANSFER_RELAYED: {"transfer": _tid, "from": _node},
     TRANSFER_DELIVERED: {"transfer": _tid, "sha256": _hex64, "name": _name},
     TRANSFER_FAILED: {"transfer": _tid, "reason": _text(500)},
+    # A custodian reports that ``by`` refused the transfer for good; only the origin acts on it.
+    TRANSFER_REFUSED: {"transfer": _tid, "origin": _node, "by": _node, "reason": _text(64),
+                       "detail": _text(500)},
 }
 
 

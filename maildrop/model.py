@@ -58,6 +58,8 @@ class TransferInfo:
     handoffs: set[tuple[str, str]] = field(default_factory=set)  # (node that took custody, from whom)
     receipts: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (by, sha256): (ts, name)
     failures: dict[str, str] = field(default_factory=dict)  # by who: reason
+    # (claim's origin, reporting custodian) -> (refusing node, reason, detail): the least one
+    refusals: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)
 
     @property
     def delivered(self) -> tuple[str, str] | None:
@@ -70,6 +72,14 @@ class TransferInfo:
     def failed(self) -> str | None:
         """The failure, counted only when the origin itself wrote it."""
         return self.failures.get(self.origin) if self.origin else None
+
+    def refusal_from(self, reporter: str) -> tuple[str, str, str] | None:
+        """(refusing node, reason, detail) as ``reporter`` signed it about this claim, or
+        None. Only the node a holder handed the transfer to is asked (the holder knows whom
+        it handed it to; signed custody alone cannot prove who handed a copy to whom)."""
+        if self.origin is None:
+            return None
+        return self.refusals.get((self.origin, reporter))
 
     @property
     def state(self) -> str:
@@ -123,7 +133,8 @@ class Network:
             if cur is None or ev.seq < cur.queued_seq:  # type: ignore[operator]
                 mine[ev.origin] = TransferInfo(
                     d["transfer"], ev.origin, d["destination"], d["name"], d["size"], d["sha256"],
-                    ev.ts, ev.seq, facts.custody, facts.handoffs, facts.receipts, facts.failures)
+                    ev.ts, ev.seq, facts.custody, facts.handoffs, facts.receipts, facts.failures,
+                    facts.refusals)
         elif t == E.TRANSFER_RELAYED:
             facts = self._facts_of(d["transfer"])
             cur = facts.custody.get(ev.origin)
@@ -139,6 +150,11 @@ class Network:
             failures = self._facts_of(d["transfer"]).failures
             if ev.origin not in failures or d["reason"] < failures[ev.origin]:
                 failures[ev.origin] = d["reason"]
+        elif t == E.TRANSFER_REFUSED:
+            refusals = self._facts_of(d["transfer"]).refusals
+            key, mine = (d["origin"], ev.origin), (d["by"], d["reason"], d["detail"])
+            if key not in refusals or mine < refusals[key]:
+                refusals[key] = mine
 
     @staticmethod
     def _latest(table: dict, key: tuple[str, str], value: tuple) -> None:

@@ -22,7 +22,7 @@ def _random_feeds(rnd: random.Random) -> list:
     for _ in range(rnd.randint(5, 40)):
         who = feeds[rnd.choice(NODES)]
         other = rnd.choice([n for n in NODES if n != who.origin])
-        kind = rnd.choice(["cfg", "rm", "up", "down", "q", "rel", "dlv", "fail", "reconf"])
+        kind = rnd.choice(["cfg", "rm", "up", "down", "q", "rel", "dlv", "fail", "ref", "reconf"])
         tid = rnd.choice(TIDS)
         if kind == "cfg":
             who.add(E.LINK_CONFIGURED, {"peer": other})
@@ -41,9 +41,18 @@ def _random_feeds(rnd: random.Random) -> list:
             who.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "0" * 64, "name": "f.txt"})
         elif kind == "fail":
             who.add(E.TRANSFER_FAILED, {"transfer": tid, "reason": rnd.choice(["expired", "rejected"])})
+        elif kind == "ref":
+            who.add(E.TRANSFER_REFUSED, {"transfer": tid, "origin": rnd.choice(NODES), "by": other,
+                                         "reason": rnd.choice(["too-large", "failed"]), "detail": "x"})
         else:
             who.configured(address=f"127.0.0.1:{rnd.randint(1, 9)}")
     return [ev for f in feeds.values() for ev in f.events]
+
+
+def _refusals(net) -> dict:
+    """Every claim's refusal as each node reported it (not part of ``as_dict``)."""
+    return {(t.id, t.origin, n): r for t in net.all_transfers() for n in NODES
+            if (r := t.refusal_from(n)) is not None}
 
 
 @settings(max_examples=60, deadline=None)
@@ -54,6 +63,7 @@ def test_fold_is_the_same_for_any_order_of_the_same_set(seed, order, dup):
     order.shuffle(shuffled)
     a, b = fold(events), fold(shuffled)
     assert a.as_dict() == b.as_dict()
+    assert _refusals(a) == _refusals(b)
     assert {n: r for n in NODES for r in [route(a, "NodeA", n)]} == {
         n: r for n in NODES for r in [route(b, "NodeA", n)]
     }
@@ -149,6 +159,45 @@ def test_f1_a_rival_claim_can_end_only_itself():
     assert net.transfer(tid, "NodeA").state == "queued"
     net.apply(e.add(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": "1" * 64, "name": "r.pdf"}))
     assert net.transfer(tid, "NodeA").state == "delivered"
+
+
+def test_a_refusal_is_kept_per_claim_and_per_reporter_and_read_only_for_the_one_asked():
+    tid, a, e, m = _claims_world()
+    b, d = FeedWriter("NodeB"), FeedWriter("NodeD")
+    for f in (b, d):
+        f.configured()
+
+    def report(f, origin="NodeA", reason="too-large", detail="12 > 10 bytes"):
+        return f.add(E.TRANSFER_REFUSED, {"transfer": tid, "origin": origin, "by": "NodeE",
+                                          "reason": reason, "detail": detail})
+
+    bystander = report(d, reason="not-accepted")  # D never took custody
+    early = report(b)  # B reports before its custody fact is known
+    rival = report(b, origin="-", reason="not-accepted")  # about the rival claim
+    custody = b.add(E.TRANSFER_RELAYED, {"transfer": tid, "from": "NodeA"})
+    second = report(b, reason="bad-offer", detail="x")  # a second report: the least one wins
+    base = [*a.events, *e.events, *m.events]
+    every = [*base, bystander, early, rival, custody, second]
+    for events in (every, list(reversed(every))):
+        net = fold(events)
+        mine = net.transfer(tid, "NodeA")
+        assert mine.refusal_from("NodeB") == ("NodeE", "bad-offer", "x")  # min of B's two reports
+        # The model keeps every reporter's word; whom to believe is the holder's choice (it
+        # asks only the hop it handed the transfer to): D's report is D's, never B's.
+        assert mine.refusal_from("NodeD") == ("NodeE", "not-accepted", "12 > 10 bytes")
+        assert mine.refusal_from("NodeC") is None and mine.refusal_from("NodeE") is None
+        assert mine.state == "relayed"  # a report is no end state: only the origin's failure is
+        assert net.transfer(tid, "-").refusal_from("NodeB") == ("NodeE", "not-accepted", "12 > 10 bytes")
+        assert net.transfer(tid, "-").refusal_from("NodeD") is None  # D reported on A's claim only
+    net = fold([*base, custody])
+    assert net.transfer(tid, "NodeA").refusal_from("NodeB") is None  # custody alone reports nothing
+    # A report that arrives before any claim on the id counts once the claim does.
+    net = fold([early])
+    assert net.transfer(tid, "NodeA") is None
+    assert net.all_transfers()[0].refusal_from("NodeB") is None  # no claim: no origin to match
+    for ev in base:
+        net.apply(ev)
+    assert net.transfer(tid, "NodeA").refusal_from("NodeB") == ("NodeE", "too-large", "12 > 10 bytes")
 
 
 def test_f9_custody_is_only_custody_and_handoffs_name_the_sender():
