@@ -2,8 +2,10 @@
 
 A frame is ``u32 big-endian header length | header | body``. The header is a canonical JSON
 object with ``"v"`` (protocol version, first thing checked) and ``"op"``; when a body
-follows, ``"len"`` gives its length. Headers are at most 64 KiB, bodies at most 8 MiB. After
-an ``accept`` the sender streams the file's raw bytes (no framing) — see docs/protocol.md.
+follows, ``"len"`` gives its length. Headers are at most 64 KiB, bodies at most 8 MiB. An
+``offer`` carries up to ``MAX_BATCH`` files; after the ``answers`` the sender streams the
+accepted files' raw bytes back to back (no framing), and one ``stored`` answers for them
+all — see docs/protocol.md.
 
 A bad frame, an unknown op, a wrong version or a field of the wrong type raises
 ProtocolError — whatever the peer sent (JSON nested past the stack included), never
@@ -24,9 +26,14 @@ from typing import Any, Protocol
 from .errors import ProtocolError
 from .events import brief, canonical
 
-VERSION = 1
+VERSION = 2
 MAX_HEADER = 64 * 1024
 MAX_BODY = 8 * 1024 * 1024
+MAX_BATCH = 64
+"""Files in one offer at most. Each file's signed queued event and route take about 700
+bytes of the offer's header, which must stay under MAX_HEADER; a sender also stops adding
+files once the header would pass ``OFFER_BUDGET``."""
+OFFER_BUDGET = 48 * 1024
 _LEN = struct.Struct(">I")
 
 # op -> {field: type}. Every op may also carry "v", "op" and (with a body) "len".
@@ -36,11 +43,10 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "gossip": {"vv": dict},
     "events": {"more": bool, "count": int},
     "gossip.done": {"accepted": int, "rejected": int},
-    "offer": {"transfer": str, "queued": dict, "route": list},
-    "accept": {"offset": int},
-    "have": {},
+    "offer": {"files": list},
+    "answers": {"answers": list},
     "refuse": {"reason": str, "detail": str},
-    "stored": {},
+    "stored": {"results": list},
     "ping": {},
     "pong": {},
     "error": {"reason": str},
@@ -49,6 +55,36 @@ _OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
     "events": {"vv": dict},
     "offer": {"cut_through": bool},
 }
+
+
+# The per-file words inside ``answers`` and ``stored``: {"a": kind, ...fields}.
+ANSWERS: dict[str, dict[str, type]] = {
+    "accept": {"offset": int},
+    "have": {},
+    "pending": {"detail": str},
+    "refuse": {"reason": str, "detail": str},
+}
+RESULTS: dict[str, dict[str, type]] = {
+    "stored": {},
+    "pending": {"detail": str},
+    "refuse": {"reason": str, "detail": str},
+}
+
+
+def check_list(items: Any, n: int, kinds: dict[str, dict[str, type]], what: str) -> list[dict[str, Any]]:
+    """Validate the ``n`` per-file words of an ``answers`` or ``stored`` frame against
+    ``kinds``; return them, or raise ProtocolError naming what is wrong."""
+    if not isinstance(items, list) or len(items) != n:
+        raise ProtocolError(f"{what}: expected {n} entries")
+    for w in items:
+        kind = w.get("a") if isinstance(w, dict) else None
+        if not isinstance(kind, str) or kind not in kinds:
+            raise ProtocolError(f"{what}: unknown entry {brief(kind)}")
+        for name, typ in kinds[kind].items():
+            val = w.get(name)
+            if not isinstance(val, typ) or (typ is int and isinstance(val, bool)):
+                raise ProtocolError(f"{what}: {kind} field {name!r} missing or of the wrong type")
+    return items
 
 
 class Stream(Protocol):
@@ -99,6 +135,8 @@ def check_header(header: Any, expect: Collection[str] | None = None) -> str:
     for name, typ in _OPTIONAL.get(op, {}).items():
         if name in header and not isinstance(header[name], typ):
             raise ProtocolError(f"{op}: field {name!r} has the wrong type")
+    if op == "offer" and not 1 <= len(header["files"]) <= MAX_BATCH:
+        raise ProtocolError(f"offer: 1 to {MAX_BATCH} files")
     return op
 
 

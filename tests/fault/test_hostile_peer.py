@@ -83,7 +83,7 @@ def test_a_key_for_another_origin_cannot_sign_its_events(hostile):
 @pytest.mark.parametrize("raw, reason", [
     (b"\xff\xff\xff\xff", "header length"),
     (struct.pack(">I", 7) + b"garbage", "not JSON"),
-    (struct.pack(">I", 24) + b'{"op":"shell","v":1}    ', "unknown op"),
+    (struct.pack(">I", 24) + b'{"op":"shell","v":2}    ', "unknown op"),
     (struct.pack(">I", 25) + b'{"op":"ping","v":99}     ', "version"),
 ])
 def test_malformed_frames_close_that_channel_only(hostile, raw, reason):

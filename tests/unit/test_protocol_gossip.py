@@ -42,7 +42,7 @@ def test_frame_round_trip_with_body():
         (struct.pack(">I", 0), "header length 0"),
         (struct.pack(">I", 10**8), "header length"),
         (struct.pack(">I", 5) + b"nope!", "not JSON"),
-        (struct.pack(">I", 19) + b'{"op":"ping","v":2}', "version 2 not supported"),
+        (struct.pack(">I", 19) + b'{"op":"ping","v":1}', "version 1 not supported"),
         (struct.pack(">I", 2) + b"[]", "not a JSON object"),
     ],
 )
@@ -55,11 +55,11 @@ def test_bad_frames_raise_protocol_error(raw, reason):
 
 def test_unknown_op_wrong_type_and_unexpected_op():
     x, y, (a, _) = pair()
-    a.sendall(struct.pack(">I", 22) + b'{"op":"shell","v":1}  ')
+    a.sendall(struct.pack(">I", 22) + b'{"op":"shell","v":2}  ')
     with pytest.raises(ProtocolError, match="unknown op"):
         y.recv()
     x, y, _ = pair()
-    x.send("accept", offset="zero")
+    x.send("answers", answers="none")
     with pytest.raises(ProtocolError, match="wrong type"):
         y.recv()
     x, y, _ = pair()
