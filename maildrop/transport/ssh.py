@@ -9,8 +9,9 @@ Must not import the agent or another edge (eventlog, spool, watcher): the agent 
 ``ChannelHandler`` and passes it in.
 
 Layout: errors and ``is_transient``; policy (``_PeerKeys``, ``_ChannelLedger`` and the
-paramiko callbacks in ``_ServerSession``); plumbing (sockets, threads: ``SSHServer``,
-``_MaildropSubsystem``, ``PeerClient``, ``_CountingSocket``, ``_Pending`` and
+paramiko callbacks in ``_ServerSession``, the client's timeouts in ``_Liveness``); plumbing
+(sockets, threads: ``SSHServer``, ``_MaildropSubsystem``, ``PeerClient`` and its single-flight
+``_Attempt``, ``_CountingSocket``, ``_Pending`` and
 ``_EvictionLog`` for the connections waiting to log in, and ``_Transport``, which works
 around a paramiko rekey livelock, starts channel handlers only once the request that
 started them has been answered, and reads through ``_Packetizer``, which bounds packets).
@@ -86,11 +87,17 @@ PREFERRED_CIPHERS = (
     "aes192-ctr",
     "aes256-ctr",
 )
-CLIENT_KEEPALIVE = 15  # seconds between SSH keepalives (keeps NAT mappings alive)
 TCP_KEEPIDLE = 30  # TCP keepalive: dead peer noticed after ~IDLE + INTVL * CNT seconds
 TCP_KEEPINTVL = 10
 TCP_KEEPCNT = 3
-TCP_USER_TIMEOUT_MS = 60_000  # unacknowledged data for this long: the connection is dead
+# Liveness of the client's connections derives from one number, ``PeerClient.silence_after``
+# (the agent passes gossip.link_down_after): see ``_Liveness``. The server's sockets keep this
+# fixed TCP_USER_TIMEOUT (unacknowledged data for this long: the connection is dead).
+SERVER_TCP_USER_TIMEOUT = 60.0
+DEFAULT_SILENCE_AFTER = 15.0  # seconds; config.DEFAULT_LINK_DOWN_AFTER
+MAX_CONNECT_TIMEOUT = 10.0
+MIN_CONNECT_TIMEOUT = 1.0  # one SSH handshake on a loaded machine; never less than this
+MIN_KEEPALIVE = 1.0
 
 PREAUTH_MAX_PACKET = 35_000  # RFC 4253 6.1: the packet size every implementation must take
 MAX_WIRE_PACKET = 256 * 1024  # after login; OpenSSH's own limit, 2x our channels' MAX_PACKET_SIZE
@@ -200,20 +207,57 @@ def _fingerprint(blob: bytes) -> str:
     return f"SHA256:{digest}"
 
 
-def _tune_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (paramiko never sets it: ~40 ms Nagle stalls) and TCP keepalive."""
+def _tune_socket(sock: socket.socket, user_timeout: float) -> None:
+    """TCP_NODELAY (paramiko never sets it: ~40 ms Nagle stalls), TCP keepalive, and
+    TCP_USER_TIMEOUT of ``user_timeout`` seconds (data unacknowledged that long, or a zero
+    window that long: the kernel ends the connection)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", TCP_KEEPIDLE),
         ("TCP_KEEPINTVL", TCP_KEEPINTVL),
         ("TCP_KEEPCNT", TCP_KEEPCNT),
-        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
     ):
-        option = getattr(socket, name, None)
-        if option is not None:
-            with contextlib.suppress(OSError):  # not every kernel has every option
-                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        _set_tcp_option(sock, name, value)
+    _set_user_timeout(sock, user_timeout)
+
+
+def _set_user_timeout(sock: object, seconds: float) -> None:
+    _set_tcp_option(sock, "TCP_USER_TIMEOUT", max(1, round(seconds * 1000)))
+
+
+def _set_tcp_option(sock: object, name: str, value: int) -> None:
+    option = getattr(socket, name, None)
+    if option is not None:
+        with contextlib.suppress(OSError):  # not every kernel has every option
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class _Liveness:
+    """The client's timeouts, all derived from ``silence_after`` (L): TCP_USER_TIMEOUT = L;
+    an SSH keepalive after max(1, L/3) s without sending, so an idle connection always has
+    data in flight and a peer that vanished (no ACKs) is cut by the kernel within ~4/3 L;
+    one connection attempt (TCP connect, SSH handshake, login) within min(10, L/2) s, at
+    least 1 s. A peer that is gone while its kernel still ACKs (a frozen process) is not
+    seen here: the callers' channel read timeouts (``PeerClient.silence_after``) see it."""
+
+    silence_after: float
+    connect_timeout: float
+    keepalive: float
+
+    @classmethod
+    def of(cls, silence_after: float, connect_timeout: float | None = None) -> _Liveness:
+        if not silence_after > 0:
+            raise ValueError(f"silence_after must be > 0 seconds, not {silence_after!r}")
+        if connect_timeout is None:
+            connect_timeout = max(MIN_CONNECT_TIMEOUT, min(MAX_CONNECT_TIMEOUT, silence_after / 2))
+        return cls(silence_after, connect_timeout, max(MIN_KEEPALIVE, silence_after / 3))
+
+    def apply(self, transport: paramiko.Transport) -> None:
+        """Set the keepalive and TCP_USER_TIMEOUT of a (live) client connection."""
+        transport.set_keepalive(self.keepalive)  # type: ignore[arg-type]  # float works
+        _set_user_timeout(transport.sock, self.silence_after)
 
 
 def _answer_then_start(chan: paramiko.Channel, m: paramiko.Message) -> None:
@@ -964,7 +1008,7 @@ class SSHServer:
         transport: paramiko.Transport | None = None
         try:
             sock.setblocking(True)
-            _tune_socket(sock)
+            _tune_socket(sock, SERVER_TCP_USER_TIMEOUT)
             transport = _new_transport(sock)
             entry.transport = transport
             transport.add_server_key(self._host_key)
@@ -1070,10 +1114,49 @@ class _CountingSocket:
         return getattr(self._sock, name)
 
 
+@dataclass(eq=False)
+class _Attempt:
+    """One connection attempt of a ``PeerClient``: made by a thread of its own, awaited by
+    every caller that needs the connection while it runs (single flight).
+
+    ``transport`` or ``error`` (exactly one) is written once, under the client's lock, just
+    before ``done`` is set, and read only after ``done``. ``sock`` is the attempt's TCP
+    socket while its handshake runs (guarded by the client's lock), so that ``close`` can
+    cut the handshake short.
+    """
+
+    peer_blob: bytes  # the host key pinned when the attempt started
+    liveness: _Liveness
+    done: threading.Event = field(default_factory=threading.Event)
+    transport: paramiko.Transport | None = None
+    error: MaildropError | None = None
+    sock: socket.socket | None = None
+
+    def outcome(self) -> paramiko.Transport:
+        """The connection made, or a copy of the attempt's error (each caller raises its
+        own: one exception object raised in several threads would share a traceback)."""
+        if self.transport is not None:
+            return self.transport
+        assert self.error is not None
+        raise type(self.error)(str(self.error)) from None
+
+
 class PeerClient:
     """One long-lived, pinned, authenticated SSH connection to one peer, handing out
     ``maildrop`` channels. Thread-safe: many threads may call ``open_channel`` at once;
     they share the connection. A dropped connection is re-made on the next call.
+
+    Connecting is single-flight and holds no lock across network I/O: the first caller
+    that finds no live connection starts one attempt on a thread of its own (``_Attempt``);
+    it and every caller that comes while it runs wait for that attempt's outcome, each for
+    at most its own timeout, and none starts another. An attempt ends within
+    ``connect_timeout``. ``close`` and ``set_peer_key`` never wait: they cut the attempt
+    in progress (its waiters get PeerUnreachable at once; a connection it still makes is
+    closed, never used).
+
+    Liveness: ``silence_after`` (the agent passes gossip.link_down_after, and sets it again
+    on reload) gives TCP_USER_TIMEOUT, the SSH keepalive and the connect timeout (see
+    ``_Liveness``); callers use it as the read timeout of their channels.
 
     Key rotation: ``fallback`` keys (this node's key before a rotation) are offered only
     when the peer refuses ``key``, so a peer that has not learned the rotation yet still
@@ -1089,24 +1172,34 @@ class PeerClient:
         address: tuple[str, int],
         peer_key: str,
         *,
-        connect_timeout: float = 10.0,
+        silence_after: float = DEFAULT_SILENCE_AFTER,
+        connect_timeout: float | None = None,
         logger: logging.Logger | None = None,
         fallback: Sequence[NodeKey] = (),
     ) -> None:
+        """``connect_timeout``: a fixed budget per connection attempt (``maildrop check``);
+        None derives it from ``silence_after``. ValueError if ``silence_after`` is not > 0."""
         _quiet_paramiko()
         self.node_id = node_id
         self.peer_id = peer_id
         self.address = address
         try:
-            self._peer_blob = _key_blob(peer_key)
+            peer_blob = _key_blob(peer_key)
         except ValueError as exc:
             raise ConfigError(f"configured key of peer {peer_id}: {exc}") from None
         self._pkey = _load_pkey(key)
         self._fallback = [_load_pkey(k) for k in fallback]
-        self._connect_timeout = connect_timeout
+        self._fixed_connect_timeout = connect_timeout
         self._log = logger or logging.getLogger(__name__)
+        # Guards _peer_blob, _liveness, _transport, _attempt (and an attempt's ``sock``).
+        # Held only to read or swap them, to apply liveness options to the live connection
+        # and to shut an attempt's socket down: none of which waits for the network. Never
+        # held across a connect, a handshake, a login or a channel open.
         self._lock = threading.Lock()
+        self._peer_blob = peer_blob
+        self._liveness = _Liveness.of(silence_after, connect_timeout)
         self._transport: paramiko.Transport | None = None
+        self._attempt: _Attempt | None = None
         self._bytes = _ByteCounter()
 
     @property
@@ -1124,19 +1217,41 @@ class PeerClient:
         transport = self._transport
         return transport is not None and transport.is_active() and transport.is_authenticated()
 
-    def connect(self) -> None:
-        """Make sure there is a live, verified, authenticated connection. Idempotent.
-        Raises PeerUnreachable, HostKeyMismatch, AuthRefused or PeerIncompatible."""
+    @property
+    def silence_after(self) -> float:
+        """Seconds without a word from the peer after which a channel counts as dead:
+        callers set it as their channels' read timeout. Setting it (a reload) applies to
+        the live connection at once (keepalive, TCP_USER_TIMEOUT) and to later attempts."""
+        return self._liveness.silence_after
+
+    @silence_after.setter
+    def silence_after(self, seconds: float) -> None:
+        liveness = _Liveness.of(seconds, self._fixed_connect_timeout)
         with self._lock:
-            self._connect_locked()
+            if liveness == self._liveness:
+                return
+            self._liveness = liveness
+            self._apply_locked(self._transport)
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds one connection attempt (TCP connect, SSH handshake, login) may take."""
+        return self._liveness.connect_timeout
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Make sure there is a live, verified, authenticated connection. Idempotent.
+        Waits at most ``timeout`` seconds (None: the attempt's own ``connect_timeout``).
+        Raises PeerUnreachable (also when the wait ends first), HostKeyMismatch,
+        AuthRefused or PeerIncompatible."""
+        self._connection(timeout)
 
     def open_channel(self, timeout: float = 10.0) -> Stream:
-        """A new channel running the peer's ``maildrop`` subsystem (connects if needed).
-        The channel has no I/O timeout: callers set one. Raises PeerUnreachable
-        (ChannelRefused when the peer refuses the channel), or the permanent errors of
-        ``connect``."""
-        with self._lock:
-            transport = self._connect_locked()
+        """A new channel running the peer's ``maildrop`` subsystem. Waits at most
+        ``timeout`` for a connection (see ``connect``), then at most ``timeout`` each for
+        the channel and the subsystem's answer. The channel has no I/O timeout: callers set
+        one (``silence_after``). Raises PeerUnreachable (ChannelRefused when the peer
+        refuses the channel), or the permanent errors of ``connect``."""
+        transport = self._connection(timeout)
         where = f"peer {self.peer_id} at {self._where()}"
         try:
             channel = transport.open_session(timeout=timeout)
@@ -1171,15 +1286,17 @@ class PeerClient:
         return channel
 
     def close(self) -> None:
-        """Close the connection (open channels with it). A later call reconnects."""
+        """Close the connection (open channels with it) and cut an attempt in progress.
+        Does not wait for the network. A later call reconnects."""
         with self._lock:
             transport, self._transport = self._transport, None
+            self._cancel_locked("the client was closed")
         if transport is not None:
             transport.close()
 
     def set_peer_key(self, peer_key: str) -> None:
-        """Pin ``peer_key`` as the peer's host key from now on; a connection made under the
-        old pin is closed (the next call reconnects and checks the new one)."""
+        """Pin ``peer_key`` as the peer's host key from now on; a connection made (or being
+        made) under the old pin is closed (the next call reconnects and checks the new one)."""
         try:
             blob = _key_blob(peer_key)
         except ValueError as exc:
@@ -1189,6 +1306,7 @@ class PeerClient:
                 return
             self._peer_blob = blob
             transport, self._transport = self._transport, None
+            self._cancel_locked("the peer's pinned host key changed")
         if transport is not None:
             transport.close()
 
@@ -1197,79 +1315,172 @@ class PeerClient:
     def _where(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
-    def _connect_locked(self) -> paramiko.Transport:
-        transport = self._transport
-        if transport is not None:
-            if transport.is_active() and transport.is_authenticated():
+    def _connection(self, timeout: float | None) -> paramiko.Transport:
+        """The live connection, or the outcome of the attempt in progress (started here if
+        there is none), waited for at most ``timeout`` seconds."""
+        start = False
+        with self._lock:
+            transport = self._transport
+            if transport is not None and transport.is_active() and transport.is_authenticated():
                 return transport
-            transport.close()
             self._transport = None
+            attempt = self._attempt
+            if attempt is None:
+                attempt = self._attempt = _Attempt(self._peer_blob, self._liveness)
+                start = True
+        if transport is not None:
+            transport.close()  # dead: its thread has ended or is ending
+        if start:
+            try:
+                threading.Thread(target=self._attempt_connect, args=(attempt,),
+                                 name=f"maildrop-ssh-connect-{self.peer_id}", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had
+                with self._lock:
+                    self._settle_locked(attempt, None, PeerUnreachable(
+                        f"peer {self.peer_id} at {self._where()}: cannot start a connection attempt ({exc})"))
+        wait = attempt.liveness.connect_timeout + 1.0 if timeout is None else timeout
+        if not attempt.done.wait(wait):
+            raise PeerUnreachable(f"peer {self.peer_id} at {self._where()}: not connected within "
+                                  f"{wait:g}s (a connection attempt is in progress)")
+        return attempt.outcome()
+
+    def _cancel_locked(self, why: str) -> None:
+        """End the attempt in progress, if any: its waiters get PeerUnreachable now, its
+        handshake is cut (the socket shut down: paramiko's reads see EOF)."""
+        attempt, self._attempt = self._attempt, None
+        if attempt is None:
+            return
+        self._settle_locked(attempt, None, PeerUnreachable(
+            f"peer {self.peer_id} at {self._where()}: connection attempt ended ({why})"))
+        if attempt.sock is not None:
+            with contextlib.suppress(OSError):
+                attempt.sock.shutdown(socket.SHUT_RDWR)
+
+    def _settle_locked(self, attempt: _Attempt, transport: paramiko.Transport | None,
+                       error: MaildropError | None) -> bool:
+        """Record ``attempt``'s outcome and wake its waiters; False (nothing changed) when
+        it has one already (it was cut). A connection made becomes the client's."""
+        if attempt.done.is_set():
+            return False
+        if self._attempt is attempt:
+            self._attempt = None
+        attempt.transport, attempt.error = transport, error
+        if transport is not None:
+            self._transport = transport
+            self._apply_locked(transport)
+        attempt.done.set()
+        return True
+
+    def _apply_locked(self, transport: paramiko.Transport | None) -> None:
+        if transport is not None:
+            with contextlib.suppress(Exception):  # it may be closing under us
+                self._liveness.apply(transport)
+
+    def _attempt_connect(self, attempt: _Attempt) -> None:
+        """An attempt's thread: connect within its budget, settle the outcome, and close
+        what lost (a connection made after ``close`` cut the attempt, or a failed one)."""
         where = f"peer {self.peer_id} at {self._where()}"
-        timeout = self._connect_timeout
+        budget = attempt.liveness.connect_timeout
+        deadline = time.monotonic() + budget
+        sock: socket.socket | None = None
+        transport: paramiko.Transport | None = None
+        error: MaildropError | None = None
         try:
-            sock = socket.create_connection(self.address, timeout=timeout)
+            sock = socket.create_connection(self.address, timeout=budget)
         except OSError as exc:
-            raise PeerUnreachable(f"cannot reach {where}: {exc.strerror or _reason(exc)}") from None
-        try:
-            _tune_socket(sock)
-            transport = _new_transport(_CountingSocket(sock, self._bytes))
-        except Exception:
+            error = PeerUnreachable(f"cannot reach {where}: {exc.strerror or _reason(exc)}")
+        if sock is not None:
+            with self._lock:
+                cut = attempt.done.is_set()
+                if not cut:
+                    attempt.sock = sock
+            try:
+                if cut:
+                    error = PeerUnreachable(f"{where}: connection attempt ended")
+                else:
+                    _tune_socket(sock, attempt.liveness.silence_after)
+                    transport = _new_transport(_CountingSocket(sock, self._bytes))
+                    self._handshake(transport, attempt, deadline)
+            except MaildropError as exc:
+                error = exc
+            except Exception as exc:  # a bug: say so; the callers see a transient error
+                self._log.error("ssh.client.connect-crashed peer=%s", self.peer_id, exc_info=True)
+                error = PeerUnreachable(f"{where}: connection attempt failed ({_reason(exc)})")
+            finally:
+                with self._lock:
+                    attempt.sock = None  # close() no longer touches it: ours to close
+        with self._lock:
+            won = self._settle_locked(attempt, transport if error is None else None, error)
+        if won and error is None:
+            assert transport is not None
+            self._log.debug("ssh.client.connected peer=%s addr=%s cipher=%s",
+                            self.peer_id, self._where(), transport.local_cipher)
+            return
+        self._log.debug("ssh.client.connect-failed peer=%s error=%s", self.peer_id,
+                        _reason(error) if won else "cut by close")
+        if transport is not None:
+            transport.close()  # a no-op when it never started, hence the close below
+        if sock is not None:
             sock.close()
-            raise
-        transport.banner_timeout = timeout
-        transport.auth_timeout = timeout
+
+    def _handshake(self, transport: paramiko.Transport, attempt: _Attempt, deadline: float) -> None:
+        """SSH handshake, host key check and login on a new connection, by ``deadline``.
+        Raises PeerUnreachable, HostKeyMismatch, AuthRefused or PeerIncompatible; the
+        caller closes the connection on any error."""
+        where = f"peer {self.peer_id} at {self._where()}"
+        budget = attempt.liveness.connect_timeout
+
+        def left() -> float:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerUnreachable(f"{where}: no SSH connection within {budget:g}s")
+            return remaining
+
+        transport.banner_timeout = left()
         # Our peers have ed25519 host keys; ask for exactly that one, then compare it.
         transport.get_security_options().key_types = ("ssh-ed25519",)
         try:
-            try:
-                transport.start_client(timeout=timeout)
-            except paramiko.IncompatiblePeer as exc:
-                raise PeerIncompatible(f"{where}: incompatible SSH peer ({exc})") from None
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise PeerUnreachable(f"{where}: SSH handshake failed ({_reason(exc)})") from None
+            transport.start_client(timeout=left())
+        except paramiko.IncompatiblePeer as exc:
+            raise PeerIncompatible(f"{where}: incompatible SSH peer ({exc})") from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise PeerUnreachable(f"{where}: SSH handshake failed ({_reason(exc)})") from None
+        if not transport.is_active() or not transport.initial_kex_done:
+            raise PeerUnreachable(f"{where}: SSH handshake did not finish in {budget:g}s")
+        presented = transport.get_remote_server_key().asbytes()
+        if presented != attempt.peer_blob:
+            raise HostKeyMismatch(
+                f"{where} presented host key {_fingerprint(presented)}, but its configured "
+                f"key is {_fingerprint(attempt.peer_blob)}; refusing to connect "
+                f"(fix the peer's key in the config if it really changed)"
+            )
+        try:
+            remaining = self._login(transport, left)
+        except paramiko.AuthenticationException as exc:
             if not transport.is_active():
-                raise PeerUnreachable(f"{where}: SSH handshake did not finish in {timeout:g}s")
-            presented = transport.get_remote_server_key().asbytes()
-            if presented != self._peer_blob:
-                raise HostKeyMismatch(
-                    f"{where} presented host key {_fingerprint(presented)}, but its configured "
-                    f"key is {_fingerprint(self._peer_blob)}; refusing to connect "
-                    f"(fix the peer's key in the config if it really changed)"
-                )
-            try:
-                remaining = self._login(transport)
-            except paramiko.AuthenticationException as exc:
-                if not transport.is_active():
-                    # paramiko says "Authentication failed: transport shut down or saw EOF"
-                    # when the peer hung up mid-login (e.g. its login deadline passed on a
-                    # loaded machine): that is no verdict on our key.
-                    raise PeerUnreachable(
-                        f"{where}: connection closed during authentication ({_reason(exc)})"
-                    ) from None
-                raise AuthRefused(
-                    f"{where} refused our key for node {self.node_id} ({_reason(exc)}); "
-                    f"is our public key configured there?"
+                # paramiko says "Authentication failed: transport shut down or saw EOF"
+                # when the peer hung up mid-login (e.g. its login deadline passed on a
+                # loaded machine): that is no verdict on our key.
+                raise PeerUnreachable(
+                    f"{where}: connection closed during authentication ({_reason(exc)})"
                 ) from None
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise PeerUnreachable(f"{where}: authentication did not finish ({_reason(exc)})") from None
-            if remaining or not transport.is_authenticated():
-                raise AuthRefused(f"{where} wants more than our key for node {self.node_id}")
-            transport.set_keepalive(CLIENT_KEEPALIVE)
-        except BaseException:
-            transport.close()
-            raise
-        self._transport = transport
-        self._log.debug(
-            "ssh.client.connected peer=%s addr=%s cipher=%s",
-            self.peer_id, self._where(), transport.local_cipher,
-        )
-        return transport
+            if time.monotonic() >= deadline:  # "Authentication timeout.": no verdict either
+                raise PeerUnreachable(f"{where}: authentication did not finish in {budget:g}s") from None
+            raise AuthRefused(
+                f"{where} refused our key for node {self.node_id} ({_reason(exc)}); "
+                f"is our public key configured there?"
+            ) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise PeerUnreachable(f"{where}: authentication did not finish ({_reason(exc)})") from None
+        if remaining or not transport.is_authenticated():
+            raise AuthRefused(f"{where} wants more than our key for node {self.node_id}")
 
-    def _login(self, transport: paramiko.Transport) -> list[str]:
-        """Log in with our key, else (refused, still connected) with each fallback key;
-        the last refusal is raised."""
+    def _login(self, transport: paramiko.Transport, left: Callable[[], float]) -> list[str]:
+        """Log in with our key, else (refused, still connected) with each fallback key,
+        each try within the attempt's time ``left()``; the last refusal is raised."""
         refused: paramiko.AuthenticationException | None = None
         for pkey in (self._pkey, *self._fallback):
+            transport.auth_timeout = left()
             try:
                 remaining = transport.auth_publickey(self.node_id, pkey)
             except paramiko.AuthenticationException as exc:
