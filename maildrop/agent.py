@@ -3,7 +3,9 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``), ``relay`` (plans and dispatches hops), ``watcher`` (outbox).
+``link.up``/``link.down``), ``custody`` (the custody service, ``custodian``: owns every
+transfer, plans, and hands offers to each peer's own hop lanes), ``taker`` (outbox files into
+custody, in batches), ``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
@@ -50,28 +52,28 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from tenacity import (
-    RetryError,
     Retrying,
     retry_if_exception,
-    stop_after_attempt,
     wait_random_exponential,
 )
 
 from . import events as E
 from . import gossip, metrics, sdnotify
+from . import lifecycle as L
 from .announce import config_events
 from .config import Config, Peer, format_hostport, load_config
 from .control import Control
+from .custodian import Custodian, Job
 from .errors import ConfigError, MaildropError, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event
 from .keys import NEW_SUFFIX, NodeKey, load_key, load_old_key, sibling
 from .logsafe import OneLine
-from .protocol import FrameStream
-from .relay import Action, Expire, Held, Plan, Policy, Send, choose_hop, plan
+from .protocol import MAX_BATCH, FrameStream
+from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
-from .transfers import Custody
+from .transfers import Answer, Custody, offer_chunks
 from .transport.ssh import (
     AuthRefused,
     HostKeyMismatch,
@@ -88,15 +90,15 @@ PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
-SMALL_FILE = 1024 * 1024  # files up to this size use the small-file lane
-SMALL_LANE = 12  # small transfers at once per peer
+STATUS_REASONS = 200  # transfers with a reason listed in state/agent.json at most
+SMALL_FILE = 1024 * 1024  # files up to this size travel in batches on the small-file lane
+SMALL_LANE = 4  # small-file offers (batches) at once per peer
 TAKE_BATCH = 256  # files taken with one set of syncs
 POOL_IDLE = 20.0
 """Seconds an idle pooled relay channel is reused for; older ones are closed instead. Below
 the peer's channel idle timeout (at least 30 s), so an offer never starts on a channel the
 peer is about to close as idle."""
-SWEEP_EVERY = 5.0  # how often the spool is checked for partial copies nobody will finish
-BROKEN_RETRY = 10.0  # a transfer whose planning or expiry failed is tried again after this
+BROKEN_RETRY = 10.0  # a take that failed after its files moved in is replayed after this
 CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed custody
 RECOVER_WAIT_EMPTY = 60.0
 """Seconds a node with no event of its own in its log waits at start for a peer to answer."""
@@ -191,6 +193,30 @@ class _RecentErrors(logging.Handler):
                            "message": record.getMessage()[:300]})
 
 
+_METRIC_STATE = {L.OFFERING: "in-flight", L.SENDING: "in-flight", L.REFUSED: "queued"}
+"""Custody states by their metrics label (the others by their own name)."""
+
+
+@dataclass
+class Lanes:
+    """One peer's hop workers: ``small`` carries batches of small files, ``big`` one big
+    file each (``transfers.parallel`` at once)."""
+
+    small: ThreadPoolExecutor
+    big: ThreadPoolExecutor
+
+    @classmethod
+    def for_peer(cls, peer: str, parallel: int) -> Lanes:
+        return cls(ThreadPoolExecutor(SMALL_LANE, thread_name_prefix=f"hop:{peer}:small"),
+                   ThreadPoolExecutor(parallel, thread_name_prefix=f"hop:{peer}"))
+
+    def shutdown(self) -> None:
+        """No new offers; the ones waiting still run and, their link retired or the agent
+        stopping, answer ``Broke`` at once (``_send_jobs``), so none stays unanswered."""
+        self.small.shutdown(wait=False)
+        self.big.shutdown(wait=False)
+
+
 class Agent:
     """One node's agent. ``run(stop)`` blocks until ``stop`` is set or a service dies."""
 
@@ -209,14 +235,17 @@ class Agent:
         self._ready = threading.Event()  # set once the own feed is taken back and announced
         # A hop's signed custody reaches a relay by gossip within about one round (rounds are
         # kicked by new events): ten rounds without it and the relay resends elsewhere.
-        self.policy = Policy(expire_after=config.expire_after, resend_after=config.resend_after,
-                             confirm_after=CONFIRM_ROUNDS * config.gossip_interval)
+        self.policy = L.Policy(expire_after=config.expire_after, resend_after=config.resend_after,
+                               confirm_after=CONFIRM_ROUNDS * config.gossip_interval)
         self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
                                max_file_size=config.max_file_size,
                                min_free_space=config.min_free_space,
                                stale_after=config.expire_after, on_change=self._changed)
         self.custody.on_receiving = self._on_receiving
-        self.control = Control(config.state_dir, self.custody, lambda: self.policy, self._changed)
+        self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
+                                   self._dispatch, after_sweep=self._after_sweep)
+        self.custody.on_taken = self.custodian.taken
+        self.control = Control(config.state_dir, self.custody, self.custodian, lambda: self.policy)
         self.metrics = self.custody.metrics = metrics.for_agent(
             config.metrics_listen, [p.id for p in config.peers], self.metrics_sample)
         self.links: dict[str, PeerLink] = {p.id: self._new_link(p) for p in config.peers}
@@ -225,14 +254,11 @@ class Agent:
         # before the SSH server's own lock (set_authorized), never inside either; nothing
         # under it waits for the network.
         self._keys_lock = threading.Lock()
-        self._relay_kick = threading.Event()
         self._take_q: queue.Queue[tuple[Any, str]] = queue.Queue()
-        self._hop_slots = {p: threading.Semaphore(config.parallel) for p in self.links}
-        # Small files wait on round trips and syncs, not bandwidth: they get a wider lane of
-        # their own so a big file never blocks them and many overlap.
-        self._small_slots = {p: threading.Semaphore(SMALL_LANE) for p in self.links}
-        self._executor = ThreadPoolExecutor(max_workers=(config.parallel + SMALL_LANE) * max(1, len(self.links)),
-                                            thread_name_prefix="hop")
+        # Per peer: its own hop workers, so a stuck peer never holds the workers that other
+        # peers' transfers need. Written by the custody service's thread (``_dispatch``) and
+        # by a reload (``_apply``), which replaces the whole dict.
+        self._lanes: dict[str, Lanes] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._errors = _RecentErrors()
         self.server: SSHServer | None = None
@@ -245,7 +271,7 @@ class Agent:
         self._follow_keys()
         self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
                                 self, logger=logging.getLogger("maildrop.ssh"),
-                                max_channels_per_peer=2 + self.config.parallel + SMALL_LANE,
+                                max_channels_per_peer=3 + self.config.parallel + SMALL_LANE,
                                 # > the gossip channel's pause between rounds, with margin
                                 channel_idle_timeout=max(3 * self.config.gossip_interval,
                                                          2 * self.config.link_down_after, 30.0))
@@ -261,12 +287,13 @@ class Agent:
         new = announce(self.config, self.key, self.log)
         if new:
             log.info("agent.announced events=%d", len(new))
-        self.custody.recover()
-        self.control.start()  # saved holds apply before the relay service plans
+        self.custodian.adopt(self.custody.recover())
+        self.control.start()  # saved holds apply before the custody service plans
+        self.custodian.serving()
+        self._spawn("custody", self.custodian.run, self.stop)
         self._ready.set()
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
-        self._spawn("relay", self._relay_loop)
         self._spawn("taker", self._taker_loop)
         watcher = OutboxWatcher(self.config.outbox, self._on_outbox_file, settle=self.config.settle,
                                 rescan_interval=self.config.rescan_interval,
@@ -439,7 +466,7 @@ class Agent:
     def shutdown(self) -> None:
         sdnotify.stopping()
         self.stop.set()
-        self._relay_kick.set()
+        self.custodian.kick()
         for link in self.links.values():
             link.halt.set()
             link.kick.set()
@@ -449,8 +476,8 @@ class Agent:
         self.metrics.stop()
         for link in self.links.values():
             link.client.close()
-        with self.custody.lock:  # not while the relay loop submits
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for lanes in self._lanes.values():
+            lanes.shutdown()
         for name, t in self._threads.items():
             t.join(3.0)
             if t.is_alive():
@@ -542,38 +569,31 @@ class Agent:
         added = sorted(fresh)
         self.policy = replace(self.policy, expire_after=new.expire_after, resend_after=new.resend_after,
                               confirm_after=CONFIRM_ROUNDS * new.gossip_interval)
-        with self.custody.lock:
-            self.custody.max_file_size = new.max_file_size
-            self.custody.min_free_space = new.min_free_space
-            self.custody.stale_after = new.expire_after
+        # Plain attribute writes: the checks that read them take one value each time.
+        self.custody.max_file_size = new.max_file_size
+        self.custody.min_free_space = new.min_free_space
+        self.custody.stale_after = new.expire_after
         self.log.set_pins(remove=gone, add={p: after[p].key for p in added})
         links = dict(self.links)
         retired = [links.pop(p) for p in gone]
         links.update(fresh)
-        # Slots before links (a sender that finds a new link finds its slots; one that finds
-        # no slots returns and is replanned), copied on write: other threads read these
-        # dicts without a lock.
-        if new.parallel != old.parallel:
-            self._hop_slots = {p: threading.Semaphore(new.parallel) for p in links}
-        else:
-            self._hop_slots = {p: self._hop_slots.get(p) or threading.Semaphore(new.parallel)
-                               for p in links}
-        self._small_slots = {p: self._small_slots.get(p) or threading.Semaphore(SMALL_LANE)
-                             for p in links}
         with self._keys_lock:
             keys = {p: k for p, k in self._peer_keys.items() if p in links and p not in fresh}
             self.links = links
             self._peer_keys = keys | {p: after[p].key for p in fresh}
         for link in retired:
             self._retire(link)
-        workers = (new.parallel + SMALL_LANE) * max(1, len(links))
-        if workers != (old.parallel + SMALL_LANE) * max(1, len(old.peers)):
-            # Hops already submitted run on in the old pool, which then ends. Swapped under
-            # custody.lock, which the relay loop holds while it submits.
-            with self.custody.lock:
-                stale, self._executor = self._executor, ThreadPoolExecutor(
-                    max_workers=workers, thread_name_prefix="hop")
-                stale.shutdown(wait=False)
+        for link in links.values():  # fresh ones too: reload made them under the old config
+            link.client.silence_after = new.link_down_after
+        # New lanes for a new ``parallel`` and for new or changed peers (offers already
+        # submitted run on in the old lanes, which then end).
+        old_lanes = self._lanes
+        keep = {p: lanes for p, lanes in old_lanes.items()
+                if p in links and p not in fresh and new.parallel == old.parallel}
+        self._lanes = keep
+        for p, lanes in old_lanes.items():
+            if p not in keep:
+                lanes.shutdown()
         self._follow_keys()
         if self.server is not None:
             with self._keys_lock:
@@ -594,10 +614,12 @@ class Agent:
 
     def _new_link(self, peer: Peer) -> PeerLink:
         """The soft state and SSH client of one configured peer (at start, or added by a
-        reload); the client falls back to the key before the latest rotation, if any."""
+        reload); the client falls back to the key before the latest rotation, if any. Its
+        timeouts derive from gossip.link_down_after (``_apply`` sets them again on reload)."""
         old = load_old_key(self.config.key_path)
         return PeerLink(peer.id, peer.address,
                         PeerClient(self.me, self.key, peer.id, peer.address, peer.key,
+                                   silence_after=self.config.link_down_after,
                                    fallback=[old] if old else []))
 
     def _retire(self, link: PeerLink) -> None:
@@ -612,7 +634,7 @@ class Agent:
     def _changed(self) -> None:
         """New facts or new custody: follow rotated peer keys, replan now and tell the peers soon."""
         self._follow_keys()
-        self._relay_kick.set()
+        self.custodian.kick()
         for link in self.links.values():
             link.kick.set()
 
@@ -633,7 +655,7 @@ class Agent:
                 elif frame.op == "offer" and not self._ready.is_set():
                     stream.send("refuse", reason="busy", detail="starting: taking back this node's own feed")
                 elif frame.op == "offer":
-                    self.custody.receive(peer_id, stream, frame)
+                    self.custody.receive_offer(peer_id, stream, frame, self.custodian)
                 elif frame.op == "ping":
                     stream.send("pong")
             except (TimeoutError, EOFError, OSError):
@@ -694,10 +716,14 @@ class Agent:
         return is_transient(exc) or not isinstance(exc, PERMANENT)
 
     def _gossip_round(self, link: PeerLink) -> None:
+        """One gossip round on the link's gossip channel (opened if needed). A peer silent
+        for ``link_down_after`` (the client's ``silence_after``) fails the round: waiting
+        for the channel, or for any answer on it."""
+        silence = link.client.silence_after  # re-read every round: a reload may change it
         if link.stream is None:
-            link.chan = link.client.open_channel()
-            link.chan.settimeout(60.0)
+            link.chan = link.client.open_channel(timeout=silence)
             link.stream = FrameStream(link.chan)
+        link.chan.settimeout(silence)
         try:
             stats = gossip.call(link.stream, self.log)
         except BaseException:
@@ -736,6 +762,7 @@ class Agent:
             link.last_seen, link.down_since = now, None
             if link.state != "up":
                 log.info("link.up peer=%s", link.id)
+                self.custodian.link_changed(link.id, True)  # what waits for it: try now
             link.state = "up"
             if last is None or not last[0]:
                 self._append(E.LINK_UP, {"peer": link.id})
@@ -744,9 +771,13 @@ class Agent:
             link.down_since = now
         if link.state != "down":
             log.warning("link.unreachable peer=%s error=%s", link.id, link.last_error)
+            self.custodian.link_changed(link.id, False)  # offers over it: re-planned at once
         link.state = "down"
-        if now - link.down_since >= self.config.link_down_after and (last is None or last[0]):
-            log.warning("link.down peer=%s after=%.0fs", link.id, now - link.down_since)
+        # Silence is counted from the last word heard (not from this failure, which comes up
+        # to a round's timeout later); a peer never heard from, from the first failure.
+        since = link.last_seen if link.last_seen is not None else link.down_since
+        if now - since >= self.config.link_down_after and (last is None or last[0]):
+            log.warning("link.down peer=%s after=%.1fs", link.id, now - since)  # of silence
             self._append(E.LINK_DOWN, {"peer": link.id})
 
     def _append(self, type_: str, data: dict[str, Any]) -> None:
@@ -755,34 +786,35 @@ class Agent:
 
     # -- cut-through: forward a big file while it arrives -----------------------------------
     def _on_receiving(self, queued: Event, passed: tuple[str, ...], prog: Any, _fd: int) -> None:
-        """Called on the receiving thread as a big file starts to arrive at this relay."""
+        """Called on the receiving thread as a big file starts to arrive at this relay: when
+        its next hop is up, forward it from the growing part file on a thread of its own."""
         tid = queued.data["transfer"]
-        h = self.custody.reserve(queued, passed)
-        if h is None:
-            return
+        arriving = L.arriving(tid, queued.origin, queued.data["destination"], queued.data["size"],
+                              0.0, self.me, passed[-2] if len(passed) > 1 else queued.origin, 0, passed)
         with self.log.lock:
-            hop = choose_hop(self.log.network, self.me, h, self.policy, self.log.ledger.conflicts)
+            hop = choose_hop(self.log.network, self.me, arriving, self.log.ledger.conflicts)
         link = self.links.get(hop) if hop is not None else None  # (a reload may remove it)
         if link is None or link.state != "up":
-            self.custody.unreserve(tid)  # store first; the planner forwards it after
-            return
+            return  # store first; the service forwards it after
         try:
             rfd = os.open(self.spool.part(tid), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            self.custody.unreserve(tid)
             return
-        threading.Thread(target=self._cut_through, args=(h, hop, queued, prog, rfd),
+        threading.Thread(target=self._cut_through, args=(tid, link, passed, prog, rfd),
                          name=f"cut:{tid[:8]}", daemon=True).start()
 
-    def _cut_through(self, h: Any, hop: str, queued: Event, prog: Any, rfd: int) -> None:
-        tid = h.transfer
-        result = None
+    def _cut_through(self, tid: str, link: PeerLink, passed: tuple[str, ...], prog: Any, rfd: int) -> None:
+        final: list[Answer] = []
+
+        def report(_tid: str, ans: Answer) -> None:
+            if ans.a != "accept":
+                final.append(ans)
         try:
-            link = self.links[hop]  # (a KeyError if a reload removed the peer: stopped below)
-            with self._hop_slots[hop], self._relay_channel(link) as stream:
-                result = self.custody.forward_while_receiving(hop, stream, h, queued, prog, rfd)
+            item = self.custody.outgoing(tid, passed)
+            with self._relay_channel(link) as stream:
+                self.custody.send_batch(link.id, stream, [item], report, growing=(prog, rfd))
         except Exception as exc:
-            log.info("relay.cut_through.stopped transfer=%s peer=%s error=%s", tid, hop, exc)
+            log.info("relay.cut_through.stopped transfer=%s peer=%s error=%s", tid, link.id, exc)
         finally:
             os.close(rfd)
         # Let go only once our own copy is whole and verified (our sender got "stored").
@@ -790,17 +822,11 @@ class Agent:
             while prog.finished is None and not self.stop.is_set():
                 prog.cond.wait(1.0)
             mine = prog.finished
-        if mine and result is not None:
-            log.info("relay.hop.done transfer=%s peer=%s result=%s cut_through=yes", tid, hop, result)
-            self.custody.handed(tid, hop)
-        elif mine:
-            with self.custody.lock:
-                h.in_flight = False  # forward it the ordinary way
-        else:
-            self.custody.unreserve(tid)
-        self._relay_kick.set()
+        if mine and final and final[-1].a in ("stored", "have"):
+            log.info("relay.hop.done transfer=%s peer=%s result=%s cut_through=yes", tid, link.id, final[-1].a)
+            self.custodian.post(tid, L.ForwardedEarly(link.id))
 
-    # -- outbox and relay -----------------------------------------------------------------------
+    # -- outbox and hops ------------------------------------------------------------------------
     def _on_outbox_file(self, path: Any, destination: str) -> None:
         """Watcher callback: hand the file to the taker (which batches), never block here."""
         self._take_q.put((path, destination))
@@ -831,148 +857,88 @@ class Agent:
                               "%.0f s (or at the next start)", len(batch), BROKEN_RETRY)
                 unfinished_since = time.monotonic()
 
-    def _relay_loop(self) -> None:
-        """Plan and carry out. Never dies of one transfer: a failure while planning, expiring
-        or dropping one is logged with its id and that transfer waits ``BROKEN_RETRY`` s
-        before it is tried again; the others go on. A failed sweep is logged and retried."""
-        next_sweep = 0.0
-        broken: dict[str, float] = {}  # transfer id -> when to try it again
-        while not self.stop.is_set():
-            self._relay_kick.clear()
-            now = time.time()
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_EVERY
-                try:
-                    self._sweep()
-                except Exception:
-                    log.exception("relay.sweep.failed")
-            for tid in [t for t, until in broken.items() if until <= now]:
-                del broken[tid]
-            with self.custody.lock:
-                held = [h for h in self.custody.held.values() if h.transfer not in broken]
-                with self.log.lock:
-                    p = self._plan(held, now, broken)
-                for a in p.actions:
-                    if isinstance(a, Send):
-                        h = self.custody.held.get(a.transfer)
-                        if h is None or a.hop not in self.links:
-                            continue
-                        h.in_flight = True
-                        try:
-                            self._executor.submit(self._send, a.transfer, a.hop)
-                        except RuntimeError:  # the pool shut down: we are stopping
-                            h.in_flight = False
-            for a in p.actions:
-                try:
-                    if isinstance(a, Expire):
-                        self.custody.expire(a.transfer, a.reason)
-                    elif not isinstance(a, Send):
-                        self.custody.drop(a.transfer, a.reason)
-                except Exception:
-                    log.exception("relay.action.failed transfer=%s action=%s; retried in %.0f s",
-                                  a.transfer, type(a).__name__.lower(), BROKEN_RETRY)
-                    broken[a.transfer] = time.time() + BROKEN_RETRY
-            wake = [p.wake_at] if p.wake_at is not None else []
-            wake += list(broken.values())
-            timeout = 5.0 if not wake else min(5.0, max(0.01, min(wake) - time.time()))
-            self._relay_kick.wait(timeout)
-
-    def _sweep(self) -> None:
-        """Drop stale spool entries; make ``outbox/<id>/`` for every node a route reaches
-        (not for every node known: ids cost a folder and a watch each)."""
-        self.custody.sweep()
+    def _after_sweep(self) -> None:
+        """Make ``outbox/<id>/`` for every node a route reaches (not for every node known:
+        ids cost a folder and a watch each)."""
         with self.log.lock:
             near = reachable(self.log.network, self.me, excluded=self.log.ledger.conflicts)
         ensure_outbox(self.config.outbox, sorted(near - {self.me}))
 
-    def _plan(self, held: list[Held], now: float, broken: dict[str, float]) -> Plan:
-        """``relay.plan`` over ``held``; should it fail, each transfer alone, and the ones that
-        fail are set aside in ``broken``. Called with the custody and log locks held."""
-        net, conflicts = self.log.network, self.log.ledger.conflicts
-        try:
-            return plan(net, self.me, held, now, self.policy, excluded=conflicts)
-        except Exception:
-            actions: list[Action] = []
-            wake: list[float] = []
-            for h in held:
-                try:
-                    one = plan(net, self.me, [h], now, self.policy, excluded=conflicts)
-                except Exception:
-                    log.exception("relay.plan.failed transfer=%s; retried in %.0f s",
-                                  h.transfer, BROKEN_RETRY)
-                    broken[h.transfer] = now + BROKEN_RETRY
-                    continue
-                actions += one.actions
-                wake += [one.wake_at] if one.wake_at is not None else []
-            return Plan(actions, min(wake) if wake else None)
+    def _dispatch(self, hop: str, jobs: list[Job]) -> None:
+        """The custody service's offers for ``hop``, onto that peer's own lanes: small files
+        in batches (one offer each) on the small lane, big ones one by one on the big lane.
+        A stuck peer fills only its own lanes. Raises KeyError for a peer a reload removed."""
+        link = self.links[hop]
+        lanes = self._lanes_of(link)
+        small = [j for j in jobs if j.size <= SMALL_FILE]
+        for i in range(0, len(small), MAX_BATCH):
+            lanes.small.submit(self._send_jobs, link, small[i:i + MAX_BATCH])
+        for j in jobs:
+            if j.size > SMALL_FILE:
+                lanes.big.submit(self._send_jobs, link, [j])
 
-    def _send(self, tid: str, hop: str) -> None:
-        link = self.links.get(hop)
-        h = self.custody.held.get(tid)
-        if h is None:
+    def _lanes_of(self, link: PeerLink) -> Lanes:
+        lanes = self._lanes.get(link.id)
+        if lanes is None:
+            lanes = self._lanes[link.id] = Lanes.for_peer(link.id, self.config.parallel)
+        return lanes
+
+    def _send_jobs(self, link: PeerLink, jobs: list[Job]) -> None:
+        """One hop worker's offer: the jobs still current, in offers that fit a header, on
+        one relay channel; every answer is posted to the custody service. A broken channel
+        is one ``Broke`` for every file not answered yet: the service backs off and reroutes."""
+        hop = link.id
+        live = [j for j in jobs if self.custodian.current(j.transfer, j.token)]
+        tokens = {j.transfer: j.token for j in live}
+        items = []
+        for j in live:
+            try:
+                items.append(self.custody.outgoing(j.transfer, j.passed))
+            except TransferRefused as exc:
+                self.custodian.post(j.transfer, L.Refused(j.token, exc.reason, exc.detail))
+                del tokens[j.transfer]
+        if not items:
             return
-        try:
-            queued = self.custody.queued_event(tid)
-            small = queued is not None and queued.data["size"] <= SMALL_FILE
-            slots = (self._small_slots if small else self._hop_slots).get(hop)
-            if link is None or slots is None:  # a reload removed the peer since the plan
-                return
-            with slots:
-                for attempt in Retrying(
-                    retry=retry_if_exception(self._transient),
-                    stop=stop_after_attempt(self.policy.reroute_after),
-                    wait=wait_random_exponential(multiplier=0.3, max=5.0),
-                    sleep=self.stop.wait,
-                    before_sleep=lambda rs: self._hop_retry(tid, hop, rs),
-                ):
-                    with attempt:
-                        if self.stop.is_set() or link.halt.is_set():  # halt: replanned
-                            return
-                        with self._relay_channel(link) as stream:
-                            result = self.custody.offer_to(hop, stream, h)
-            log.info("relay.hop.done transfer=%s peer=%s result=%s", tid, hop, result)
-            self.custody.handed(tid, hop)
-        except TransferRefused as exc:
-            log.warning("relay.hop.refused transfer=%s peer=%s reason=%s detail=%s",
-                        tid, hop, exc.reason, exc.detail)
-            self.metrics.hop_refused(hop, exc.reason)
-            with self.custody.lock:
-                h.last_error = f"{hop} refused: {exc}"[:300]
-                if exc.reason == "busy":  # counted: after reroute_after of them, route around
-                    h.failures[hop] = h.failures.get(hop, 0) + 1
-                    h.retry_at = time.time() + 1.0
-                else:
-                    h.failures[hop] = self.policy.reroute_after
-                    h.retry_at = time.time() + 2.0
-        except (TimeoutError, RetryError, MaildropError, OSError, EOFError) as exc:
-            cause = exc.last_attempt.exception() if isinstance(exc, RetryError) else exc
-            log.warning("relay.hop.failed transfer=%s peer=%s error=%s; rerouting", tid, hop, cause)
-            self.metrics.hop_failed(hop)
-            with self.custody.lock:
-                h.last_error = f"{hop}: {cause.__class__.__name__}: {cause}"[:300]
-                h.failures[hop] = h.failures.get(hop, 0) + self.policy.reroute_after
-                h.retry_at = time.time() + 1.0
-        except Exception:
-            log.exception("relay.hop.crashed transfer=%s peer=%s", tid, hop)
-            with self.custody.lock:
-                h.last_error = f"{hop}: crashed (see the agent's log)"
-                h.retry_at = time.time() + 5.0
-        finally:
-            with self.custody.lock:
-                h.in_flight = False
-            self._relay_kick.set()
+        if self.stop.is_set() or link.halt.is_set():  # stopping, or a reload retired the link
+            for tid, token in tokens.items():
+                self.custodian.post(tid, L.Broke(token, f"the link to {hop} was closed"))
+            return
+        left = dict(tokens)
 
-    def _hop_retry(self, tid: str, hop: str, rs: Any) -> None:
-        """Before the next attempt of an offer that broke (tenacity's ``before_sleep``)."""
-        log.info("relay.hop.retry transfer=%s peer=%s attempt=%d error=%s", tid, hop,
-                 rs.attempt_number, rs.outcome.exception())
-        self.metrics.hop_retried(hop)
+        def report(tid: str, ans: Answer) -> None:
+            token = tokens[tid]
+            if ans.a == "accept":
+                self.custodian.post(tid, L.Accepted(token, ans.offset))
+                return
+            left.pop(tid, None)
+            if ans.a == "refuse":
+                log.warning("relay.hop.refused transfer=%s peer=%s reason=%s detail=%s",
+                            tid, hop, ans.reason, ans.detail)
+                self.metrics.hop_refused(hop, ans.reason)
+                self.custodian.post(tid, L.Refused(token, ans.reason, ans.detail))
+            else:
+                log.info("relay.hop.done transfer=%s peer=%s result=%s", tid, hop, ans.a)
+                self.custodian.post(tid, L.Handed(token, ans.a, ans.detail))
+        try:
+            with self._relay_channel(link) as stream:
+                for chunk in offer_chunks(items):
+                    self.custody.send_batch(hop, stream, chunk, report)
+        except TransferRefused as exc:  # the whole offer (e.g. "busy": the peer is starting)
+            for tid in list(left):
+                report(tid, Answer("refuse", reason=exc.reason, detail=exc.detail))
+        except Exception as exc:
+            cause = f"{exc.__class__.__name__}: {exc}"[:300]
+            if left:
+                log.warning("relay.hop.failed peer=%s files=%d error=%s; rerouting", hop, len(left), cause)
+                self.metrics.hop_failed(hop)
+            for tid, token in left.items():
+                self.custodian.post(tid, L.Broke(token, cause))
 
     @contextlib.contextmanager
     def _relay_channel(self, link: PeerLink) -> Iterator[FrameStream]:
         """A relay channel to ``link``'s peer from its pool (or a new one). It goes back to
         the pool after a clean conversation (a refusal is one) and is closed after anything
-        else. At most ``parallel`` + the small lane are busy at once, so the pool stays small."""
+        else. Reads time out after ``gossip.link_down_after`` of silence."""
         stream = None
         with link.pool_lock:
             while link.pool and stream is None:
@@ -986,8 +952,8 @@ class Agent:
                     continue
                 stream = candidate
         if stream is None:
-            chan = link.client.open_channel()
-            chan.settimeout(120.0)
+            chan = link.client.open_channel(timeout=link.client.silence_after)
+            chan.settimeout(link.client.silence_after)
             stream = FrameStream(chan)
         try:
             yield stream
@@ -1019,9 +985,19 @@ class Agent:
             "fingerprint": self.log.fingerprint(),
             "events": self.log.ledger.count,
             "inflight": self.custody.snapshot(),
-            "held": len(self.custody.held),
+            **self._custody_status(),
             "errors": list(self._errors.items),
         }
+
+    def _custody_status(self) -> dict[str, Any]:
+        """What the custody service holds, for ``status``: a count, and the transfers that
+        wait for a reason (the first ``STATUS_REASONS``), with that reason."""
+        held = self.custodian.snapshot()
+        waiting = [{"transfer": t.id, "phase": t.phase, "hop": t.hop, "reason": t.reason,
+                    "next_try": t.retry_at if t.phase in (L.QUEUED, L.DELIVERING) else None}
+                   for t in held.values() if t.reason][:STATUS_REASONS]
+        return {"held": sum(1 for t in held.values() if t.phase not in (L.RECEIVING, L.FORWARDED)),
+                "custody": waiting}
 
     def write_status(self, running: bool = True) -> None:
         try:
@@ -1034,14 +1010,11 @@ class Agent:
             log.debug("agent.status.write_failed error=%s", exc)
 
     def metrics_sample(self) -> metrics.Sample:
-        """What a metrics scrape reads (on the metrics server's thread): the custody lock,
-        then the log lock, each alone, never one inside the other."""
-        custody: collections.Counter[str] = collections.Counter()
-        with self.custody.lock:
-            for h in self.custody.held.values():
-                custody["in-flight" if h.in_flight else "on-hold" if h.hold
-                        else "handed" if h.handed_to else "queued"] += 1
-            custody["receiving"] = sum(1 for _, direction in self.custody.progress if direction == "in")
+        """What a metrics scrape reads (on the metrics server's thread): the custody
+        service's snapshot, then the model under the log lock."""
+        custody: collections.Counter[str] = collections.Counter(
+            _METRIC_STATE.get(t.phase, t.phase) if not t.hold else "on-hold"
+            for t in self.custodian.snapshot().values() if t.phase != L.FORWARDED)
         with self.log.lock:
             transfers = collections.Counter(t.state for t in self.log.network.all_transfers())
             events, conflicts = self.log.ledger.count, len(self.log.ledger.conflicts)

@@ -342,6 +342,7 @@ def status_document(config) -> dict[str, Any]:
     agent = _agent_state(config)
     running = bool(agent and agent["running"])
     inflight = {p["transfer"]: p for p in (agent or {}).get("inflight", [])} if running else {}
+    waiting = {c["transfer"]: c for c in (agent or {}).get("custody", [])} if running else {}
     peers = []
     for p in config.peers:
         soft = next((x for x in (agent or {}).get("peers", []) if x.get("id") == p.id), {})
@@ -364,6 +365,8 @@ def status_document(config) -> dict[str, Any]:
         d["bytes"] = fl["bytes"] if fl else (t.size if t.state == "delivered" else None)
         if fl and d["state"] in ("queued", "relayed"):
             d["state_detail"] = "in-flight"
+        # Why it waits here, from the custody service ("" while nothing is wrong).
+        d["reason"] = waiting[t.id]["reason"] if t.id in waiting and d["state"] not in ("delivered", "failed") else ""
         transfers.append(d)
     doc = net.as_dict()
     doc.update({
@@ -437,6 +440,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             prog = f"→ {t['hop']} {_size(t['bytes'])}/{_size(t['size'])} ({pct:.0f}%)"
         elif t["state"] == "failed":
             prog = t["failed"] or ""
+        elif t.get("reason"):
+            prog = t["reason"]
         rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "?",
                      _size(t["size"]), t.get("state_detail") or t["state"], prog])
     if len(doc["transfers"]) > len(shown):  # the older ones, above the rows shown

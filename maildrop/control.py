@@ -42,16 +42,19 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from . import lifecycle as L
 from .config import Config
 from .errors import MaildropError, UsageError
 from .eventlog import EventLog
 from .events import Event, parse_ts
 from .model import DELIVERED, FAILED, Network
-from .relay import Held, Policy
 from .spool import Spool, fsync_dir
 from .transfers import Custody
+
+if TYPE_CHECKING:
+    from .custodian import Custodian
 
 log = logging.getLogger("maildrop.control")
 
@@ -194,29 +197,36 @@ def _queued_at(row: dict[str, Any]) -> float:
         return float("inf")
 
 
-def held_row(h: Held, queued: Event | None, me: str, now: float, policy: Policy,
-             out: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The queue row of a transfer in custody, from the running agent's soft state ``h``
-    (``out``: its outgoing progress, if any). ``next_try`` is when the planner offers it
-    next: now, its ``retry_at``, or (handed) when it resends; None while held or in flight."""
-    extra: dict[str, Any] = {"last_error": h.last_error}
-    if h.hold:
+def held_row(t: L.Transfer, queued: Event | None, now: float, policy: L.Policy,
+             moving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The queue row of a transfer the custody service holds (or receives), from its state
+    ``t`` (``moving``: its bytes moving now, if any). ``next_try`` is when it is offered next:
+    now, its ``retry_at``, or (handed) when it resends; None while held or in flight."""
+    extra: dict[str, Any] = {"last_error": t.reason}
+    if t.phase in (L.OFFERING, L.SENDING, L.RECEIVING) and moving is not None:
+        extra.update(hop=moving["peer"], bytes=moving["bytes"])
+    if t.phase == L.RECEIVING:
+        state = "receiving"
+        extra.setdefault("hop", t.hop)
+    elif t.hold:
         state = "held"
-    elif h.in_flight:
+    elif t.phase in (L.OFFERING, L.SENDING):
         state = "in-flight"
-        if out is not None:
-            extra.update(hop=out["peer"], bytes=out["bytes"])
-    elif h.handed_to is not None:
+        extra.setdefault("hop", t.hop)
+    elif t.phase == L.HANDED:
         state = "handed"
-        wait = policy.resend_after if h.origin == me else policy.confirm_after
-        extra.update(hop=h.handed_to, next_try=(h.handed_at or now) + wait)
-    elif h.retry_at > now:
+        wait = policy.resend_after if t.role == L.ORIGIN else policy.confirm_after
+        extra.update(hop=t.hop, next_try=(t.handed_at or now) + wait)
+    elif t.phase == L.DELIVERING:
+        state = "delivering"
+        extra["next_try"] = t.retry_at if t.retry_at != float("inf") else None
+    elif t.phase == L.REFUSED or t.retry_at > now:
         state = "deferred"
-        extra["next_try"] = h.retry_at
+        extra["next_try"] = t.retry_at if t.phase == L.QUEUED else None
     else:
         state = "queued"
         extra["next_try"] = now
-    return _row(h.transfer, queued, state, **extra)
+    return _row(t.id, queued, state, **extra)
 
 
 def spool_row(tid: str, custody: Custody, net: Network, holds: dict[str, Any],
@@ -290,19 +300,19 @@ def _on_hold(tid: str) -> _Refused:
 class Control:
     """Applies control requests in the running agent (on its main thread, ``poll``).
 
-    Owns ``holds`` (the persistent set, mirrored into ``Held.hold`` of each transfer in
-    custody); every other change goes through ``custody`` under its lock, and ``on_change``
-    kicks the planner and the gossip rounds. ``policy`` gives the policy in force (a reload
-    may replace it).
+    Owns ``holds`` (the persistent set, mirrored onto the custody service's transfers as
+    ``Hold`` inputs); every change to a transfer is an input to the custody service
+    (``custodian``), which owns them. ``policy`` gives the policy in force (a reload may
+    replace it).
     """
 
-    def __init__(self, state_dir: Path, custody: Custody, policy: Callable[[], Policy],
-                 on_change: Callable[[], None]) -> None:
+    def __init__(self, state_dir: Path, custody: Custody, custodian: Custodian,
+                 policy: Callable[[], L.Policy]) -> None:
         self.state_dir = state_dir
         self.folder = state_dir / CONTROL_DIR
         self.custody = custody
+        self.custodian = custodian
         self.policy = policy
-        self.on_change = on_change
         self._holds_file = Holds(state_dir)
         self.holds: dict[str, dict[str, Any]] = {}
 
@@ -384,72 +394,72 @@ class Control:
 
     def rows(self, now: float) -> list[dict[str, Any]]:
         custody = self.custody
-        with custody.lock:
-            held = {t: (h, custody.queued_event(t)) for t, h in custody.held.items()}
+        held = self.custodian.snapshot()
+        with custody.progress_lock:
             moving = {(t, d): p.as_dict() for (t, d), p in custody.progress.items()}
-            rows = [held_row(h, q, custody.me, now, self.policy(), moving.get((t, "out")))
-                    for t, (h, q) in held.items()]
+        rows = [held_row(t, custody.queued_event(tid), now, self.policy(),
+                         moving.get((tid, "in" if t.phase == L.RECEIVING else "out")))
+                for tid, t in held.items() if t.phase != L.FORWARDED]
         with custody.log.lock:
             rows += [spool_row(t, custody, custody.log.network, self.holds, moving.get((t, "in")))
-                     for t in custody.spool.transfer_ids() if t not in held]
+                     for t in custody.spool.transfer_ids()
+                     if t not in held or held[t].phase == L.FORWARDED]
         return _sorted(rows)
 
     def _flush(self, prefix: str | None, all_: bool) -> Answer:
-        with self.custody.lock:
-            held = dict(self.custody.held)
-            if all_:
-                todo = [h for h in held.values() if not h.hold and not h.in_flight]
-                for h in todo:
-                    h.flush = True
-                kept = sum(1 for h in held.values() if h.hold)
-                msg = f"flushing {len(todo)} transfer(s)" + (f"; {kept} on hold stay" if kept else "")
-            else:
-                h = held[resolve(prefix or "", held)]
-                if h.hold:
-                    raise _on_hold(h.transfer)
-                if h.in_flight:
-                    return Answer(0, f"{h.transfer} is being offered right now")
-                h.flush = True
-                msg = f"flushing {h.transfer}: it is offered now"
-        self.on_change()
-        return Answer(0, msg)
+        held = {tid: t for tid, t in self.custodian.snapshot().items() if t.phase != L.RECEIVING}
+        flying = (L.OFFERING, L.SENDING)
+        if all_:
+            todo = [tid for tid, t in held.items() if not t.hold and t.phase not in flying]
+            self.custodian.apply_all(todo, L.Flush())
+            kept = sum(1 for t in held.values() if t.hold)
+            return Answer(0, f"flushing {len(todo)} transfer(s)" + (f"; {kept} on hold stay" if kept else ""))
+        t = held[resolve(prefix or "", held)]
+        if t.hold:
+            raise _on_hold(t.id)
+        if t.phase in flying:
+            return Answer(0, f"{t.id} is being offered right now")
+        self.custodian.apply_all([t.id], L.Flush())
+        return Answer(0, f"flushing {t.id}: it is offered now")
 
     def _cancel(self, prefix: str | None) -> Answer:
         custody = self.custody
-        with custody.lock:
-            origins = {t: h.origin for t, h in custody.held.items()}
+        held = self.custodian.snapshot()
+        origins = {tid: t.origin for tid, t in held.items() if t.phase != L.RECEIVING}
         with custody.log.lock:
             net = custody.log.network
             own = {t.id for t in net.all_transfers() if t.origin == custody.me}
             tid = resolve(prefix or "", set(origins) | own)
             _check_cancel(tid, origins.get(tid, custody.me), custody.me, net)
-        return _give_up(custody, tid, self.holds, self._holds_file)
+        queued = custody.queued_event(tid)
+        had_copy = custody.spool.data(tid).exists()
+        if tid in origins:
+            self.custodian.apply_all([tid], L.Cancel())
+        else:  # no copy held here any more: only the fact is left to write
+            self.custodian.call(lambda: custody.expire(tid, "cancelled"))
+        if self.holds.pop(tid, None) is not None:
+            self._holds_file.save(self.holds)
+        return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
 
     def _hold(self, prefix: str | None) -> Answer:
-        custody = self.custody
-        with custody.lock:
-            held = dict(custody.held)
-            h = held[resolve(prefix or "", held)]
-            tid = h.transfer
-            if tid in self.holds:
-                return Answer(0, f"{tid} is already on hold")
-            h.hold = True  # before the save: nothing new is offered from here on
-            self.holds[tid] = {"origin": h.origin, "at": time.time()}
-            flying = h.in_flight
+        held = {tid: t for tid, t in self.custodian.snapshot().items() if t.phase != L.RECEIVING}
+        t = held[resolve(prefix or "", held)]
+        tid = t.id
+        if tid in self.holds:
+            return Answer(0, f"{tid} is already on hold")
+        self.custodian.apply_all([tid], L.Hold())  # before the save: nothing new is offered
+        self.holds[tid] = {"origin": t.origin, "at": time.time()}
         try:
             self._holds_file.save(self.holds)
         except OSError as exc:
-            with custody.lock:
-                h.hold = False
+            self.custodian.apply_all([tid], L.Release())
             del self.holds[tid]
             raise _Refused(f"cannot save the hold in {self._holds_file.path}: {exc}") from None
-        note = "; the offer in flight now finishes" if flying else ""
+        note = "; the offer in flight now finishes" if t.phase in (L.OFFERING, L.SENDING) else ""
         return Answer(0, f"held {tid}: not offered until 'maildrop release {tid[:12]}'{note}")
 
     def _release(self, prefix: str | None) -> Answer:
-        custody = self.custody
-        with custody.lock:
-            tid = resolve(prefix or "", set(custody.held) | set(self.holds))
+        tid = resolve(prefix or "", set(self.custodian.snapshot()) | set(self.holds))
         if tid not in self.holds:
             raise _Refused(f"{tid} is not on hold")
         entry = self.holds.pop(tid)
@@ -458,23 +468,17 @@ class Control:
         except OSError as exc:
             self.holds[tid] = entry
             raise _Refused(f"cannot save {self._holds_file.path}: {exc}") from None
-        with custody.lock:
-            h = custody.held.get(tid)
-            if h is not None:
-                h.hold = False
-        self.on_change()
+        self.custodian.apply_all([tid], L.Release())
         return Answer(0, f"released {tid}: it is offered again")
 
     def _sync_holds(self) -> None:
-        """Mirror ``holds`` into custody; forget holds of transfers that left the spool."""
-        gone = []
-        with self.custody.lock:
-            for tid in self.holds:
-                h = self.custody.held.get(tid)
-                if h is not None:
-                    h.hold = True
-                elif not self.custody.spool.data(tid).exists():
-                    gone.append(tid)
+        """Mirror ``holds`` onto the custody service; forget holds of transfers that left
+        the spool."""
+        if not self.holds:
+            return
+        held = self.custodian.snapshot()
+        self.custodian.apply_all([t for t in self.holds if t in held and not held[t].hold], L.Hold())
+        gone = [t for t in self.holds if t not in held and not self.custody.spool.data(t).exists()]
         if gone:
             for tid in gone:
                 del self.holds[tid]

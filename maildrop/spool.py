@@ -472,12 +472,14 @@ class Spool:
         fsync_dir(self.folder)
         return self.data(tid)
 
-    def discard(self, tid: str, keep_meta: bool = False) -> None:
-        """Forget a transfer: data, part, and meta (meta last, so a crash leaves a record)."""
+    def discard(self, tid: str, keep_meta: bool = False, sync: bool = True) -> None:
+        """Forget a transfer: data, part, and meta (meta last, so a crash leaves a record).
+        ``sync=False`` leaves the folder fsync to the caller (one for a whole batch)."""
         for p in (self.data(tid), self.part(tid)) + (() if keep_meta else (self.meta_path(tid),)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
-        fsync_dir(self.folder)
+        if sync:
+            fsync_dir(self.folder)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.folder)

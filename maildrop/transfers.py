@@ -1,15 +1,19 @@
-"""Custody of files: take from the outbox, receive from a peer, deliver, send to a hop.
+"""Custody of file bytes: take from the outbox, receive from a peer, deliver, send to a hop.
 
-Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and ``eventlog``
-(facts) in the order that makes every crash safe. Record before acting:
+Part of the imperative shell. It owns no transfer state: the custody service
+(``custodian.Custodian``) owns that and calls the durable steps here, which drive ``spool``
+(files) and ``eventlog`` (facts) in the order that makes every crash safe. Record before acting:
 
-- take:    meta -> rename into the spool -> hash -> ``transfer.queued``.
-- receive: meta -> bytes into ``<tid>.part`` -> verify size+sha256 -> fsync -> rename to
-           ``<tid>.data`` -> ``transfer.relayed`` (or deliver) -> answer ``stored``.
-- deliver: meta says delivering -> hard-link into ``inbox/<origin>/`` (never overwriting)
-           -> ``transfer.delivered`` -> drop the spool copy.
+- take:    intent -> rename into the spool -> fsync each file's data -> fsync the folders
+           -> hash -> one append of every ``transfer.queued`` -> the service is told.
+- receive: bytes into ``<tid>.part`` -> verify size+sha256 -> fsync the file (each file of a
+           batch) -> the service commits the batch: every part renamed to ``<tid>.data``,
+           one spool-folder fsync, ONE append of the batch's ``transfer.relayed`` facts
+           (or, at the destination, delivery) -> answer ``stored`` for the batch.
+- deliver: hard-link into ``inbox/<origin>/`` (never overwriting) -> one fsync per inbox
+           folder -> one append of the batch's ``transfer.delivered`` -> drop the spool copies.
 - send:    nobody lets go on the receiver's ``stored`` (or ``have``) alone: the origin waits
-           for the receipt, a relay for the hop's signed ``transfer.relayed`` (``relay.plan``).
+           for the receipt, a relay for the hop's signed ``transfer.relayed``.
 - give up: the reason into the spool meta -> the file to ``failed/`` -> ``transfer.failed``
            (``expire``; a crash in between is finished by ``recover``).
 - offers:  a transfer is ``(origin, id)``; while bytes of an id are here, an offer of another
@@ -17,7 +21,12 @@ Part of the imperative shell (with ``agent``): it drives ``spool`` (files) and `
            an offer of a transfer its origin gave up on (``transfer.failed``: cancelled or
            expired) is refused (``failed``).
 
-``recover()`` finishes whatever a crash interrupted, from the spool and the log alone.
+``recover()`` finishes whatever a crash interrupted, from the spool and the log alone, and
+returns what is in custody for the service to own.
+
+The hop protocol (docs/protocol.md): ``offer`` {files} -> ``answers`` (accept from an
+offset / have / pending / refuse, per file) -> the accepted files' bytes back to back ->
+``stored`` {results} once the receiver's group commit is durable.
 """
 
 from __future__ import annotations
@@ -29,21 +38,21 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import events as E
 from . import ids
 from .errors import InvalidEvent, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event, parse_event, parse_ts
+from .failpoints import failpoint
 from .keys import NodeKey
 from .metrics import Metrics
 from .model import DELIVERED, FAILED
-from .protocol import Frame, FrameStream
-from .relay import Held
+from .protocol import ANSWERS, MAX_BATCH, OFFER_BUDGET, RESULTS, Frame, FrameStream, check_list
 from .spool import (
     FolderRefused,
     Refused,
@@ -53,7 +62,7 @@ from .spool import (
     fsync_dir,
     hash_fd,
     hash_file,
-    link_unique,
+    link_unique_at,
     move_to_failed,
     open_folder,
 )
@@ -75,6 +84,9 @@ cannot make it go at once. Our own events use our own clock unclamped."""
 
 @dataclass
 class Progress:
+    """Bytes of one transfer moving now (status). ``cond`` guards ``done`` and ``finished``
+    for the cut-through reader; the writer is the one thread moving those bytes."""
+
     transfer: str
     direction: str  # "out" or "in"
     peer: str
@@ -123,8 +135,59 @@ class _Flusher:
             self._thread.join()
 
 
+@dataclass(frozen=True)
+class Offered:
+    """One checked file of an incoming offer."""
+
+    transfer: str
+    queued: Event
+    route: tuple[str, ...]  # the nodes before us that signed facts vouch for, then the sender
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The receiver's word on one offered file: ``accept`` (from ``offset``), ``have``,
+    ``pending`` (held here, delivery waits: ``detail``) or ``refuse`` (``reason``); after
+    the bytes: ``stored``, ``pending`` or ``refuse``."""
+
+    a: str
+    offset: int = 0
+    reason: str = ""
+    detail: str = ""
+
+    def wire(self) -> dict[str, Any]:
+        """As sent in ``answers`` / ``stored`` (see ``protocol.ANSWERS`` and ``RESULTS``)."""
+        if self.a == "accept":
+            return {"a": "accept", "offset": self.offset}
+        if self.a == "refuse":
+            return {"a": "refuse", "reason": self.reason, "detail": self.detail}
+        if self.a == "pending":
+            return {"a": "pending", "detail": self.detail}
+        return {"a": self.a}  # have, stored
+
+
+class Owner(Protocol):
+    """What the receiving side asks of the custody service (the consumer owns the interface)."""
+
+    def admit(self, peer: str, files: list[Offered]) -> list[Answer]: ...
+    def commit(self, peer: str, files: list[Offered]) -> list[Answer]: ...
+    def receive_failed(self, tids: Iterable[str], error: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One file of an offer we make."""
+
+    transfer: str
+    queued: Event
+    route: list[str]  # the route so far, ending with us
+
+
 class Custody:
-    """Everything this node does with file bytes. Thread-safe."""
+    """The durable steps of custody. Holds no transfer state of its own except two caches
+    of immutable facts: ``_queued`` (transfer id -> the claim this node deals with; set once
+    per id, read from any thread) and ``_resume_failed``. ``progress`` is guarded by
+    ``progress_lock`` (a leaf: nothing else is taken while it is held)."""
 
     def __init__(self, node_id: str, key: NodeKey, log_: EventLog, spool: Spool, inbox: Path,
                  failed: Path, *, max_file_size: int, min_free_space: int,
@@ -142,30 +205,26 @@ class Custody:
         # event came) older than twice this, are swept (see ``sweep``).
         self.stale_after = stale_after
         self.on_change = on_change
+        # Told of every transfer this node has just queued (take, replayed take).
+        self.on_taken: Callable[[list[Event]], None] = lambda _evs: None
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
-        # ``lock`` guards ``held`` (and each Held's soft state), ``progress``, ``_receiving``,
-        # ``_failing`` and ``_queued``. Order: ``_deliver_lock`` -> ``lock`` -> the event log's
-        # ``lock`` (-> its flock); never the other way round. Held across an append (which
-        # fdatasyncs) but never across network I/O; ``Progress.cond`` and the agent's
-        # ``pool_lock`` are leaves.
-        self.lock = threading.RLock()
-        self.held: dict[str, Held] = {}
+        self.progress_lock = threading.Lock()
         self.progress: dict[tuple[str, str], Progress] = {}
-        self._receiving: set[str] = set()
-        self._failing: set[str] = set()  # transfers being expired or cancelled right now
-        self._deliver_lock = threading.Lock()  # one delivery at a time (its link, receipt, drop)
         # transfer id -> the claim (the origin's signed queued event) this node deals with for
         # that id: one it took, accepted bytes for, or recovered. Never replaced by an offer.
         self._queued: dict[str, Event] = {}
         self._resume_failed: set[str] = set()  # parts already cut back once after a bad resume
 
     # -- helpers ----------------------------------------------------------------------------
-    def _append(self, type_: str, data: dict[str, Any]) -> Event:
-        ev = self.log.append_own(self.key, self.me, [(type_, data)], time.time())[0]
+    def append(self, items: list[tuple[str, dict[str, Any]]]) -> list[Event]:
+        """Append our own facts in one write (one fdatasync)."""
+        if not items:
+            return []
+        evs = self.log.append_own(self.key, self.me, items, time.time())
         self.on_change()
-        return ev
+        return evs
 
     def queued_event(self, tid: str) -> Event | None:
         """The claim this node deals with for ``tid``: from memory, the spool meta, or (once,
@@ -187,6 +246,10 @@ class Custody:
         if ev is not None:
             self._queued[tid] = ev
         return ev
+
+    def remember(self, queued: Event) -> None:
+        """This node now deals with this claim for its id (bytes of it are arriving)."""
+        self._queued[queued.data["transfer"]] = queued
 
     def _index_queued(self) -> None:
         """Remember the claim for every id in the log (one pass, before recovery)."""
@@ -223,7 +286,7 @@ class Custody:
             tr = self.log.network.transfer(queued.data["transfer"], queued.origin)
             return tr is not None and tr.queued_seq == queued.seq
 
-    def _queued_at(self, origin: str, ts: str) -> float:
+    def queued_at(self, origin: str, ts: str) -> float:
         """When a transfer counts as queued here: our own time as is; a peer's clamped to
         ``CLOCK_SKEW`` ahead and ``stale_after`` back from now (an unparsable one is now)."""
         now = time.time()
@@ -235,30 +298,6 @@ class Custody:
             return at
         return min(max(at, now - self.stale_after), now + CLOCK_SKEW)
 
-    def _hold(self, tid: str, origin: str, destination: str, queued_ts: str,
-              passed: tuple[str, ...]) -> None:
-        with self.lock:
-            if tid not in self.held:
-                self.held[tid] = Held(tid, origin, destination, self._queued_at(origin, queued_ts),
-                                      passed=passed)
-        self.on_change()
-
-    def reserve(self, queued: Event, passed: tuple[str, ...]) -> Held | None:
-        """Hold a transfer that is still arriving, marked in flight (cut-through)."""
-        tid = queued.data["transfer"]
-        with self.lock:
-            if tid in self.held:
-                return None
-            h = self.held[tid] = Held(tid, queued.origin, queued.data["destination"],
-                                      self._queued_at(queued.origin, queued.ts), passed=passed,
-                                      in_flight=True)
-            return h
-
-    def unreserve(self, tid: str) -> None:
-        """Forget a reservation whose bytes never became a whole copy here."""
-        with self.lock:
-            if not self.spool.data(tid).exists():
-                self.held.pop(tid, None)
 
     # -- take (origin) -------------------------------------------------------------------------
     def take(self, path: Path, destination: str) -> str | None:
@@ -382,10 +421,12 @@ class Custody:
             log.warning("outbox.refused path=%s reason=%s: left where it is", path, reason)
 
     def _queue(self, entries: list[dict[str, Any]], fds: dict[str, int]) -> list[str]:
-        """Hash taken files and append their ``transfer.queued`` events in one write; returns
-        the transfer ids queued. A file is hashed from its descriptor in ``fds`` (closed
-        here), else (recovery) opened and checked again: a refused one is put back into its
-        outbox folder. One that cannot be read goes to ``failed/``; the others are queued."""
+        """Make taken files durable, hash them and append their ``transfer.queued`` events in
+        one write; returns the transfer ids queued. A file is fsynced and hashed from its
+        descriptor in ``fds`` (closed here), else (recovery) opened and checked again: a
+        refused one is put back into its outbox folder. One that cannot be read goes to
+        ``failed/``; the others are queued. The fsync comes before the event: a queued event
+        never vouches for bytes that are only in the page cache."""
         items = []
         protected: set[tuple[int, int]] | None = None
         for e in entries:
@@ -396,6 +437,7 @@ class Custody:
                     protected = protected if protected is not None else self._protected()
                     fd = self.spool.open_taken(tid, protected)
                 try:
+                    os.fsync(fd)
                     size, sha = hash_fd(fd)
                 finally:
                     os.close(fd)
@@ -417,21 +459,13 @@ class Custody:
                                               "name": e["name"], "size": size, "sha256": sha}))
         if not items:
             return []
-        evs = self.log.append_own(self.key, self.me, items, time.time())
-        self.on_change()
+        evs = self.append(items)
         for ev in evs:
             d = ev.data
             self._queued[d["transfer"]] = ev
             log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
                      d["transfer"], d["destination"], d["name"], d["size"])
-            try:
-                if d["destination"] == self.me:
-                    self._deliver(d["transfer"], ev)
-                else:
-                    self._hold(d["transfer"], self.me, d["destination"], ev.ts, ())
-            except Exception:  # one transfer's trouble must not strand the rest of the batch
-                log.exception("transfer.take.unfinished transfer=%s: queued, its copy stays in "
-                              "the spool; the next start picks it up", d["transfer"])
+        self.on_taken(evs)
         return [ev.data["transfer"] for ev in evs]
 
     def _put_back(self, entry: dict[str, Any], reason: str) -> None:
@@ -446,48 +480,106 @@ class Custody:
         log.warning("outbox.refused path=%s reason=%s: put back as %s", src, reason, where)
 
     # -- receive (relay or destination) ------------------------------------------------------
-    def receive(self, peer: str, stream: FrameStream, frame: Frame) -> None:
-        """Answer one ``offer`` from ``peer``: have / refuse / accept, then take the bytes."""
-        tid = frame["transfer"]
-        try:
-            queued, route = self._check_offer(peer, frame)
-            with self.lock:  # the claim check, "have" and taking the slot are one step
-                self._check_claim(tid, queued)
-                have = self._already_have(tid, queued)
-                busy = not have and tid in self._receiving
-                if not (have or busy):
-                    self._receiving.add(tid)
-                    self._queued[tid] = queued
-        except TransferRefused as exc:
-            log.warning("relay.offer.refused peer=%s transfer=%s reason=%s detail=%s",
-                        peer, str(tid)[:40], exc.reason, exc.detail)
-            self.metrics.offer_refused(peer, exc.reason)
-            stream.send("refuse", reason=exc.reason, detail=exc.detail)
-            return
-        if have:
-            stream.send("have")
-            return
-        if busy:
-            self.metrics.offer_refused(peer, "busy")
-            stream.send("refuse", reason="busy", detail="this transfer is arriving on another channel")
-            return
-        try:
-            self._receive_bytes(peer, stream, queued, route)
-        except (EOFError, OSError) as exc:
-            # The sender went away (or the disk failed) mid-file: an expected event, not a
-            # crash. The part stays; the next offer resumes from its size.
-            log.warning("relay.receive.interrupted transfer=%s peer=%s bytes=%d error=%s",
-                        tid, peer, self.spool.part_size(tid), exc)
-        except Exception:
-            # Any other failure ends this offer only: what it opened is closed
-            # (``_receive_bytes``), the part stays for a resume or the sweep.
-            log.exception("relay.receive.failed transfer=%s peer=%s", tid, peer)
-        finally:
-            with self.lock:
-                self._receiving.discard(tid)
-                self.progress.pop((tid, "in"), None)
 
-    def _check_offer(self, peer: str, frame: Frame) -> tuple[Event, tuple[str, ...]]:
+    # -- receive (relay or destination) ------------------------------------------------------
+    def receive_offer(self, peer: str, stream: FrameStream, frame: Frame, owner: Owner) -> None:
+        """Answer one ``offer`` from ``peer`` and take the bytes of the files accepted.
+
+        Each file is checked here (signature, route, size, space); the owner then decides
+        (have / pending / busy / conflicting claim / accept from the part's size). The accepted
+        files' bytes arrive back to back; each is verified, and fsynced, as it completes. The
+        owner commits the good ones together (one folder fsync, one log append) and one
+        ``stored`` answers for the whole offer. Crash before the commit: the parts stay and
+        the next offer resumes them; after it, the copies are whole and recovery finishes
+        whatever facts the commit had not appended yet.
+        """
+        answers: list[Answer] = []
+        parsed: list[tuple[int, dict[str, Any], Event]] = []
+        for i, item in enumerate(frame["files"]):
+            answers.append(Answer("accept"))  # a place holder: the real answer follows
+            try:
+                if not (isinstance(item, dict) and isinstance(item.get("transfer"), str)
+                        and isinstance(item.get("queued"), dict) and isinstance(item.get("route"), list)):
+                    raise TransferRefused("bad-offer", "an offered file needs transfer, queued and route")
+                parsed.append((i, item, self._parse_offered(item)))
+            except TransferRefused as exc:
+                self._refusal(answers, i, peer, item, exc)
+        missing = [q for _, _, q in parsed if not self._in_ledger(q)]
+        if missing:  # the batch's queued events join the log in one write
+            self.log.ingest(missing)
+        checked: list[tuple[int, Offered]] = []
+        reserved = 0
+        for i, item, queued in parsed:
+            try:
+                _, route = self._check_offer(peer, item, queued, reserved)
+            except TransferRefused as exc:
+                self._refusal(answers, i, peer, item, exc)
+                continue
+            checked.append((i, Offered(item["transfer"], queued, route)))
+            reserved += queued.data["size"]
+        if checked:
+            for (i, offered), ans in zip(checked, owner.admit(peer, [o for _, o in checked]), strict=True):
+                answers[i] = ans
+                if ans.a == "refuse":
+                    self._log_refusal(peer, offered.transfer, TransferRefused(ans.reason, ans.detail))
+        accepted = [(o, answers[i].offset) for i, o in checked if answers[i].a == "accept"]
+        results: dict[str, Answer] = {}
+        good: list[Offered] = []
+        progress: list[Progress] = []
+        current: Offered | None = None
+        try:
+            stream.send("answers", answers=[a.wire() for a in answers])
+            for offered, offset in accepted:
+                current = offered
+                refusal = self._take_bytes(peer, stream, offered, offset, progress)
+                if refusal is None:
+                    good.append(offered)
+                else:
+                    results[offered.transfer] = refusal
+        except Exception as exc:
+            # The sender went away (or the disk failed) mid-batch: an expected event, not a
+            # crash. Every part stays; the next offer resumes each from its size.
+            owner.receive_failed([o.transfer for o, _ in accepted], f"{exc.__class__.__name__}: {exc}")
+            for prog in progress:
+                prog.finish(False)
+            if isinstance(exc, EOFError | OSError | ProtocolError | TimeoutError):
+                log.warning("relay.receive.interrupted transfer=%s peer=%s bytes=%d files=%d error=%s",
+                            current.transfer if current else "-", peer,
+                            self.spool.part_size(current.transfer) if current else 0, len(accepted), exc)
+            else:  # any other failure ends this offer only; what it opened is closed
+                log.exception("relay.receive.failed transfer=%s peer=%s files=%d",
+                              current.transfer if current else "-", peer, len(accepted))
+            # The rest of the bytes may still be on their way: this channel is done.
+            raise EOFError("the offer was cut short") from None
+        finally:
+            with self.progress_lock:
+                for offered, _ in accepted:
+                    self.progress.pop((offered.transfer, "in"), None)
+        if not accepted:
+            return
+        if results:
+            owner.receive_failed(results, "hash-mismatch")
+        stored = owner.commit(peer, good) if good else []
+        for offered, ans in zip(good, stored, strict=True):
+            results[offered.transfer] = ans
+        for prog in progress:
+            prog.finish(results[prog.transfer].a in ("stored", "pending"))
+        size = sum(o.queued.data["size"] - off for o, off in accepted)
+        self.metrics.received(peer, size)
+        stream.send("stored", results=[results[o.transfer].wire() for o, _ in accepted])
+
+    def _refusal(self, answers: list[Answer], i: int, peer: str, item: Any, exc: TransferRefused) -> None:
+        self._log_refusal(peer, item.get("transfer") if isinstance(item, dict) else None, exc)
+        answers[i] = Answer("refuse", reason=exc.reason, detail=exc.detail)
+
+    def _log_refusal(self, peer: str, tid: Any, exc: TransferRefused) -> None:
+        log.warning("relay.offer.refused peer=%s transfer=%s reason=%s detail=%s",
+                    peer, str(tid)[:40], exc.reason, exc.detail)
+        self.metrics.offer_refused(peer, exc.reason)
+
+    def _parse_offered(self, frame: dict[str, Any]) -> Event:
+        """The signed queued event of one offered file, checked on its own (before the
+        batch's queued events join the log together)."""
         tid = frame["transfer"]
         if not ids.is_transfer_id(tid):
             raise TransferRefused("bad-offer", "transfer id is malformed")
@@ -499,7 +591,6 @@ class Custody:
             raise TransferRefused("bad-offer", "queued event does not match the transfer")
         with self.log.lock:
             key = self.log.ledger.key_of(queued.origin)
-            known_dest = queued.data["destination"] in self.log.network.nodes
         if key is None:
             raise TransferRefused("unknown-origin", f"no key known for {queued.origin} yet")
         if not queued.verify_signature(key):
@@ -508,8 +599,13 @@ class Custody:
             parse_ts(queued.ts)
         except (ValueError, OverflowError):
             raise TransferRefused("bad-offer", f"queued time {queued.ts!r} is not a date") from None
-        if not self._in_ledger(queued):
-            self.log.ingest([queued])
+        return queued
+
+    def _check_offer(self, peer: str, frame: dict[str, Any], queued: Event,
+                     reserved: int = 0) -> tuple[Event, tuple[str, ...]]:
+        """The rest of one offered file's checks, once its queued event is in the log
+        (``reserved``: bytes the files before it in the same offer may take)."""
+        tid = frame["transfer"]
         with self.log.lock:
             tr = self.log.network.transfer(tid, queued.origin)
             gave_up = tr is not None and tr.state == FAILED
@@ -519,11 +615,13 @@ class Custody:
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
             raise TransferRefused("bad-offer", "route is malformed")
         d = queued.data
+        with self.log.lock:
+            known_dest = d["destination"] in self.log.network.nodes
         if d["destination"] != self.me and not known_dest:
             raise TransferRefused("unknown-destination", f"{d['destination']} is not known here")
         if d["size"] > self.max_file_size:
             raise TransferRefused("too-large", f"{d['size']} bytes is over the limit of {self.max_file_size}")
-        need = d["size"] - self.spool.part_size(tid) + self.min_free_space
+        need = d["size"] - self.spool.part_size(tid) + self.min_free_space + reserved
         if self.spool.free_bytes() < need:
             raise TransferRefused("no-space", "not enough free disk space for this file")
         return queued, self._vouched(tid, queued.origin, peer, route)
@@ -539,53 +637,31 @@ class Custody:
         out = [n for n in route if n in keep and n != self.me]
         return tuple(out if peer in out else out + [peer])
 
-    def _check_claim(self, tid: str, queued: Event) -> None:
-        """Never let an offer replace what is held: while bytes of ``tid`` are here (held,
-        whole, partial or arriving), only the very queued event they belong to is taken."""
-        here = (tid in self.held or tid in self._receiving or self.spool.data(tid).exists()
-                or self.spool.part(tid).exists())
-        mine = self.queued_event(tid) if here else None
-        if mine is not None and mine.id != queued.id:
-            raise TransferRefused("conflicting-offer",
-                                  f"another claim on this transfer id (by {mine.origin}) is held here")
 
-    def _already_have(self, tid: str, queued: Event) -> bool:
-        if queued.origin == self.me:
-            return True  # our own file came back around: we hold the original
-        with self.log.lock:
-            tr = self.log.network.transfer(tid, queued.origin)
-            if tr is not None and (tr.state == DELIVERED or self.me in tr.custody):
-                return True
-        return self.spool.data(tid).exists()  # a whole copy is here (arrived, not yet passed on)
-
-    def _receive_bytes(self, peer: str, stream: FrameStream, queued: Event,
-                       route: tuple[str, ...]) -> None:
-        """Take the bytes of an accepted offer into ``<tid>.part``, verify, commit, hold.
-
-        Whatever happens after the part is opened, its descriptor is closed (and the flusher
-        stopped) on the way out. A hash mismatch after a resume cuts the part back to the
-        resume point once (the bytes before it may be honest); a second one discards it.
-        """
-        tid, d = queued.data["transfer"], queued.data
+    def _take_bytes(self, peer: str, stream: FrameStream, offered: Offered, offset: int,
+                    progress: list[Progress]) -> Answer | None:
+        """The bytes of one accepted file into ``<tid>.part``: verified, recorded sender,
+        fsynced. None when good; a ``refuse`` Answer on a hash mismatch. Whatever happens
+        after the part is opened, its descriptor is closed (and the flusher stopped) on the
+        way out. A hash mismatch after a resume cuts the part back to the resume point once
+        (the bytes before it may be honest); a second one discards it."""
+        queued, tid = offered.queued, offered.transfer
+        d = queued.data
         size = d["size"]
-        offset = self.spool.part_size(tid)
-        if offset > size:
-            offset = 0
         h = hashlib.sha256()
         if offset:
             hash_file(self.spool.part(tid), h)
         prog = Progress(tid, "in", peer, size, offset, time.time())
-        ok = committed = False
-        flusher = None
+        progress.append(prog)
+        with self.progress_lock:
+            self.progress[(tid, "in")] = prog
+        if offset:
+            log.info("relay.resume transfer=%s peer=%s offset=%d size=%d", tid, peer, offset, size)
         fd = self.spool.open_part(tid, offset)
+        flusher = None
         try:
-            with self.lock:
-                self.progress[(tid, "in")] = prog
-            stream.send("accept", offset=offset)
-            if offset:
-                log.info("relay.resume transfer=%s peer=%s offset=%d size=%d", tid, peer, offset, size)
             if d["destination"] != self.me and self.on_receiving and size - offset >= CUT_THROUGH_MIN:
-                self.on_receiving(queued, route + (self.me,), prog, fd)
+                self.on_receiving(queued, offered.route + (self.me,), prog, fd)
             flusher = _Flusher(fd) if size - offset >= FLUSH_FROM else None
             remaining = size - offset
             while remaining:
@@ -605,247 +681,264 @@ class Custody:
                     kept = offset
                 else:
                     self._resume_failed.discard(tid)
-                    os.close(fd)
-                    committed = True
                     self.spool.discard(tid)
                     kept = 0
                 log.warning("relay.refused transfer=%s peer=%s reason=hash-mismatch kept=%d", tid, peer, kept)
                 self.metrics.offer_refused(peer, "hash-mismatch")
-                stream.send("refuse", reason="hash-mismatch", detail="bytes do not match the sha256 of the queued event")
-                return
+                return Answer("refuse", reason="hash-mismatch",
+                              detail="bytes do not match the sha256 of the queued event")
             self._resume_failed.discard(tid)
             try:  # who sent it, for recovery; fsynced with the file's inode
                 os.setxattr(fd, SENDER_XATTR, peer.encode())
             except OSError:
-                self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
-            self.spool.commit_part(tid, fd)
-            committed = True
-            if not self._in_ledger(queued):
-                # The origin's feed has a gap here, so recovery could not find the queued
-                # event in the log: keep it beside the copy.
-                self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer, "passed": list(route)})
-            if d["destination"] == self.me:
-                self._deliver(tid, queued)
-            else:
-                self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": peer})
-                self._hold(tid, queued.origin, d["destination"], queued.ts, route + (self.me,))
-                log.info("transfer.relayed transfer=%s from=%s size=%d", tid, peer, size)
-            ok = True
+                self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer,
+                                            "passed": list(offered.route)})
+            os.fsync(fd)
+            return None
         finally:
             if flusher is not None:
                 flusher.stop()
-            if not committed:
-                os.close(fd)  # the part stays: the next offer resumes from here
-            prog.finish(ok)
-        self.metrics.received(peer, size - offset)
-        stream.send("stored")
+            os.close(fd)
+
+    def commit_received(self, peer: str, files: Sequence[Offered]) -> list[Event]:
+        """Make verified, fsynced parts whole copies: rename each, ONE spool-folder fsync, then
+        ONE append of the ``transfer.relayed`` facts of those that go on from here. Crash
+        (``receive.before_append`` marks the spot): a whole copy without its fact is found by
+        ``recover``, which appends it; the sender, never answered, offers again and hears
+        "have". Should the append fail, the copies go back to being parts (the sender's next
+        offer resumes them), so no whole copy is left that nobody holds."""
+        for o in files:
+            if not self._in_ledger(o.queued):
+                # The origin's feed has a gap here, so recovery could not find the queued
+                # event in the log: keep it beside the copy (before the copy is whole).
+                self.spool.write_meta(o.transfer, {"queued": o.queued.to_dict(), "from": peer,
+                                                   "passed": list(o.route)})
+        for o in files:
+            os.rename(self.spool.part(o.transfer), self.spool.data(o.transfer))
+        fsync_dir(self.spool.folder)
+        failpoint("receive.before_append")
+        facts = []
+        for o in files:
+            if o.queued.data["destination"] != self.me:
+                facts.append((E.TRANSFER_RELAYED, {"transfer": o.transfer, "from": peer}))
+        try:
+            evs = self.append(facts)
+        except BaseException:
+            for o in files:
+                os.rename(self.spool.data(o.transfer), self.spool.part(o.transfer))
+            raise
+        for o in files:
+            if o.queued.data["destination"] != self.me:
+                log.info("transfer.relayed transfer=%s from=%s size=%d", o.transfer, peer, o.queued.data["size"])
+        return evs
 
     # -- deliver (destination) ---------------------------------------------------------------
-    def _deliver(self, tid: str, queued: Event, recovering: bool = False) -> None:
-        """Publish into ``inbox/<origin>/`` once, then the receipt, then drop the spool copy.
+    def deliver_batch(self, queued: Sequence[Event], resuming: Iterable[str] = ()) -> dict[str, str | None]:
+        """Publish stored copies into ``inbox/<origin>/`` once each, then the receipts (one
+        append), then drop the spool copies. Returns transfer id -> None (delivered) or the
+        error that kept it here (the copy stays; the caller retries).
 
-        Crash: the inbox link comes first, then the receipt, then the spool copy goes. A crash
-        before the receipt leaves the spool copy: recovery finds the link it made (same inode)
-        instead of making a second one.
+        Crash: the inbox link comes first (one fsync per inbox folder), then the receipts,
+        then the spool copies go. A crash before the receipt leaves the spool copy: a
+        delivery in ``resuming`` (recovered at start) looks for the link it made (same
+        inode) instead of making a second one.
         """
-        with self._deliver_lock:
+        resuming = set(resuming)
+        out: dict[str, str | None] = {}
+        linked: list[tuple[Event, str]] = []
+        by_origin: dict[str, list[Event]] = {}
+        for ev in queued:
+            tid = ev.data["transfer"]
             with self.log.lock:
-                tr = self.log.network.transfer(tid, queued.origin)
+                tr = self.log.network.transfer(tid, ev.origin)
                 done = tr is not None and tr.delivered is not None
-            if not done:
-                resuming = recovering
-                folder = self.inbox / queued.origin
-                data = self.spool.data(tid)
-                # Only a delivery a crash interrupted can have linked already; looking for
-                # that link reads the whole folder, so not on every delivery.
-                final = (find_link(data, folder) if resuming and folder.exists() else None) \
-                    or link_unique(data, folder, queued.data["name"])
-                self._append(E.TRANSFER_DELIVERED, {"transfer": tid, "sha256": queued.data["sha256"],
-                                                    "name": final.name})
-                log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
-                         tid, queued.origin, final, queued.data["size"])
-            self.spool.discard(tid)
-            with self.lock:
-                self.held.pop(tid, None)
+            if done:
+                self.spool.discard(tid, sync=False)
+                out[tid] = None
+            else:
+                by_origin.setdefault(ev.origin, []).append(ev)
+        for origin, evs in by_origin.items():
+            folder = self.inbox / origin
+            try:
+                fd = open_folder(folder, create=True)
+            except (OSError, FolderRefused) as exc:  # the service logs it, once per reason
+                for ev in evs:
+                    out[ev.data["transfer"]] = _why(exc)
+                continue
+            try:
+                for ev in evs:
+                    tid = ev.data["transfer"]
+                    data = self.spool.data(tid)
+                    try:
+                        # Only a delivery a crash interrupted can have linked already; looking
+                        # for that link reads the whole folder, so not on every delivery.
+                        found = find_link(data, folder) if tid in resuming else None
+                        name = found.name if found else link_unique_at(data, fd, ev.data["name"])
+                    except OSError as exc:
+                        out[tid] = _why(exc)
+                        continue
+                    linked.append((ev, name))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.append([(E.TRANSFER_DELIVERED, {"transfer": ev.data["transfer"], "sha256": ev.data["sha256"],
+                                             "name": name}) for ev, name in linked])
+        for ev, name in linked:
+            tid = ev.data["transfer"]
+            log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
+                     tid, ev.origin, self.inbox / ev.origin / name, ev.data["size"])
+            self.spool.discard(tid, sync=False)
+            out[tid] = None
+        fsync_dir(self.spool.folder)
+        return out
 
     # -- send (origin or relay) ----------------------------------------------------------------
-    def offer_to(self, hop: str, channel: Any, held: Held) -> str:
-        """Offer one transfer to ``hop`` over an open channel; returns "stored" or "have".
-
-        Raises TransferRefused for a refusal, ProtocolError / EOFError / OSError when the
-        channel breaks (the caller's retry decides what is transient).
-        """
-        tid = held.transfer
+    def outgoing(self, tid: str, passed: Sequence[str]) -> Outgoing:
+        """What an offer of ``tid`` says; TransferRefused("lost") without its queued event."""
         queued = self.queued_event(tid)
         if queued is None:
             raise TransferRefused("lost", "no queued event for this transfer")
-        stream = channel if isinstance(channel, FrameStream) else FrameStream(channel)
-        size = queued.data["size"]
-        t0 = time.monotonic()
-        offset = self._offer(stream, held, queued)
-        if offset is None:
-            return "have"
-        prog = self._outgoing(tid, hop, size, offset)
-        try:
-            with open(self.spool.data(tid), "rb", buffering=0) as f:
-                f.seek(offset)
-                buf = bytearray(CHUNK)
-                remaining = size - offset
-                while remaining:
-                    n = f.readinto(memoryview(buf)[: min(CHUNK, remaining)])
-                    if not n:
-                        raise TransferRefused("lost", "spool copy is shorter than queued")
-                    stream.send_raw(memoryview(buf)[:n])
-                    remaining -= n
-                    prog.done += n
-            return self._stored(stream, hop, size - offset, t0)
-        finally:
-            with self.lock:
-                self.progress.pop((tid, "out"), None)
+        return Outgoing(tid, queued, [n for n in passed if n != self.me] + [self.me])
 
-    def forward_while_receiving(self, hop: str, stream: FrameStream, held: Held, queued: Event,
-                                prog: Progress, fd: int) -> str:
-        """Cut-through: offer to ``hop`` and stream bytes as they land in our part file.
+    def send_batch(self, hop: str, stream: FrameStream, items: Sequence[Outgoing],
+                   report: Callable[[str, Answer], None],
+                   growing: tuple[Progress, int] | None = None) -> None:
+        """Offer ``items`` to ``hop`` in one offer and send the accepted files' bytes back to
+        back; ``report(tid, answer)`` is called with each file's answer (accept, have,
+        pending, refuse) and, for the accepted ones, the receiver's final word (stored,
+        pending, refuse) once its commit is durable. ``growing`` (cut-through: one item)
+        reads the bytes from a part file still being written, as they land.
 
-        Custody does not change here: we answer our sender "stored" only for our own whole,
-        verified copy, and the caller lets go only after both that and ``hop``'s "stored".
-        Raises EOFError when our incoming copy fails (``hop`` keeps its part for a resume).
+        Raises TransferRefused when the whole offer is refused, ProtocolError / EOFError /
+        OSError when the channel breaks (files not reported yet are unanswered).
         """
-        tid = held.transfer
-        size = queued.data["size"]
+        extra = {"cut_through": True} if growing is not None else {}
+        stream.send("offer", files=[{"transfer": it.transfer, "queued": it.queued.to_dict(),
+                                     "route": it.route} for it in items], **extra)
+        reply = stream.recv(expect={"answers", "refuse"})
+        if reply.op == "refuse":
+            raise TransferRefused(reply["reason"], reply["detail"])
+        answers = [_answer(w) for w in check_list(reply["answers"], len(items), ANSWERS, "answers")]
+        accepted: list[tuple[Outgoing, int]] = []
+        for it, ans in zip(items, answers, strict=True):
+            if ans.a == "accept":
+                size = it.queued.data["size"]
+                if not 0 <= ans.offset <= size:
+                    raise ProtocolError(f"accept offset {ans.offset} outside 0..{size}")
+                accepted.append((it, ans.offset))
+            report(it.transfer, ans)
+        if not accepted:
+            return
         t0 = time.monotonic()
-        sent = self._offer(stream, held, queued, cut_through=True)
-        if sent is None:
-            return "have"
-        offset = sent
-        out = self._outgoing(tid, hop, size, sent)
-        try:
-            while sent < size:
-                with prog.cond:
-                    while prog.done <= sent and prog.finished is None:
-                        prog.cond.wait(1.0)
-                    avail = prog.done if prog.finished is not False else sent
-                if avail <= sent:
-                    raise EOFError("the incoming copy stopped; forwarding stops too")
-                data = os.pread(fd, min(avail - sent, CHUNK), sent)
-                if not data:
-                    raise EOFError("part file shorter than announced")
-                stream.send_raw(data)
-                sent += len(data)
-                out.done = sent
-            return self._stored(stream, hop, size - offset, t0)
-        finally:
-            with self.lock:
-                self.progress.pop((tid, "out"), None)
+        for it, offset in accepted:
+            prog = Progress(it.transfer, "out", hop, it.queued.data["size"], offset, time.time())
+            with self.progress_lock:
+                self.progress[(it.transfer, "out")] = prog
+            try:
+                if growing is None:
+                    self._send_file(stream, it, offset, prog)
+                else:
+                    self._send_growing(stream, it, offset, prog, *growing)
+            finally:
+                with self.progress_lock:
+                    self.progress.pop((it.transfer, "out"), None)
+        reply = stream.recv(expect={"stored"})
+        results = check_list(reply["results"], len(accepted), RESULTS, "results")
+        self.metrics.sent(hop, sum(it.queued.data["size"] - off for it, off in accepted),
+                          time.monotonic() - t0)
+        for (it, _), res in zip(accepted, results, strict=True):
+            report(it.transfer, _answer(res))
 
-    def _stored(self, stream: FrameStream, hop: str, sent: int, t0: float) -> str:
-        """The receiver's "stored" for the ``sent`` bytes of an offer made at ``t0`` (counted
-        in the metrics), or TransferRefused."""
-        result = self._await_stored(stream)
-        self.metrics.sent(hop, sent, time.monotonic() - t0)
-        return result
+    def _send_file(self, stream: FrameStream, it: Outgoing, offset: int, prog: Progress) -> None:
+        size = it.queued.data["size"]
+        with open(self.spool.data(it.transfer), "rb", buffering=0) as f:
+            f.seek(offset)
+            buf = bytearray(min(CHUNK, max(size - offset, 1)))
+            remaining = size - offset
+            while remaining:
+                n = f.readinto(memoryview(buf)[: min(len(buf), remaining)])
+                if not n:
+                    # The receiver cannot tell a short copy from a slow one: end the channel.
+                    raise EOFError(f"spool copy of {it.transfer} is shorter than queued")
+                stream.send_raw(memoryview(buf)[:n])
+                remaining -= n
+                prog.done += n
 
     @staticmethod
-    def _await_stored(stream: FrameStream) -> str:
-        """The receiver's verdict on the bytes just sent: "stored", or TransferRefused."""
-        reply = stream.recv(expect={"stored", "refuse"})
-        if reply.op == "refuse":
-            raise TransferRefused(reply["reason"], reply["detail"])
-        return "stored"
+    def _send_growing(stream: FrameStream, it: Outgoing, offset: int, out: Progress,
+                      incoming: Progress, fd: int) -> None:
+        """Cut-through: stream bytes as they land in our part file. Custody does not change
+        here: we answer our sender "stored" only for our own whole, verified copy. Raises
+        EOFError when our incoming copy fails (the hop keeps its part for a resume)."""
+        size = it.queued.data["size"]
+        sent = offset
+        while sent < size:
+            with incoming.cond:
+                while incoming.done <= sent and incoming.finished is None:
+                    incoming.cond.wait(1.0)
+                avail = incoming.done if incoming.finished is not False else sent
+            if avail <= sent:
+                raise EOFError("the incoming copy stopped; forwarding stops too")
+            data = os.pread(fd, min(avail - sent, CHUNK), sent)
+            if not data:
+                raise EOFError("part file shorter than announced")
+            stream.send_raw(data)
+            sent += len(data)
+            out.done = sent
 
-    def _offer(self, stream: FrameStream, held: Held, queued: Event, cut_through: bool = False) -> int | None:
-        """Send the offer; the receiver's resume offset, or None when it already has it."""
-        extra = {"cut_through": True} if cut_through else {}
-        stream.send("offer", transfer=held.transfer, queued=queued.to_dict(),
-                    route=self._route_of(held), **extra)
-        reply = stream.recv(expect={"accept", "have", "refuse"})
-        if reply.op == "refuse":
-            raise TransferRefused(reply["reason"], reply["detail"])
-        if reply.op == "have":
-            return None
-        size = queued.data["size"]
-        if not 0 <= reply["offset"] <= size:
-            raise ProtocolError(f"accept offset {reply['offset']} outside 0..{size}")
-        return reply["offset"]
-
-    def _outgoing(self, tid: str, hop: str, size: int, offset: int) -> Progress:
-        prog = Progress(tid, "out", hop, size, offset, time.time())
-        with self.lock:
-            self.progress[(tid, "out")] = prog
-        return prog
-
-    def _route_of(self, held: Held) -> list[str]:
-        return [n for n in held.passed if n != self.me] + [self.me]
-
-    def handed(self, tid: str, hop: str) -> None:
-        """``hop`` answered "stored" (or "have"). Nobody lets go on that word alone: the origin
-        keeps its copy until the receipt, a relay until the model shows the hop's signed
-        custody; the planner drops it then, or resends elsewhere (``relay.plan``)."""
-        with self.lock:
-            h = self.held.get(tid)
-            if h is None:
-                return
-            h.in_flight = False
-            h.failures.clear()
-            h.last_error = ""
-            h.handed_to, h.handed_at = hop, time.time()
-        log.info("relay.handed transfer=%s to=%s", tid, hop)
-
-    def drop(self, tid: str, reason: str) -> None:
-        with self.lock:
-            self.held.pop(tid, None)
-        self.spool.discard(tid)
+    def drop(self, tid: str, reason: str, sync: bool = True) -> None:
+        """Let our copy go (``sync=False``: the caller fsyncs the folder once for many, with
+        ``synced_drops``; a crash before that brings the copy back, and it is dropped again)."""
+        self.spool.discard(tid, sync=sync)
         log.info("transfer.dropped transfer=%s reason=%s", tid, reason)
+
+    def synced_drops(self) -> None:
+        fsync_dir(self.spool.folder)
 
     def expire(self, tid: str, reason: str) -> None:
         """Give up as the origin: the file to ``failed/`` with the reason, then the event.
 
-        Once per transfer: an expiry and a cancel that meet let the first one do it, and a
-        transfer already failed is left alone. Crash: the reason is written into the spool
+        A transfer already failed is left alone. Crash: the reason is written into the spool
         meta (durably) before the file moves, so a crash between the move and the event
         leaves a meta without a copy, and ``recover`` appends the missing
-        ``transfer.failed``. (The event cannot come first: the planner drops the copy of a
+        ``transfer.failed``. (The event cannot come first: every holder drops the copy of a
         transfer its origin failed.)
         """
-        with self.lock:
-            if tid in self._failing:
+        with self.log.lock:
+            tr = self.log.network.transfer(tid, self.me)
+            if tr is not None and tr.failed is not None:
                 return
-            self._failing.add(tid)
-        try:
-            with self.log.lock:
-                tr = self.log.network.transfer(tid, self.me)
-                if tr is not None and tr.failed is not None:
-                    return
-            queued = self.queued_event(tid)
-            name = queued.data["name"] if queued else tid
-            dest = queued.data["destination"] if queued else "?"
-            data = self.spool.data(tid)
-            text = f"transfer {tid} to {dest} failed: {reason}"
-            if data.exists():
-                self.spool.write_meta(tid, {**(self.spool.read_meta(tid) or {}), "failing": reason[:500]})
-                final = move_to_failed(data, self.failed, name, text)
-            else:
-                final = self.failed / name
-            self._append(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})
-            with self.lock:
-                self.held.pop(tid, None)
-            self.spool.discard(tid)
-            log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s",
-                        tid, dest, reason, final)
-        finally:
-            with self.lock:
-                self._failing.discard(tid)
+        queued = self.queued_event(tid)
+        name = queued.data["name"] if queued else tid
+        dest = queued.data["destination"] if queued else "?"
+        data = self.spool.data(tid)
+        text = f"transfer {tid} to {dest} failed: {reason}"
+        if data.exists():
+            self.spool.write_meta(tid, {**(self.spool.read_meta(tid) or {}), "failing": reason[:500]})
+            final = move_to_failed(data, self.failed, name, text)
+        else:
+            final = self.failed / name
+        self.append([(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})])
+        self.spool.discard(tid)
+        log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s",
+                    tid, dest, reason, final)
 
     # -- recovery ------------------------------------------------------------------------------
-    def recover(self) -> None:
-        """Finish what a crash interrupted. Idempotent; runs before any service starts."""
+    def recover(self) -> list[Recovered]:
+        """Finish what a crash interrupted and return every whole copy in custody, for the
+        service to own. Idempotent; runs before any service starts."""
         self._index_queued()
         self.replay_takes()
+        out = []
         for tid in self.spool.transfer_ids():
             try:
-                self._recover_one(tid)
+                found = self._recover_one(tid)
             except Exception:
                 log.exception("spool.recover.failed transfer=%s", tid)
+                continue
+            if found is not None:
+                out.append(found)
+        return out
 
     def replay_takes(self) -> bool:
         """Finish every batch take whose intent is still in the spool: a crash, or a take that
@@ -874,39 +967,37 @@ class Custody:
             self._queue(todo, {})
         intent.unlink()
 
-    def _recover_one(self, tid: str) -> None:
+    def _recover_one(self, tid: str) -> Recovered | None:
         data = self.spool.data(tid)
         failing = (self.spool.read_meta(tid) or {}).get("failing")
         if isinstance(failing, str):  # an expiry or cancel a crash cut short: finish it
             self.expire(tid, failing)
-            return
-        if not data.exists() or tid in self.held:
-            return  # only a part (the next offer resumes it, or the sweep drops it) or done
+            return None
+        if not data.exists():
+            return None  # only a part (the next offer resumes it, or the sweep drops it)
         queued = self.queued_event(tid)
         if queued is None:
             log.warning("spool.recover transfer=%s no queued event yet; kept until gossip brings it", tid)
-            return
+            return None
         dest = queued.data["destination"]
         if dest == self.me:
-            self._deliver(tid, queued, recovering=True)
-            return
+            return Recovered(queued, ())
         with self.log.lock:
             tr = self.log.network.transfer(tid, queued.origin)
             delivered = tr is not None and tr.state == DELIVERED
             custody = dict(tr.custody) if tr is not None else {}
         if delivered:
             self.spool.discard(tid)
-            return
+            return None
         if queued.origin == self.me:
-            self._hold(tid, self.me, dest, queued.ts, ())
-            return
+            return Recovered(queued, ())
         sender = custody.get(self.me) or self._sender_of(tid) or queued.origin
         if self.me not in custody:
-            self._append(E.TRANSFER_RELAYED, {"transfer": tid, "from": sender})
+            self.append([(E.TRANSFER_RELAYED, {"transfer": tid, "from": sender})])
         chain = [sender]
         while chain[-1] in custody and len(chain) < MAX_ROUTE:
             chain.append(custody[chain[-1]])
-        self._hold(tid, queued.origin, dest, queued.ts, tuple(reversed(chain)) + (self.me,))
+        return Recovered(queued, tuple(reversed(chain)) + (self.me,))
 
     def _sender_of(self, tid: str) -> str | None:
         """Who sent us this copy, as recorded beside it (xattr, else the meta)."""
@@ -920,7 +1011,7 @@ class Custody:
         who = meta.get("from")
         return who if ids.is_node_id(who) else None
 
-    def sweep(self) -> None:
+    def sweep(self, active: Callable[[str], bool]) -> None:
         """Let go of copies that nobody will finish or pass on:
 
         - a part whose transfer was delivered (or its origin gave up) while it waited here,
@@ -929,31 +1020,28 @@ class Custody:
         - a whole copy that nobody holds (its queued event never came) in the spool for
           twice ``stale_after`` (``stale-copy``).
 
-        Held copies (the planner ages those: ``relay.plan``), transfers arriving right now
-        and, while a take is in progress, unheld whole copies are left alone.
+        Transfers the service deals with (``active``: held or arriving) and, while a take is
+        in progress, unheld whole copies are left alone. Runs on the service's thread, so
+        ``active`` cannot change under it.
         """
         now = time.time()
         taking = bool(self.spool.intents())
         for tid in self.spool.transfer_ids():
+            if active(tid):
+                continue
             reason = self._sweep_reason(tid, now, taking)
             if reason is None:
                 continue
-            with self.lock:
-                if tid in self.held or tid in self._receiving:
-                    continue
-                try:
-                    self.spool.discard(tid)
-                except OSError as exc:
-                    log.warning("spool.drop.failed transfer=%s error=%s", tid, exc)
-                    continue
-                self._resume_failed.discard(tid)
+            try:
+                self.spool.discard(tid)
+            except OSError as exc:
+                log.warning("spool.drop.failed transfer=%s error=%s", tid, exc)
+                continue
+            self._resume_failed.discard(tid)
             log.info("spool.dropped transfer=%s reason=%s", tid, reason)
 
     def _sweep_reason(self, tid: str, now: float, taking: bool) -> str | None:
         """Why the spool entry ``tid`` can go (see ``sweep``), or None to keep it."""
-        with self.lock:
-            if tid in self.held or tid in self._receiving:
-                return None
         try:
             if self.spool.data(tid).exists():
                 # ctime: when it was renamed into the spool (mtime may be the producer's).
@@ -971,5 +1059,37 @@ class Custody:
             return None
 
     def snapshot(self) -> list[dict[str, Any]]:
-        with self.lock:
+        with self.progress_lock:
             return [p.as_dict() for p in self.progress.values()]
+
+
+def offer_chunks(items: Sequence[Outgoing]) -> Iterator[list[Outgoing]]:
+    """``items`` in offers that fit: at most MAX_BATCH files and OFFER_BUDGET bytes of
+    header each (a file's signed queued event and route, as sent)."""
+    chunk: list[Outgoing] = []
+    used = 0
+    for it in items:
+        cost = len(E.canonical(it.queued.to_dict())) + sum(len(n) + 3 for n in it.route) + 40
+        if chunk and (len(chunk) >= MAX_BATCH or used + cost > OFFER_BUDGET):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(it)
+        used += cost
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A whole copy found in custody at start-up: its claim and the route so far."""
+
+    queued: Event
+    passed: tuple[str, ...]
+
+
+def _answer(w: dict[str, Any]) -> Answer:
+    return Answer(w["a"], offset=w.get("offset", 0), reason=w.get("reason", ""), detail=w.get("detail", ""))
+
+
+def _why(exc: BaseException) -> str:
+    return (str(exc) or exc.__class__.__name__)[:300]

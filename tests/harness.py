@@ -7,23 +7,33 @@ subprocess on a free 127.0.0.1 port. Waiting is always for a condition with a de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from maildrop import localnet
+from maildrop import lifecycle, localnet
 from maildrop.cli import status_document
 from maildrop.config import load_config
+from maildrop.custodian import Custodian, Job
+from maildrop.eventlog import EventLog
 from maildrop.localnet import LocalNet, LocalNode, free_port
+from maildrop.transfers import Custody
 
-__all__ = ["FAST", "Net", "Node", "free_port", "gossip_as_outsider", "introduce_outsider", "offer_as_outsider",
+__all__ = ["FAST", "NO_DAC_OVERRIDE", "Net", "Node", "Word", "custody_service", "free_port", "gossip_as_outsider", "introduce_outsider", "offer_as_outsider",
            "sha256_of", "start_with_outsider", "wait_until", "write_random_file"]
+
+NO_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+"""Prefix that runs a command as root without the capabilities that let root ignore file
+modes, so a folder of mode 0555 bites it as it bites an agent running as its own user
+(empty when the tests do not run as root)."""
 
 FAST = {
     "gossip": {"interval": "1s", "link_down_after": "3s"},
@@ -59,6 +69,29 @@ def write_random_file(path: Path, size: int) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def custody_service(custody: Custody, elog: EventLog,
+                    policy: lifecycle.Policy | None = None) -> Iterator[tuple[Custodian, list[Job]]]:
+    """A custody service (``Custodian``) over ``custody`` running on its own thread, as the
+    agent runs it: what ``custody`` takes is handed to it (``on_taken``), every ``call`` goes
+    through its thread. The offers it makes are recorded in the list yielded beside it, not
+    sent. Stopped and joined on exit."""
+    policy = policy or lifecycle.Policy()
+    offers: list[Job] = []
+    custodian = Custodian(custody.me, custody, elog, lambda: policy, lambda hop, jobs: offers.extend(jobs))
+    custody.on_taken = custodian.taken
+    stop = threading.Event()
+    thread = threading.Thread(target=custodian.run, args=(stop,), daemon=True)
+    thread.start()
+    wait_until(lambda: custodian._thread is not None, 5, "the custody service to run")
+    try:
+        yield custodian, offers
+    finally:
+        stop.set()
+        custodian.kick()
+        thread.join(10)
+
+
 class Node(LocalNode):
     def config(self):
         return load_config(self.config_path)
@@ -69,8 +102,24 @@ class Node(LocalNode):
     def known_nodes(self) -> set[str]:
         return {n["id"] for n in self.status()["nodes"]}
 
-    def start(self, log_level: str = "debug") -> None:
-        super().start(log_level)
+    def start(self, log_level: str = "debug", *, env: Mapping[str, str] | None = None) -> None:
+        """Start the agent; ``env`` adds variables for this start only (e.g. a failpoint)."""
+        saved = self.env
+        self.env = {**saved, **(env or {})}
+        try:
+            super().start(log_level)
+        finally:
+            self.env = saved
+
+    def start_without_dac_override(self, log_level: str = "debug") -> None:
+        """Start the agent under ``NO_DAC_OVERRIDE``: file modes bind it (then ``wait_listening``)."""
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [*NO_DAC_OVERRIDE, sys.executable, "-m", "maildrop", "-c", str(self.config_path), "run",
+                 "--log-level", log_level],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self.env, start_new_session=True)
 
     def cli(self, *args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess:
         """Run ``maildrop -c <config> ARGS`` as a real subprocess."""
@@ -156,12 +205,24 @@ def gossip_as_outsider(client: Any, events: Iterable[Any]) -> Any:
         chan.close()
 
 
+class Word:
+    """One file's word in an ``answers`` or ``stored`` frame (or a whole-offer ``refuse``),
+    read like a frame: ``.op`` is its kind, ``w["reason"]`` its fields."""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.op = fields.get("a") or fields.get("op")
+        self.fields = fields
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+
 def offer_as_outsider(client: Any, queued: Any, body: bytes | None = None, *,
                       transfer: str | None = None, route: Iterable[str] = ("NodeX",),
-                      cut: int | None = None) -> tuple[Any, Any]:
-    """Offer ``queued`` (an Event or a raw dict) over a new channel of ``client`` and stream
-    ``body`` from the accepted offset (only ``cut`` bytes of it, then close, if given).
-    Returns (first reply, last reply)."""
+                      cut: int | None = None) -> tuple[Word, Word | None]:
+    """Offer ``queued`` (an Event or a raw dict) alone over a new channel of ``client`` and
+    stream ``body`` from the accepted offset (only ``cut`` bytes of it, then close, if given).
+    Returns (the file's answer, its final word)."""
     from maildrop.protocol import FrameStream
 
     raw = queued if isinstance(queued, dict) else queued.to_dict()
@@ -169,8 +230,10 @@ def offer_as_outsider(client: Any, queued: Any, body: bytes | None = None, *,
     chan.settimeout(20)
     s = FrameStream(chan)
     try:
-        s.send("offer", transfer=transfer or raw["data"]["transfer"], queued=raw, route=list(route))
-        first = s.recv(expect={"accept", "have", "refuse"})
+        s.send("offer", files=[{"transfer": transfer or raw["data"]["transfer"], "queued": raw,
+                                "route": list(route)}])
+        reply = s.recv(expect={"answers", "refuse"})
+        first = Word(reply.header) if reply.op == "refuse" else Word(reply["answers"][0])
         if first.op != "accept" or body is None:
             return first, first
         rest = body[first["offset"]:]
@@ -178,7 +241,7 @@ def offer_as_outsider(client: Any, queued: Any, body: bytes | None = None, *,
             s.send_raw(rest[:cut])
             return first, None
         s.send_raw(rest)
-        return first, s.recv(expect={"stored", "refuse"})
+        return first, Word(s.recv(expect={"stored"})["results"][0])
     finally:
         chan.close()
 

@@ -5,14 +5,15 @@ delivered, or in ``failed/`` with its ``transfer.failed``, exactly once."""
 from __future__ import annotations
 
 import os
-import threading
+import time
 
+from maildrop import lifecycle as L
 from maildrop.agent import open_log
 from maildrop.config import load_config
 from maildrop.keys import load_key
 from maildrop.spool import Spool
 from maildrop.transfers import Custody
-from tests.harness import wait_until
+from tests.harness import custody_service, wait_until
 
 
 def _custody(node):
@@ -49,29 +50,22 @@ def test_a_give_up_cut_short_between_the_move_and_the_event_is_finished_at_start
 
 
 def test_an_expiry_and_a_cancel_at_once_give_up_once(make_net):
+    """The expiry (the service's own timer) and an operator's cancel arrive together: the
+    one owner steps them one after the other, and the second finds the transfer ended."""
     net = make_net(["NodeA"], [], start=False)
     a = net["NodeA"]
     elog, custody = _custody(a)
     try:
-        path = a.drop("NodeZ", "twice.bin", b"y" * 1000)
-        (tid,) = custody.take_batch([(path, "NodeZ")])
-        go = threading.Barrier(2)
-        errors = []
-
-        def give_up(reason):
-            go.wait()
-            try:
-                custody.expire(tid, reason)
-            except Exception as exc:  # the test reports any
-                errors.append(exc)
-        threads = [threading.Thread(target=give_up, args=(r,)) for r in ("expired", "cancelled")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(20)
+        with custody_service(custody, elog, L.Policy(expire_after=0.5)) as (custodian, _):
+            path = a.drop("NodeZ", "twice.bin", b"y" * 1000)
+            (tid,) = custody.take_batch([(path, "NodeZ")])
+            wait_until(lambda: tid in custodian.snapshot(), 5, "the service to hold it")
+            wait_until(lambda: time.time() >= custodian.snapshot()[tid].queued_at + 0.5
+                       if tid in custodian.snapshot() else True, 5, "the expiry to be due")
+            custodian.apply_all([tid], L.Cancel())
+            wait_until(lambda: tid not in custodian.snapshot(), 10, "the transfer to end")
     finally:
         elog.close()
-    assert errors == []
     assert len(_failed_events(a, tid)) == 1
     assert sorted(p.name for p in a.failed.iterdir()) == ["twice.bin", "twice.bin.reason"]
     assert not a.spool_files(tid)
@@ -91,10 +85,16 @@ def test_one_undeliverable_file_does_not_strand_the_rest_of_its_batch(make_net, 
     try:
         batch = [(a.drop("NodeA", "self.bin", b"to myself"), "NodeA")]
         batch += [(a.drop("NodeB", f"f{i}.bin", b"for B %d" % i), "NodeB") for i in range(5)]
-        tids = custody.take_batch(batch)
-        assert len(tids) == 6
-        held = {h.transfer for h in custody.held.values() if h.destination == "NodeB"}
-        assert held == set(tids[1:]), "files after the failed delivery were stranded"
+        with custody_service(custody, elog) as (custodian, _):
+            tids = custody.take_batch(batch)
+            assert len(tids) == 6
+            # Alone, A has no route to B: held and waiting for one, not stranded.
+            wait_until(lambda: {t for t, st in custodian.snapshot().items()
+                                if st.phase == L.QUEUED and st.destination == "NodeB"} == set(tids[1:]),
+                       10, "the files after the failed delivery to be held for NodeB")
+            mine = custodian.snapshot()[tids[0]]
+            assert (mine.phase, mine.reason.startswith("delivery into inbox/NodeA/ failed")) == \
+                (L.DELIVERING, True), "the failed delivery waits for a retry, with its reason"
         assert custody.spool.data(tids[0]).exists()  # kept: delivered once the inbox is fixed
         assert list(elsewhere.iterdir()) == []  # never written through the symlink
         assert not list(custody.spool.intents())

@@ -96,9 +96,9 @@ def test_f14_a_peer_cannot_forge_a_log_line(make_net, tmp_path):
         chan = client.open_channel()
         chan.settimeout(10)
         s = FrameStream(chan)
-        s.send("offer", transfer=f"\x1b[2J\n{forged}", queued={}, route=[])
+        s.send("offer", files=[{"transfer": f"\x1b[2J\n{forged}", "queued": {}, "route": []}])
         reply = s.recv()
-        assert reply.op == "refuse"
+        assert reply["answers"][0]["a"] == "refuse"
         chan.close()
         wait_until(lambda: "relay.offer.refused" in a.log_path.read_text(), 10, "the refusal logged")
     finally:

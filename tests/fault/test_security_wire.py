@@ -23,7 +23,7 @@ from maildrop.events import MAX_EVENT_BYTES, compute_id, format_ts
 from maildrop.keys import NodeKey, generate_key
 from maildrop.protocol import MAX_HEADER, FrameStream
 from tests.factories import T0, FeedWriter
-from tests.harness import introduce_outsider, start_with_outsider, wait_until
+from tests.harness import Word, introduce_outsider, start_with_outsider, wait_until
 
 
 class Peer:
@@ -57,8 +57,10 @@ class Peer:
         """Offer ``queued`` (a raw dict) and return A's first reply."""
         chan, s = self.stream()
         try:
-            s.send("offer", transfer=queued["data"]["transfer"], queued=queued, route=["NodeX"])
-            return s.recv(expect={"accept", "have", "refuse"})
+            s.send("offer", files=[{"transfer": queued["data"]["transfer"], "queued": queued,
+                                    "route": ["NodeX"]}])
+            reply = s.recv(expect={"answers", "refuse"})
+            return Word(reply.header) if reply.op == "refuse" else Word(reply["answers"][0])
         finally:
             chan.close()
 

@@ -142,7 +142,7 @@ def test_origin_killed_mid_file_resumes_after_restart(make_net):
     wait_until(lambda: a.spool_files() == [] and b.spool_files() == [], 30, "both spools empty")
 
 
-def test_a_refusal_is_not_retried_at_once_and_the_file_expires_into_failed(make_net):
+def test_a_permanent_refusal_is_not_retried_and_ends_the_transfer_at_the_origin(make_net):
     net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")],
                    settings={"transfers": {"expire_after": "4s"}}, start=False)
     a, b = net["NodeA"], net["NodeB"]
@@ -154,18 +154,21 @@ def test_a_refusal_is_not_retried_at_once_and_the_file_expires_into_failed(make_
     a.drop("NodeB", "huge.bin", data)
     failed = a.failed / "huge.bin"
     wait_until(lambda: failed.exists() and (a.failed / "huge.bin.reason").exists(), 30,
-               "huge.bin to expire into A's failed/")
+               "huge.bin to end in A's failed/")
     assert failed.read_bytes() == data
     refusals = re.findall(r"relay\.offer\.refused peer=NodeA transfer=(\w+) reason=too-large",
                           b.log_path.read_text())
-    # B said no once; A took that as the answer (no burst of identical offers) and waited.
+    # B said no once; A took that as the answer (no burst of identical offers, no retry
+    # for a week): too-large cannot change by asking again, so the transfer ended at once.
     assert len(refusals) == 1, refusals
     assert re.search(rf"relay\.hop\.refused transfer={refusals[0]} peer=NodeB reason=too-large",
                      a.log_path.read_text())
     assert b.inbox_files() == [] and b.spool_files() == []
     t = wait_until(lambda: (x := transfer_in(a, refusals[0])) and x["state"] == "failed" and x,
                    10, "A's status to say failed")
-    assert "not delivered" in t["failed"]
+    assert "too-large" in t["failed"] and "NodeB" in t["failed"]
+    reason = (a.failed / "huge.bin.reason").read_text()
+    assert "too-large" in reason and "NodeB" in reason
 
 
 # ------------------------------------------------------------------------ a lying peer

@@ -4,9 +4,13 @@ and every config problem at once. Real CLI subprocesses, real files, real agents
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from maildrop.keys import generate_key
 from tests.harness import free_port
@@ -134,3 +138,87 @@ def test_6_check_peers_says_what_is_wrong_with_each_peer(make_net, tmp_path):
     assert "FAIL  peer NodeD" in text.stdout and "→ its agent is not running" in text.stdout
     # without --peers nothing is dialled
     assert not [x for x in check_json(a.config_path)[1]["checks"] if x["check"] == "peers"]
+
+
+# ------------------------------------------------------------------------------ inbox/<origin>/
+
+SETPRIV = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+
+
+def check_without_dac_override(cfg: Path, *args: str) -> tuple[int, dict]:
+    """``check --json`` run as root without the capabilities that let root ignore file
+    modes (as the agent's own user would run it)."""
+    if SETPRIV and shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    cp = subprocess.run([*SETPRIV, sys.executable, "-m", "maildrop", "-c", str(cfg), "check", "--json", *args],
+                        capture_output=True, text=True, timeout=90)
+    doc = json.loads(cp.stdout)
+    assert doc["status"] == cp.returncode
+    return cp.returncode, doc
+
+
+def test_10_check_names_every_inbox_origin_folder_that_takes_no_delivery(node, tmp_path):
+    """Was: 'all checks passed' with ``inbox/NodeB`` unwritable; deliveries from NodeB then
+    waited in the spool with no word anywhere."""
+    inbox = node.parent / "inbox"
+    good, locked, linked, plain = (inbox / n for n in ("NodeC", "NodeB", "NodeD", "NodeE"))
+    good.mkdir()
+    locked.mkdir()
+    (inbox / "notes.txt").write_text("not an origin: not checked\n")
+    status, doc = check_without_dac_override(node)
+    assert status == 0, doc
+    ok = next(x for x in doc["checks"] if x["check"] == "inbox")
+    assert ok["status"] == "ok" and "2 origin folder(s)" in ok["what"], ok
+
+    locked.chmod(0o555)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked.symlink_to(elsewhere)
+    plain.write_text("a file where a folder goes\n")
+    assert subprocess.run([*SETPRIV, "touch", str(locked / "probe")], capture_output=True).returncode != 0, \
+        "the staging proves nothing: inbox/NodeB is still writable"
+    status, doc = check_without_dac_override(node)
+    assert status == 1, doc
+    fails = {x["origin"]: x for x in doc["checks"] if x["check"] == "inbox" and x["status"] == "fail"}
+    assert sorted(fails) == ["NodeB", "NodeD", "NodeE"], doc["checks"]
+    assert doc["failed"] == 3
+    b = fails["NodeB"]
+    assert b["what"].startswith(f"inbox folder {locked} is not writable by this user: Permission denied")
+    assert "mode 0555" in b["what"] and b["what"].endswith("files from NodeB wait in the spool")
+    assert b["fix"] == f"chown it to the agent's user and chmod u+rwx {locked}"
+    assert "is a symlink" in fails["NodeD"]["what"] and fails["NodeD"]["fix"].startswith("replace it with a real folder")
+    assert "is not a folder" in fails["NodeE"]["what"]
+    assert list(elsewhere.iterdir()) == []  # never written through the symlink
+    # the probes leave nothing behind, in the folders or in the spool
+    assert sorted(p.name for p in inbox.iterdir()) == ["NodeB", "NodeC", "NodeD", "NodeE", "notes.txt"]
+    assert list(good.iterdir()) == [] and list(locked.iterdir()) == []
+    assert not [p for p in (node.parent / "state" / "spool").iterdir() if p.name.startswith(".maildrop-check")]
+    # the text form: one FAIL line naming the folder, its fix on the next line
+    text = subprocess.run([*SETPRIV, sys.executable,
+                           "-m", "maildrop", "-c", str(node), "check"], capture_output=True, text=True, timeout=90)
+    assert text.returncode == 1
+    lines = text.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(f"FAIL  inbox folder {locked} "))
+    assert lines[at + 1] == f"      → chown it to the agent's user and chmod u+rwx {locked}"
+
+    locked.chmod(0o755)
+    linked.unlink()
+    plain.unlink()
+    status, doc = check_without_dac_override(node)
+    assert status == 0, doc
+
+
+def test_10_check_names_an_unwritable_inbox_itself(node):
+    inbox = node.parent / "inbox"
+    (inbox / "NodeB").mkdir(mode=0o555)
+    inbox.chmod(0o555)
+    try:
+        status, doc = check_without_dac_override(node)
+    finally:
+        inbox.chmod(0o2750)
+    assert status == 1
+    fails = [x for x in doc["checks"] if x["status"] == "fail"]
+    # said once (by the folders check), not again for inbox/ by the inbox check
+    assert [x["check"] for x in fails] == ["folders", "inbox"], fails
+    assert fails[0]["what"] == f"inbox folder {inbox} is not writable by this user"
+    assert fails[1]["origin"] == "NodeB"  # under a locked inbox/, NodeB/ is still checked

@@ -1,12 +1,15 @@
 """``maildrop demo`` and ``maildrop check`` as a user runs them."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+from maildrop.demo import NAMES
 from tests.harness import wait_until
 
 
@@ -39,15 +42,46 @@ def test_demo_delivers_reroutes_and_leaves_nothing_behind(tmp_path):
     print(f"\ndemo took {took:.1f}s")
 
 
+def _pids_under(path) -> list[int]:
+    return [int(line.split(":", 1)[0]) for line in _processes_under(path)]
+
+
 def test_demo_on_ctrl_c_stops_every_agent(tmp_path):
+    """Ctrl-C while the demo surely runs. The demo is fast, so the interrupt must not race
+    its end: NodeE's agent (the destination of both files) is frozen with SIGSTOP as soon as
+    it exists. Frozen, NodeE publishes nothing into its inbox, so the demo waits for a
+    delivery that cannot happen until the SIGINT ends it: exit status 130, every agent gone."""
     keep = tmp_path / "demo"
     p = subprocess.Popen([sys.executable, "-m", "maildrop", "demo", "--dir", str(keep)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_until(lambda: len(_processes_under(keep)) >= 5, 60, "the demo's five agents to run")
-    p.send_signal(signal.SIGINT)
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 130, out
-    wait_until(lambda: _processes_under(keep) == [], 20, "no agent left behind")
+    try:
+        (frozen,) = wait_until(lambda: _pids_under(keep / "NodeE"), 60, "NodeE's agent to start")
+        os.kill(frozen, signal.SIGSTOP)
+        wait_until(lambda: all(_pids_under(keep / n) for n in NAMES), 60, "the demo's five agents to run")
+        arrived = sorted(f.name for f in (keep / "NodeE" / "inbox").glob("*/*"))
+        assert p.poll() is None and "second.txt" not in arrived, \
+            f"the demo got past NodeE before it was frozen (inbox: {arrived})"
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
+        reader.start()
+        p.send_signal(signal.SIGINT)
+        # Thaw NodeE only once the demo has taken the interrupt (a signal is delivered when
+        # the demo runs next, not when kill() returns), so it stops on the demo's SIGTERM.
+        wait_until(lambda: any("interrupted: stopping the agents" in ln for ln in lines), 30,
+                   "the demo to take the interrupt")
+        os.kill(frozen, signal.SIGCONT)
+        p.wait(timeout=60)
+        reader.join(10)
+        out = "".join(lines)
+        assert p.returncode == 130, out
+        wait_until(lambda: _processes_under(keep) == [], 20, "no agent left behind")
+    finally:  # a failed test leaves no process behind either (a frozen one takes SIGKILL too)
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=30)
+        for pid in _pids_under(keep):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_demo_refuses_a_non_empty_dir(tmp_path):

@@ -1,13 +1,14 @@
 """Imports flow one way: pure core -> edges -> shell -> cli (docs/architecture.md)."""
 
 import ast
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce",
-        "protocol", "gossip", "config", "logsafe", "durable"}
-EDGES = {"eventlog", "spool", "transport.ssh", "watcher", "sdnotify", "metrics"}
-SHELL = {"transfers", "agent", "localnet", "demo", "check", "control"}
+        "protocol", "gossip", "config", "logsafe", "durable", "lifecycle"}
+EDGES = {"eventlog", "spool", "transport.ssh", "watcher", "sdnotify", "metrics", "failpoints"}
+SHELL = {"transfers", "custodian", "agent", "localnet", "demo", "check", "control"}
 THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"},
                     "prometheus_client": {"metrics"}}
 FORBIDDEN_IN_CORE = {"socket", "subprocess", "paramiko", "watchdog", "fcntl", "threading"}
@@ -54,6 +55,13 @@ def test_core_imports_only_core_and_no_io():
                 assert mod in CORE, f"{name} (core) imports {mod}"
             else:
                 assert mod.split(".")[0] not in FORBIDDEN_IN_CORE, f"{name} (core) imports {mod}"
+
+
+def test_the_lifecycle_imports_only_the_standard_library():
+    [(name, tree)] = [(n, t) for n, t in _modules() if n == "lifecycle"]
+    for mod, internal in _imports(name, tree):
+        assert not internal and mod.split(".")[0] in sys.stdlib_module_names, f"lifecycle imports {mod}"
+        assert mod.split(".")[0] not in FORBIDDEN_IN_CORE | {"os", "time", "io", "pathlib", "random"}, mod
 
 
 def test_edges_never_import_each_other_or_the_shell():
