@@ -16,8 +16,11 @@ README's troubleshooting words, and its entry carries ``peer`` and ``stage``.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import secrets
 import socket
 import stat
 import sys
@@ -27,7 +30,9 @@ from typing import Any
 
 from .config import Config, ConfigProblems, Peer, find_config, format_hostport, load_config
 from .errors import MaildropError
+from .ids import is_node_id
 from .keys import NodeKey, load_key
+from .spool import FolderRefused, open_folder
 
 PEER_TIMEOUT = 5.0
 """Seconds ``--peers`` waits for a peer's TCP connect, then for each SSH stage."""
@@ -204,6 +209,92 @@ def _check_folders(c: Config, r: _Report) -> None:
         pass
 
 
+def _link_trouble(folder: Path, src: Path | None) -> tuple[str, str] | None:
+    """What stops this user from delivering into ``folder`` as the agent does, or None.
+
+    The probe is a delivery: a hard link of ``src`` (a file in the spool) into ``folder``,
+    under a dotname, unlinked at once; without ``src`` a file is created in ``folder`` and
+    linked beside itself. ``folder`` is opened ``O_NOFOLLOW`` as the agent opens it, so a
+    symlink there is named, not followed. Returns ``(what is wrong, the fix)``."""
+    try:
+        fd = open_folder(folder)
+    except FolderRefused as exc:
+        if exc.reason == "symlink":
+            return ("is a symlink: the agent never delivers through one",
+                    f"replace it with a real folder: rm {folder} && mkdir {folder}")
+        return "is not a folder", f"move it out of the inbox: mv {folder} {folder}.moved"
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror or exc})", f"chown it to the agent's user and chmod u+rwx {folder}"
+    name = f".maildrop-check-{secrets.token_hex(8)}"
+    made: list[str] = []
+    try:
+        if src is None:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=fd))
+            made.append(name)
+            os.link(name, name + "-link", src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+            made.append(name + "-link")
+        else:
+            os.link(src, name, dst_dir_fd=fd, follow_symlinks=False)
+            made.append(name)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return ("is on another filesystem than the spool (deliveries are hard links)",
+                    f"make it a plain folder on the root's filesystem: {folder}")
+        if exc.errno == errno.EROFS:
+            return "is on a read-only filesystem", f"remount the filesystem of {folder} read-write"
+        st = os.fstat(fd)
+        return (f"is not writable by this user: {exc.strerror or exc} (owner uid {st.st_uid}, "
+                f"mode {stat.S_IMODE(st.st_mode):04o})",
+                f"chown it to the agent's user and chmod u+rwx {folder}")
+    finally:
+        for made_name in made:
+            with contextlib.suppress(OSError):
+                os.unlink(made_name, dir_fd=fd)
+        os.close(fd)
+    return None
+
+
+def _check_inbox(c: Config, r: _Report) -> None:
+    """``inbox/`` and every ``inbox/<origin>/`` in it take a delivery (a hard link from the
+    spool). A folder that does not leaves that origin's files waiting in the spool; one
+    ``FAIL`` each, carrying ``origin`` in the JSON. Missing origin folders are fine: the
+    agent makes them in ``inbox/`` (checked first)."""
+    if not c.inbox.is_dir():
+        return  # reported by the folders check
+    reported = not os.access(c.inbox, os.W_OK | os.X_OK)  # the folders check said so
+    src: Path | None = c.spool / f".maildrop-check-{secrets.token_hex(8)}"
+    try:
+        os.close(os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+    except OSError:
+        src = None  # the spool's own trouble is reported by the folders check
+    try:
+        trouble = None if reported else _link_trouble(c.inbox, src)
+        if trouble is not None:
+            r.fail(f"inbox folder {c.inbox} {trouble[0]}: no delivery can be made", trouble[1])
+            return
+        try:
+            origins = sorted(e.name for e in os.scandir(c.inbox) if is_node_id(e.name))
+        except OSError as exc:
+            r.warn(f"inbox folder {c.inbox} cannot be listed by this user ({exc.strerror or exc}): "
+                   "its origin folders were not checked", f"chmod u+rx {c.inbox}")
+            return
+        bad = 0
+        for origin in origins:
+            folder = c.inbox / origin
+            trouble = _link_trouble(folder, src)
+            if trouble is not None:
+                bad += 1
+                r.fail(f"inbox folder {folder} {trouble[0]}: files from {origin} wait in the spool",
+                       trouble[1], origin=origin)
+        if not bad and not reported:
+            r.ok(f"inbox folder {c.inbox} and its {len(origins)} origin folder(s) take deliveries")
+    finally:
+        if src is not None:
+            with contextlib.suppress(OSError):
+                src.unlink()
+
+
 def _check_log(c: Config, r: _Report) -> None:
     from .eventlog import EventLog
 
@@ -349,7 +440,8 @@ def run_checks(config_arg: str | None, *, as_json: bool = False, peers: bool = F
         return r.finish(2, path, None)
     r.ok(f"config {path}: node {c.node_id}, {len(c.peers)} peer(s)")
     for name, check in (("key", _check_key), ("ownership", lambda c, r: _check_ownership(c, path, r)),
-                        ("folders", _check_folders), ("log", _check_log), ("listen", _check_listen)):
+                        ("folders", _check_folders), ("inbox", _check_inbox), ("log", _check_log),
+                        ("listen", _check_listen)):
         r.check = name
         check(c, r)
     if peers:
