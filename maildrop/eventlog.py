@@ -292,7 +292,9 @@ class EventLog:
         now = time.time() if now is None else now
         with self.lock:
             keys = {o: self.ledger.known_keys(o) for o in {e.origin for e in events}}
-        verify = _preverify(events, keys)
+            # Duplicates are never checked by the ledger: no signature to verify for them.
+            fresh = [e for e in events if not self.ledger.holds(e)]
+        verify = _preverify(fresh, keys)
         with self.lock, self._flock(exclusive=True):
             self._read_new()
             if now - self._expired_at >= EXPIRE_EVERY:

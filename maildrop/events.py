@@ -24,6 +24,7 @@ import base64
 import binascii
 import calendar
 import datetime
+import functools
 import hashlib
 import json
 import re
@@ -201,11 +202,19 @@ class Event:
         return canonical(self.to_dict()) + b"\n"
 
     def verify_signature(self, public_line: str) -> bool:
-        try:
-            sig = base64.b64decode(self.sig, validate=True)
-        except (binascii.Error, ValueError):
-            return False
-        return verify(public_line, sig, self.id.encode())
+        """True when ``sig`` is ``public_line``'s signature of ``id``. An event often comes
+        twice (with an offer and by gossip): the answer is remembered (``_checked``)."""
+        return _checked(self.id, self.sig, public_line)
+
+
+@functools.lru_cache(maxsize=16384)
+def _checked(event_id: str, sig: str, public_line: str) -> bool:
+    """The signature check of one (id, signature, key): pure, so its answer can be kept."""
+    try:
+        raw = base64.b64decode(sig, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return verify(public_line, raw, event_id.encode())
 
 
 def compute_id(body: Mapping[str, Any]) -> str:

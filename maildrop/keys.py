@@ -13,6 +13,7 @@ old key at ``<key>.old``; every step is durable, so a crash leaves a state that
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,16 @@ def public_line_of(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
+@functools.lru_cache(maxsize=4096)
+def _verifier(public_line: str) -> Ed25519PublicKey:
+    """The parsed key of a public line (parsing costs more than a check; keys never change)."""
+    return parse_public_line(public_line)
+
+
 def verify(public_line: str, signature: bytes, data: bytes) -> bool:
     """True when ``signature`` is a valid ed25519 signature of ``data`` by ``public_line``."""
     try:
-        parse_public_line(public_line).verify(signature, data)
+        _verifier(public_line).verify(signature, data)
     except (InvalidSignature, ValueError):
         return False
     return True

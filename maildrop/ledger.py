@@ -175,6 +175,11 @@ class Ledger:
                 h.update(f"{origin}:{f.head_seq}:{f.head_id};".encode())
         return h.hexdigest()[:32]
 
+    def holds(self, ev: Event) -> bool:
+        """True when this very event is held already (a duplicate: nothing to check)."""
+        feed = self.feeds.get(ev.origin)
+        return feed is not None and 0 < ev.seq <= feed.head_seq and feed.events[ev.seq - 1].id == ev.id
+
     def key_of(self, origin: str) -> str | None:
         feed = self.feeds.get(origin)
         return feed.key if feed else None
