@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 from . import events as E
 from . import ids
+from .durable import sync_files
 from .errors import InvalidEvent, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event, parse_event, parse_ts
@@ -422,11 +423,12 @@ class Custody:
 
     def _queue(self, entries: list[dict[str, Any]], fds: dict[str, int]) -> list[str]:
         """Make taken files durable, hash them and append their ``transfer.queued`` events in
-        one write; returns the transfer ids queued. A file is fsynced and hashed from its
-        descriptor in ``fds`` (closed here), else (recovery) opened and checked again: a
-        refused one is put back into its outbox folder. One that cannot be read goes to
-        ``failed/``; the others are queued. The fsync comes before the event: a queued event
-        never vouches for bytes that are only in the page cache."""
+        one write; returns the transfer ids queued. A file is hashed from its descriptor in
+        ``fds`` (closed here), else (recovery) opened and checked again: a refused one is put
+        back into its outbox folder. One that cannot be read goes to ``failed/``; the others
+        are made durable together (``sync_files``: one fsync each, or one syncfs for a batch)
+        and then queued. The sync comes before the event: a queued event never vouches for
+        bytes that are only in the page cache."""
         items = []
         protected: set[tuple[int, int]] | None = None
         for e in entries:
@@ -437,7 +439,6 @@ class Custody:
                     protected = protected if protected is not None else self._protected()
                     fd = self.spool.open_taken(tid, protected)
                 try:
-                    os.fsync(fd)
                     size, sha = hash_fd(fd)
                 finally:
                     os.close(fd)
@@ -459,6 +460,7 @@ class Custody:
                                               "name": e["name"], "size": size, "sha256": sha}))
         if not items:
             return []
+        sync_files([self.spool.data(d["transfer"]) for _, d in items], self.spool.folder)
         evs = self.append(items)
         for ev in evs:
             d = ev.data
@@ -589,11 +591,11 @@ class Custody:
             raise TransferRefused("bad-offer", str(exc)) from None
         if queued.type != E.TRANSFER_QUEUED or queued.data["transfer"] != tid:
             raise TransferRefused("bad-offer", "queued event does not match the transfer")
-        with self.log.lock:
-            key = self.log.ledger.key_of(queued.origin)
-        if key is None:
+        with self.log.lock:  # its feed's key, else (a configured peer not heard yet) the pinned one
+            keys = self.log.ledger.known_keys(queued.origin)
+        if not keys:
             raise TransferRefused("unknown-origin", f"no key known for {queued.origin} yet")
-        if not queued.verify_signature(key):
+        if not any(queued.verify_signature(k) for k in keys):
             raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
         try:
             parse_ts(queued.ts)
@@ -640,8 +642,8 @@ class Custody:
 
     def _take_bytes(self, peer: str, stream: FrameStream, offered: Offered, offset: int,
                     progress: list[Progress]) -> Answer | None:
-        """The bytes of one accepted file into ``<tid>.part``: verified, recorded sender,
-        fsynced. None when good; a ``refuse`` Answer on a hash mismatch. Whatever happens
+        """The bytes of one accepted file into ``<tid>.part``: verified, its sender recorded
+        (not synced yet: ``commit_received`` syncs the batch). None when good; a ``refuse`` Answer on a hash mismatch. Whatever happens
         after the part is opened, its descriptor is closed (and the flusher stopped) on the
         way out. A hash mismatch after a resume cuts the part back to the resume point once
         (the bytes before it may be honest); a second one discards it."""
@@ -693,16 +695,15 @@ class Custody:
             except OSError:
                 self.spool.write_meta(tid, {"queued": queued.to_dict(), "from": peer,
                                             "passed": list(offered.route)})
-            os.fsync(fd)
-            return None
+            return None  # made durable with the rest of its batch (``commit_received``)
         finally:
             if flusher is not None:
                 flusher.stop()
             os.close(fd)
 
     def commit_received(self, peer: str, files: Sequence[Offered]) -> list[Event]:
-        """Make verified, fsynced parts whole copies: rename each, ONE spool-folder fsync, then
-        ONE append of the ``transfer.relayed`` facts of those that go on from here. Crash
+        """Make verified parts whole copies: their data synced together (one fsync each, or
+        one syncfs for a batch), renamed, ONE spool-folder fsync, then ONE append of the ``transfer.relayed`` facts of those that go on from here. Crash
         (``receive.before_append`` marks the spot): a whole copy without its fact is found by
         ``recover``, which appends it; the sender, never answered, offers again and hears
         "have". Should the append fail, the copies go back to being parts (the sender's next
@@ -713,6 +714,7 @@ class Custody:
                 # event in the log: keep it beside the copy (before the copy is whole).
                 self.spool.write_meta(o.transfer, {"queued": o.queued.to_dict(), "from": peer,
                                                    "passed": list(o.route)})
+        sync_files([self.spool.part(o.transfer) for o in files], self.spool.folder)
         for o in files:
             os.rename(self.spool.part(o.transfer), self.spool.data(o.transfer))
         fsync_dir(self.spool.folder)
