@@ -62,6 +62,11 @@ class Policy:
     backoff_base: float = 1.0  # the first retry after a transient failure (seconds)
     backoff_cap: float = 300.0  # no retry waits longer than this
     permanent: frozenset[str] = PERMANENT
+    # Permanent refusals that a moment can also explain: "unknown-origin" is what a relay
+    # says before gossip brought it the origin's key. They are retried like transient ones
+    # until ``patience`` tries failed in a row (about a minute with the defaults), then end.
+    patient: frozenset[str] = frozenset({"unknown-origin"})
+    patience: int = 6
 
     def backoff(self, attempts: int, transfer: str) -> float:
         """The wait after the ``attempts``-th consecutive transient failure: the base doubled
@@ -414,7 +419,8 @@ def _on_refused(t: Transfer, inp: Refused, now: float, policy: Policy) -> tuple[
     if not _in_offer(t, inp.token):
         return _same(t)
     hop = t.hop or "?"
-    if inp.reason not in policy.permanent:
+    patient = inp.reason in policy.patient and t.attempts + 1 < policy.patience
+    if inp.reason not in policy.permanent or patient:
         return _retry(t, now, policy, f"{hop} refused: {inp.reason}: {inp.detail}", "relay.hop.refused")
     if t.role == ORIGIN:
         return _fail(t, f"refused by {hop}: {inp.reason}: {inp.detail}")

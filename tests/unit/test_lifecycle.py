@@ -171,7 +171,7 @@ def test_the_permanent_refusals_are_the_designed_list():
     assert not set(TRANSIENT) & L.PERMANENT
 
 
-@pytest.mark.parametrize("reason", sorted(L.PERMANENT))
+@pytest.mark.parametrize("reason", sorted(L.PERMANENT - POLICY.patient))
 def test_a_permanent_refusal_fails_the_transfer_at_the_origin_in_that_round_trip(reason):
     d = offering()
     assert d(Refused(1, reason, "12 > 10 bytes"), T0 + 2) == [
@@ -180,7 +180,24 @@ def test_a_permanent_refusal_fails_the_transfer_at_the_origin_in_that_round_trip
     assert d(Route("NodeC"), T0 + 3) == [] and d(Tick(), T0 + 500) == []  # ended: nothing more
 
 
-@pytest.mark.parametrize("reason", sorted(L.PERMANENT))
+def test_unknown_origin_is_retried_until_patience_runs_out_then_ends_at_the_origin():
+    """A relay says "unknown-origin" before gossip brought it the origin's key: retried with
+    backoff like a transient refusal, and only ``patience`` refusals in a row end it."""
+    assert POLICY.patient == {"unknown-origin"} and POLICY.patience == 6
+    d = offering()
+    now = T0 + 2
+    for n in range(1, POLICY.patience):
+        fx = d(Refused(d.t.token, "unknown-origin", "no key known for NodeA yet"), now)
+        assert d.t.phase == L.QUEUED and d.t.attempts == n, n
+        assert fx in ([], [Note(TID, "relay.hop.refused", d.t.reason)])
+        now = d.t.retry_at
+        d(Route("NodeB"), now)
+    assert d(Refused(d.t.token, "unknown-origin", "no key known for NodeA yet"), now) == [
+        Fail(TID, "refused by NodeB: unknown-origin: no key known for NodeA yet")]
+    assert d.t.phase == L.FAILED
+
+
+@pytest.mark.parametrize("reason", sorted(L.PERMANENT - POLICY.patient))
 def test_a_permanent_refusal_at_a_relay_is_reported_and_the_copy_kept(reason):
     d = offering(relay, hop="NodeE")
     d(Accepted(1, 0), T0 + 2)  # refused after the bytes too (the receiver's check)
