@@ -302,7 +302,7 @@ class Custodian:
                 for tid, before, e in reports:
                     self._broke(tid, before, e)
         deliveries: list[str] = []
-        drops: list[tuple[str, L.Transfer, L.Drop]] = []
+        drops: list[tuple[str, L.Transfer, L.Effect]] = []
         offers: dict[str, list[Job]] = {}
         for tid, before, e in effects:
             if isinstance(e, L.Note):
@@ -320,13 +320,8 @@ class Custodian:
                 t = self._transfers.get(tid)
                 if t is not None:
                     offers.setdefault(e.hop, []).append(Job(tid, e.token, t.passed, t.size))
-        if drops:
-            for tid, before, e in drops:
-                try:
-                    self.custody.drop(tid, e.reason, sync=False)
-                except Exception:
-                    self._broke(tid, before, e)
-            self.custody.synced_drops()  # one folder fsync for all of them
+        for tid, _, e in drops:
+            self.custody.let_go(tid, e.reason)  # unlinked on the reaper thread
         if deliveries:
             self._deliver(deliveries)
         undone: list[tuple[str, L.Transfer, L.Effect]] = []

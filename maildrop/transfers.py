@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import secrets
 import threading
 import time
@@ -217,6 +218,11 @@ class Custody:
         # that id: one it took, accepted bytes for, or recovered. Never replaced by an offer.
         self._queued: dict[str, Event] = {}
         self._resume_failed: set[str] = set()  # parts already cut back once after a bad resume
+        # Copies to unlink in the background (``let_go``); ``_reaper_lock`` guards starting
+        # the reaper thread once (a leaf lock).
+        self._doomed: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._reaper: threading.Thread | None = None
+        self._reaper_lock = threading.Lock()
 
     # -- helpers ----------------------------------------------------------------------------
     def append(self, items: list[tuple[str, dict[str, Any]]]) -> list[Event]:
@@ -888,14 +894,36 @@ class Custody:
             sent += len(data)
             out.done = sent
 
-    def drop(self, tid: str, reason: str, sync: bool = True) -> None:
-        """Let our copy go (``sync=False``: the caller fsyncs the folder once for many, with
-        ``synced_drops``; a crash before that brings the copy back, and it is dropped again)."""
-        self.spool.discard(tid, sync=sync)
-        log.info("transfer.dropped transfer=%s reason=%s", tid, reason)
+    def let_go(self, tid: str, reason: str) -> None:
+        """Let our copy go on the reaper thread: an unlink waits for the file system's journal
+        while other agents sync, so the custody service hands it on and goes on. Nothing
+        depends on its timing: no new bytes of ``tid`` come while the service still knows the
+        transfer, and a copy a crash leaves behind is found by ``recover`` and let go again."""
+        with self._reaper_lock:
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="spool-reaper", daemon=True)
+                self._reaper.start()
+        self._doomed.put((tid, reason))
 
-    def synced_drops(self) -> None:
-        fsync_dir(self.spool.folder)
+    def _reap(self) -> None:
+        """The reaper thread: unlink what ``let_go`` queued; one folder fsync per batch."""
+        while True:
+            batch = [self._doomed.get()]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._doomed.get_nowait())
+                except queue.Empty:
+                    break
+            for tid, reason in batch:
+                try:
+                    self.spool.discard(tid, sync=False)
+                    log.info("transfer.dropped transfer=%s reason=%s", tid, reason)
+                except OSError as exc:
+                    log.warning("spool.drop.failed transfer=%s error=%s", tid, exc)
+            try:
+                fsync_dir(self.spool.folder)
+            except OSError as exc:
+                log.warning("spool.drop.failed folder=%s error=%s", self.spool.folder, exc)
 
     def expire(self, tid: str, reason: str) -> None:
         """Give up as the origin: the file to ``failed/`` with the reason, then the event.
