@@ -242,6 +242,7 @@ class Agent:
                                min_free_space=config.min_free_space,
                                stale_after=config.expire_after, on_change=self._changed)
         self.custody.on_receiving = self._on_receiving
+        self.custody.silence_after = config.link_down_after
         self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
                                    self._dispatch, after_sweep=self._after_sweep)
         self.custody.on_taken = self.custodian.taken
@@ -259,6 +260,7 @@ class Agent:
         # peers' transfers need. Written by the custody service's thread (``_dispatch``) and
         # by a reload (``_apply``), which replaces the whole dict.
         self._lanes: dict[str, Lanes] = {}
+        self._lanes_lock = threading.Lock()  # guards _lanes (a leaf: nothing is taken under it)
         self._threads: dict[str, threading.Thread] = {}
         self._errors = _RecentErrors()
         self.server: SSHServer | None = None
@@ -413,7 +415,7 @@ class Agent:
             log.warning("peer.key.rotated peer=%s key=%s… (its feed rotated to a new key, "
                         "signed by the old one; the config still pins the old key: update "
                         "peers[].key)", p, key[:32])
-            if link is not None:  # may wait for a connect under way: never under _keys_lock
+            if link is not None:  # cuts a connect under way short; never under _keys_lock
                 link.client.set_peer_key(key)
                 link.rekeyed.set()
 
@@ -476,7 +478,9 @@ class Agent:
         self.metrics.stop()
         for link in self.links.values():
             link.client.close()
-        for lanes in self._lanes.values():
+        with self._lanes_lock:
+            lanes_now = list(self._lanes.values())
+        for lanes in lanes_now:
             lanes.shutdown()
         for name, t in self._threads.items():
             t.join(3.0)
@@ -573,6 +577,7 @@ class Agent:
         self.custody.max_file_size = new.max_file_size
         self.custody.min_free_space = new.min_free_space
         self.custody.stale_after = new.expire_after
+        self.custody.silence_after = new.link_down_after
         self.log.set_pins(remove=gone, add={p: after[p].key for p in added})
         links = dict(self.links)
         retired = [links.pop(p) for p in gone]
@@ -587,10 +592,11 @@ class Agent:
             link.client.silence_after = new.link_down_after
         # New lanes for a new ``parallel`` and for new or changed peers (offers already
         # submitted run on in the old lanes, which then end).
-        old_lanes = self._lanes
-        keep = {p: lanes for p, lanes in old_lanes.items()
-                if p in links and p not in fresh and new.parallel == old.parallel}
-        self._lanes = keep
+        with self._lanes_lock:
+            old_lanes = self._lanes
+            keep = {p: lanes for p, lanes in old_lanes.items()
+                    if p in links and p not in fresh and new.parallel == old.parallel}
+            self._lanes = keep
         for p, lanes in old_lanes.items():
             if p not in keep:
                 lanes.shutdown()
@@ -800,6 +806,7 @@ class Agent:
             rfd = os.open(self.spool.part(tid), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return
+        self.custodian.cutting(tid, True)
         threading.Thread(target=self._cut_through, args=(tid, link, passed, prog, rfd),
                          name=f"cut:{tid[:8]}", daemon=True).start()
 
@@ -825,6 +832,7 @@ class Agent:
         if mine and final and final[-1].a in ("stored", "have"):
             log.info("relay.hop.done transfer=%s peer=%s result=%s cut_through=yes", tid, link.id, final[-1].a)
             self.custodian.post(tid, L.ForwardedEarly(link.id))
+        self.custodian.cutting(tid, False)  # after ForwardedEarly: planned again only if needed
 
     # -- outbox and hops ------------------------------------------------------------------------
     def _on_outbox_file(self, path: Any, destination: str) -> None:
@@ -878,15 +886,25 @@ class Agent:
                 lanes.big.submit(self._send_jobs, link, [j])
 
     def _lanes_of(self, link: PeerLink) -> Lanes:
-        lanes = self._lanes.get(link.id)
-        if lanes is None:
-            lanes = self._lanes[link.id] = Lanes.for_peer(link.id, self.config.parallel)
-        return lanes
+        with self._lanes_lock:
+            lanes = self._lanes.get(link.id)
+            if lanes is None:
+                lanes = self._lanes[link.id] = Lanes.for_peer(link.id, self.config.parallel)
+            return lanes
 
     def _send_jobs(self, link: PeerLink, jobs: list[Job]) -> None:
         """One hop worker's offer: the jobs still current, in offers that fit a header, on
         one relay channel; every answer is posted to the custody service. A broken channel
-        is one ``Broke`` for every file not answered yet: the service backs off and reroutes."""
+        is one ``Broke`` for every file not answered yet: the service backs off and reroutes.
+        Whatever fails here, every job gets an answer (no transfer waits for one in vain)."""
+        try:
+            self._offer_jobs(link, jobs)
+        except Exception as exc:
+            log.exception("relay.hop.crashed peer=%s files=%d", link.id, len(jobs))
+            for j in jobs:
+                self.custodian.post(j.transfer, L.Broke(j.token, f"crashed: {exc!r}"[:300]))
+
+    def _offer_jobs(self, link: PeerLink, jobs: list[Job]) -> None:
         hop = link.id
         live = [j for j in jobs if self.custodian.current(j.transfer, j.token)]
         tokens = {j.transfer: j.token for j in live}

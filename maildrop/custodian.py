@@ -5,7 +5,9 @@ it only by ``lifecycle.step``. Everyone else posts: the taker (``taken``), chann
 (``admit``, ``commit``, ``receive_failed``), hop workers (``post`` of the answers to an
 offer), the gossip loops (``link_changed``), the operator (``call``) and the model
 (``kick``: new facts, plan again). A post never waits for the network; ``call`` waits for
-the service thread (never for another thread), so no lock orders exist between them.
+the service thread, which itself waits for nobody's thread. The service takes the event
+log's lock (planning, appends) and, through ``on_change``, the agent's key lock and the SSH
+server's lock: never ``call`` it while holding one of those.
 
 Each turn: take every waiting post, step the transfers they concern, plan (``relay.plan``)
 the due ones and, when the model changed or a timer is due, all of them; then carry out the
@@ -29,14 +31,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from . import events as E
 from . import lifecycle as L
 from .eventlog import EventLog
 from .events import Event
-from .model import DELIVERED
+from .model import DELIVERED, FAILED
 from .relay import plan
 from .transfers import Answer, Custody, Offered, Recovered
 
@@ -81,6 +83,7 @@ class Custodian:
         self._transfers: dict[str, L.Transfer] = {}
         self._broken: dict[str, float] = {}  # transfer id -> when it may be planned again
         self._resuming: set[str] = set()  # deliveries recovered at start (a link may exist)
+        self._cutting: set[str] = set()  # arrivals a cut-through forwards now: not planned meanwhile
         self._thread: threading.Thread | None = None
         self._serving = False
         self._stopped = False
@@ -102,6 +105,11 @@ class Custodian:
     def taken(self, queued: list[Event]) -> None:
         """The taker queued these transfers (their events are in the log)."""
         self._posts.put(("taken", queued))
+
+    def cutting(self, tid: str, on: bool) -> None:
+        """A cut-through of ``tid`` started (``on``) or ended: while it runs, the service does
+        not offer the transfer itself (the hop would answer "busy" and be avoided)."""
+        self._posts.put(("cut", tid, on))
 
     def link_changed(self, peer: str, up: bool) -> None:
         self._posts.put(("link", peer, up))
@@ -202,9 +210,16 @@ class Custodian:
         for tid in [t for t, until in self._broken.items() if until <= now]:
             del self._broken[tid]
         full = (self._kicked and now >= self._next_full) or now >= self._next_wake
-        if full or self._due:
-            self._plan(now, full, effects)
-        self._carry_out(effects)
+        try:
+            if full or self._due:
+                self._plan(now, full, effects)
+        except Exception:  # the planner failed: plan each transfer alone, set the bad ones aside
+            log.exception("relay.plan.failed; planning one by one")
+            self._plan_each(now, effects)
+        try:
+            self._carry_out(effects)
+        except Exception:  # a bug in carrying out must not stop the service
+            log.exception("custody.effects.failed effects=%d", len(effects))
 
     def _take_post(self, post: tuple[Any, ...], effects: list) -> None:
         kind = post[0]
@@ -215,6 +230,12 @@ class Custodian:
         elif kind == "taken":
             for ev in post[1]:
                 self._add(ev, (), resuming=False, effects=effects)
+        elif kind == "cut":
+            if post[2]:
+                self._cutting.add(post[1])
+            else:
+                self._cutting.discard(post[1])
+                self._due.add(post[1])
         elif kind == "link":
             inp = L.LinkUp(post[1]) if post[2] else L.LinkDown(post[1])
             for tid in list(self._transfers):
@@ -269,12 +290,13 @@ class Custodian:
     def _plan(self, now: float, full: bool, effects: list) -> None:
         policy = self.policy()
         if full:
-            todo = [t for tid, t in self._transfers.items() if tid not in self._broken]
+            todo = [t for tid, t in self._transfers.items()
+                    if tid not in self._broken and tid not in self._cutting]
             self._kicked = False
             self._next_full = now + FULL_PLAN_EVERY
         else:
             todo = [self._transfers[tid] for tid in self._due
-                    if tid in self._transfers and tid not in self._broken]
+                    if tid in self._transfers and tid not in self._broken and tid not in self._cutting]
         self._due = set()
         with self.events.lock:
             inputs = plan(self.events.network, self.me, todo, now, policy,
@@ -286,6 +308,24 @@ class Custodian:
                      if tid not in self._broken and (w := t.wake_at(policy)) is not None]
             self._next_wake = min(wakes + list(self._broken.values()), default=now + 60.0)
             self._next_wake = max(self._next_wake, now + 0.01)
+
+    def _plan_each(self, now: float, effects: list) -> None:
+        policy = self.policy()
+        for tid, t in list(self._transfers.items()):
+            if tid in self._broken or tid in self._cutting:
+                continue
+            try:
+                with self.events.lock:
+                    inputs = plan(self.events.network, self.me, [t], now, policy,
+                                  excluded=self.events.ledger.conflicts)
+                for _, inp in inputs:
+                    self._step(tid, inp, effects)
+            except Exception:
+                log.exception("relay.plan.failed transfer=%s; retried in %.0f s", tid, BROKEN_RETRY)
+                self._broken[tid] = now + BROKEN_RETRY
+        self._due = set()
+        self._kicked = False
+        self._next_full = now + FULL_PLAN_EVERY
 
     # -- effects ------------------------------------------------------------------------------------
     def _carry_out(self, effects: list[tuple[str, L.Transfer, L.Effect]]) -> None:
@@ -341,8 +381,14 @@ class Custodian:
                 "detail": e.detail[:500]}
 
     def _broke(self, tid: str, before: L.Transfer, e: L.Effect) -> None:
+        """An effect failed: the transfer goes back to where it was before that step (so the
+        step comes again), left alone for ``BROKEN_RETRY`` s. An offer it was answering is
+        over: it goes back to ``queued`` (a fresh offer, never a wait for a stale answer)."""
         log.exception("relay.action.failed transfer=%s action=%s; retried in %.0f s",
                       tid, type(e).__name__.lower(), BROKEN_RETRY)
+        if before.phase in (L.OFFERING, L.SENDING):
+            before = replace(before, phase=L.QUEUED, hop=None, token=before.token + 1,
+                             retry_at=time.time() + BROKEN_RETRY)
         self._transfers[tid] = before
         self._broken[tid] = time.time() + BROKEN_RETRY
         self._next_wake = min(self._next_wake, self._broken[tid])
@@ -366,16 +412,30 @@ class Custodian:
 
     # -- receiving, on the service thread ------------------------------------------------------
     def _admit_one(self, peer: str, o: Offered) -> Answer:
+        """This node's word on one offered file (see docs/protocol.md). A claim whose bytes
+        are held (a whole copy, or a transfer this service owns) is never replaced by a
+        rival's; a rival's mere part is: parts are not custody, and a stale one must not
+        block the genuine claim. A whole copy nobody owns (a commit cut short, a claim that
+        came late) is adopted here rather than answered "have" for ever."""
         tid, queued = o.transfer, o.queued
         spool = self.custody.spool
         t = self._transfers.get(tid)
-        here = t is not None or spool.data(tid).exists() or spool.part(tid).exists()
+        whole = spool.data(tid).exists()
+        here = t is not None or whole or spool.part(tid).exists()
         mine = self.custody.queued_event(tid) if here else None
         if mine is not None and mine.id != queued.id:
-            return Answer("refuse", reason="conflicting-offer",
-                          detail=f"another claim on this transfer id (by {mine.origin}) is held here")
+            if t is not None or whole:
+                return Answer("refuse", reason="conflicting-offer",
+                              detail=f"another claim on this transfer id (by {mine.origin}) is held here")
+            spool.discard(tid)  # a rival's part: let it go, take the claim offered now
+            log.warning("relay.part.replaced transfer=%s claim_of=%s by_claim_of=%s",
+                        tid, mine.origin, queued.origin)
         if t is not None and t.phase == L.RECEIVING:
             return Answer("refuse", reason="busy", detail="this transfer is arriving on another channel")
+        if t is None and whole and self._open(tid, queued):
+            self._add(queued, o.route, resuming=True)
+            log.info("spool.adopted transfer=%s origin=%s", tid, queued.origin)
+            t = self._transfers.get(tid)
         if t is not None and t.phase == L.DELIVERING and t.reason:
             return Answer("pending", detail=t.reason)
         if t is not None or self._have(tid, queued):
@@ -388,6 +448,12 @@ class Custodian:
                                           self.me, peer, offset, o.route)
         self.custody.remember(queued)
         return Answer("accept", offset=offset)
+
+    def _open(self, tid: str, queued: Event) -> bool:
+        """True while ``queued``'s claim has no end in the model (neither delivered nor failed)."""
+        with self.events.lock:
+            tr = self.events.network.transfer(tid, queued.origin)
+            return tr is None or tr.state not in (DELIVERED, FAILED)
 
     def _have(self, tid: str, queued: Event) -> bool:
         if queued.origin == self.me:

@@ -55,6 +55,12 @@ def has_unsafe_characters(text: str) -> bool:
     return any(unicodedata.category(ch) in UNSAFE_CATEGORIES for ch in text)
 
 
+def printable(text: str, limit: int) -> str:
+    """``text`` with every ``UNSAFE_CATEGORIES`` character replaced by "?", cut to ``limit``
+    characters: a peer's words made fit for our own log and signed events."""
+    return "".join("?" if unicodedata.category(ch) in UNSAFE_CATEGORIES else ch for ch in text[:limit])
+
+
 def safe_file_name(name: object) -> str | None:
     """The NFC form of ``name`` if that is safe to create inside the inbox, else None.
 

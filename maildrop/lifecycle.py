@@ -25,7 +25,7 @@ Phases (``Transfer.phase``):
 Inputs come from three places: byte movers (``Accepted``, ``Handed``, ``Refused``,
 ``Broke``, ``ForwardedEarly``, ``Committed``, ``ReceiveFailed``, ``Delivered``, ``DeliveryFailed``), the planner
 reading the model (``Route``, ``Receipt``, ``GaveUp``, ``Confirmed``, ``RefusedDownstream``,
-``LinkUp``, ``LinkDown``, ``Tick``) and the operator (``Cancel``, ``Hold``, ``Release``,
+``Tick``), the gossip loops (``LinkUp``, ``LinkDown``) and the operator (``Cancel``, ``Hold``, ``Release``,
 ``Flush``). An answer to an offer carries the offer's ``token``; one for an older offer
 (re-planned meanwhile, e.g. its link went down) is stale and changes nothing.
 
@@ -46,7 +46,7 @@ ENDED = frozenset({DELIVERED, FAILED, DROPPED})
 ORIGIN, RELAY, DESTINATION = "origin", "relay", "destination"
 
 PERMANENT = frozenset({"too-large", "unsafe-name", "unknown-origin", "not-accepted", "failed",
-                       "bad-offer", "bad-signature", "conflicting-offer"})
+                       "bad-offer", "bad-signature"})
 """Refusals that asking again (or elsewhere) cannot change: the transfer ends at its origin."""
 
 
@@ -64,8 +64,9 @@ class Policy:
     permanent: frozenset[str] = PERMANENT
     # Permanent refusals that a moment can also explain: "unknown-origin" is what a relay
     # says before gossip brought it the origin's key. They are retried like transient ones
-    # until ``patience`` tries failed in a row (about a minute with the defaults), then end.
-    patient: frozenset[str] = frozenset({"unknown-origin"})
+    # until ``patience`` tries failed in a row (15-30 s of backoff with the defaults), then end.
+    # "bad-signature" is what a relay says that has not learned the origin's key rotation.
+    patient: frozenset[str] = frozenset({"unknown-origin", "bad-signature"})
     patience: int = 6
 
     def backoff(self, attempts: int, transfer: str) -> float:

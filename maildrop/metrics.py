@@ -87,9 +87,6 @@ class Metrics:
     def received(self, peer: str, nbytes: int) -> None:
         """A file from ``peer`` is stored here, verified, after ``nbytes`` bytes came."""
 
-    def hop_retried(self, peer: str) -> None:
-        """An offer to ``peer`` broke (transient error) and is tried again at once."""
-
     def hop_failed(self, peer: str) -> None:
         """An offer to ``peer`` failed after its retries; the transfer routes around it."""
 
@@ -130,9 +127,8 @@ class Prometheus(Metrics):
         self._hop_seconds = Histogram("maildrop_hop_duration_seconds",
                                       "From offer to the peer's stored, per file handed to a peer.",
                                       ("peer",), buckets=HOP_BUCKETS, registry=r)
-        self._retries = counter("maildrop_hop_retries", "Offers to a peer that broke and were tried again.")
         self._failures = counter("maildrop_hop_failures",
-                                 "Offers to a peer given up after their retries (rerouted).")
+                                 "Offers to a peer that broke without an answer (each file backs off and reroutes).")
         self._hop_refused = counter("maildrop_hop_refused", "This node's offers a peer refused, by reason.",
                                     ("peer", "reason"))
         self._offers_refused = counter("maildrop_offers_refused", "Offers from a peer this node refused, by reason.",
@@ -141,7 +137,7 @@ class Prometheus(Metrics):
         self._rejected = counter("maildrop_gossip_events_rejected", "Events gossip with a peer brought and refused.")
         for peer in peers:  # a series exists from the start, so rate() and alerts see zero
             for c in (self._files_sent, self._bytes_sent, self._files_received, self._bytes_received,
-                      self._retries, self._failures, self._accepted, self._rejected):
+                      self._failures, self._accepted, self._rejected):
                 c.labels(peer)
             self._hop_seconds.labels(peer)
         r.register(_StateCollector(read))
@@ -171,9 +167,6 @@ class Prometheus(Metrics):
     def received(self, peer: str, nbytes: int) -> None:
         self._files_received.labels(peer).inc()
         self._bytes_received.labels(peer).inc(nbytes)
-
-    def hop_retried(self, peer: str) -> None:
-        self._retries.labels(peer).inc()
 
     def hop_failed(self, peer: str) -> None:
         self._failures.labels(peer).inc()

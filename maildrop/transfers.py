@@ -4,12 +4,13 @@ Part of the imperative shell. It owns no transfer state: the custody service
 (``custodian.Custodian``) owns that and calls the durable steps here, which drive ``spool``
 (files) and ``eventlog`` (facts) in the order that makes every crash safe. Record before acting:
 
-- take:    intent -> rename into the spool -> fsync each file's data -> fsync the folders
-           -> hash -> one append of every ``transfer.queued`` -> the service is told.
-- receive: bytes into ``<tid>.part`` -> verify size+sha256 -> fsync the file (each file of a
-           batch) -> the service commits the batch: every part renamed to ``<tid>.data``,
-           one spool-folder fsync, ONE append of the batch's ``transfer.relayed`` facts
-           (or, at the destination, delivery) -> answer ``stored`` for the batch.
+- take:    intent -> rename into the spool -> fsync the folders -> hash -> the files' data
+           synced (one fsync each, or one syncfs for a batch) -> one append of every
+           ``transfer.queued`` -> the service is told.
+- receive: bytes into ``<tid>.part`` -> verify size+sha256 -> (the receiving thread) the
+           batch's data synced -> the service commits the batch: every part renamed to
+           ``<tid>.data``, one spool-folder fsync, ONE append of the batch's
+           ``transfer.relayed`` facts (or, at the destination, delivery) -> answer ``stored``.
 - deliver: hard-link into ``inbox/<origin>/`` (never overwriting) -> one fsync per inbox
            folder -> one append of the batch's ``transfer.delivered`` -> drop the spool copies.
 - send:    nobody lets go on the receiver's ``stored`` (or ``have``) alone: the origin waits
@@ -186,9 +187,10 @@ class Outgoing:
 
 
 class Custody:
-    """The durable steps of custody. Holds no transfer state of its own except two caches
-    of immutable facts: ``_queued`` (transfer id -> the claim this node deals with; set once
-    per id, read from any thread) and ``_resume_failed``. ``progress`` is guarded by
+    """The durable steps of custody. Holds no transfer state of its own except two caches:
+    ``_queued`` (transfer id -> the claim this node deals with, read from any thread; only
+    the custody service replaces one, and only a rival's that had no bytes here but a part)
+    and ``_resume_failed``. ``progress`` is guarded by
     ``progress_lock`` (a leaf: nothing else is taken while it is held)."""
 
     def __init__(self, node_id: str, key: NodeKey, log_: EventLog, spool: Spool, inbox: Path,
@@ -207,6 +209,7 @@ class Custody:
         # event came) older than twice this, are swept (see ``sweep``).
         self.stale_after = stale_after
         self.on_change = on_change
+        self.silence_after = 15.0  # a sender silent this long mid-offer is gone (the agent sets it)
         # Told of every transfer this node has just queued (take, replayed take).
         self.on_taken: Callable[[list[Event]], None] = lambda _evs: None
         # Called when a relay starts receiving a big file, to forward it while it arrives.
@@ -491,6 +494,19 @@ class Custody:
 
     # -- receive (relay or destination) ------------------------------------------------------
     def receive_offer(self, peer: str, stream: FrameStream, frame: Frame, owner: Owner) -> None:
+        """Serve one ``offer`` (``_receive_offer``) with reads that give up after
+        ``silence_after`` seconds of silence: a frozen sender holds an arrival no longer."""
+        chan = stream.chan
+        before = chan.gettimeout() if hasattr(chan, "gettimeout") else None
+        if hasattr(chan, "settimeout"):
+            chan.settimeout(self.silence_after)
+        try:
+            self._receive_offer(peer, stream, frame, owner)
+        finally:
+            if hasattr(chan, "settimeout"):
+                chan.settimeout(before)
+
+    def _receive_offer(self, peer: str, stream: FrameStream, frame: Frame, owner: Owner) -> None:
         """Answer one ``offer`` from ``peer`` and take the bytes of the files accepted.
 
         Each file is checked here (signature, route, size, space); the owner then decides
@@ -526,7 +542,13 @@ class Custody:
             checked.append((i, Offered(item["transfer"], queued, route)))
             reserved += queued.data["size"]
         if checked:
-            for (i, offered), ans in zip(checked, owner.admit(peer, [o for _, o in checked]), strict=True):
+            try:
+                said = owner.admit(peer, [o for _, o in checked])
+            except BaseException:
+                # The service may have taken some (admit ran, its answer came too late).
+                owner.receive_failed([o.transfer for _, o in checked], "the offer was not answered in time")
+                raise
+            for (i, offered), ans in zip(checked, said, strict=True):
                 answers[i] = ans
                 if ans.a == "refuse":
                     self._log_refusal(peer, offered.transfer, TransferRefused(ans.reason, ans.detail))
@@ -566,8 +588,18 @@ class Custody:
         if not accepted:
             return
         if results:
-            owner.receive_failed(results, "hash-mismatch")
-        stored = owner.commit(peer, good) if good else []
+            owner.receive_failed(list(results), "hash-mismatch")
+        try:
+            # The data of the good ones is made durable here, on this thread (one syncfs for
+            # a batch), so the service never waits for the disk on anyone's behalf.
+            if good:
+                sync_files([self.spool.part(o.transfer) for o in good], self.spool.folder)
+            stored = owner.commit(peer, good) if good else []
+        except BaseException:
+            owner.receive_failed([o.transfer for o in good], "the commit did not finish")
+            for prog in progress:
+                prog.finish(False)
+            raise
         for offered, ans in zip(good, stored, strict=True):
             results[offered.transfer] = ans
         for prog in progress:
@@ -708,8 +740,8 @@ class Custody:
             os.close(fd)
 
     def commit_received(self, peer: str, files: Sequence[Offered]) -> list[Event]:
-        """Make verified parts whole copies: their data synced together (one fsync each, or
-        one syncfs for a batch), renamed, ONE spool-folder fsync, then ONE append of the ``transfer.relayed`` facts of those that go on from here. Crash
+        """Make verified parts, whose data the receiving thread synced (``sync_files``), whole
+        copies: each renamed, ONE spool-folder fsync, then ONE append of the ``transfer.relayed`` facts of those that go on from here. Crash
         (``receive.before_append`` marks the spot): a whole copy without its fact is found by
         ``recover``, which appends it; the sender, never answered, offers again and hears
         "have". Should the append fail, the copies go back to being parts (the sender's next
@@ -720,7 +752,6 @@ class Custody:
                 # event in the log: keep it beside the copy (before the copy is whole).
                 self.spool.write_meta(o.transfer, {"queued": o.queued.to_dict(), "from": peer,
                                                    "passed": list(o.route)})
-        sync_files([self.spool.part(o.transfer) for o in files], self.spool.folder)
         for o in files:
             os.rename(self.spool.part(o.transfer), self.spool.data(o.transfer))
         fsync_dir(self.spool.folder)
@@ -1118,7 +1149,10 @@ class Recovered:
 
 
 def _answer(w: dict[str, Any]) -> Answer:
-    return Answer(w["a"], offset=w.get("offset", 0), reason=w.get("reason", ""), detail=w.get("detail", ""))
+    """A peer's word on one file; its free text made printable and short (it goes into our
+    log, our status and, as a refusal, into our own signed events)."""
+    return Answer(w["a"], offset=w.get("offset", 0), reason=ids.printable(w.get("reason", ""), 64),
+                  detail=ids.printable(w.get("detail", ""), 300))
 
 
 def _why(exc: BaseException) -> str:

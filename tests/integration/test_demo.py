@@ -52,8 +52,11 @@ def test_demo_on_ctrl_c_stops_every_agent(tmp_path):
     it exists. Frozen, NodeE publishes nothing into its inbox, so the demo waits for a
     delivery that cannot happen until the SIGINT ends it: exit status 130, every agent gone."""
     keep = tmp_path / "demo"
+    # As at a terminal: Ctrl-C is not ignored (a shell starts background jobs, and so a
+    # suite run in the background, with SIGINT ignored, which the demo would inherit).
     p = subprocess.Popen([sys.executable, "-m", "maildrop", "demo", "--dir", str(keep)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         (frozen,) = wait_until(lambda: _pids_under(keep / "NodeE"), 60, "NodeE's agent to start")
         os.kill(frozen, signal.SIGSTOP)

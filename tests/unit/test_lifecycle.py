@@ -50,7 +50,7 @@ TID = "e" * 32
 POLICY = Policy(expire_after=100.0, resend_after=50.0, confirm_after=20.0, idle_retry=5.0,
                 backoff_base=1.0, backoff_cap=300.0)
 INF = float("inf")
-TRANSIENT = ["busy", "no-space", "quota", "hash-mismatch", "unknown-destination", "delivery-pending"]
+TRANSIENT = ["busy", "no-space", "quota", "hash-mismatch", "unknown-destination", "delivery-pending", "conflicting-offer"]
 
 
 class Driver:
@@ -165,7 +165,7 @@ def test_a_transient_refusal_backs_off_and_avoids_the_hop(make, reason):
 
 def test_the_permanent_refusals_are_the_designed_list():
     designed = {"too-large", "unsafe-name", "unknown-origin", "not-accepted", "failed",
-                "bad-offer", "bad-signature", "conflicting-offer"}
+                "bad-offer", "bad-signature"}
     assert designed == L.PERMANENT
     assert POLICY.permanent == L.PERMANENT
     assert not set(TRANSIENT) & L.PERMANENT
@@ -183,7 +183,7 @@ def test_a_permanent_refusal_fails_the_transfer_at_the_origin_in_that_round_trip
 def test_unknown_origin_is_retried_until_patience_runs_out_then_ends_at_the_origin():
     """A relay says "unknown-origin" before gossip brought it the origin's key: retried with
     backoff like a transient refusal, and only ``patience`` refusals in a row end it."""
-    assert POLICY.patient == {"unknown-origin"} and POLICY.patience == 6
+    assert POLICY.patient == {"unknown-origin", "bad-signature"} and POLICY.patience == 6
     d = offering()
     now = T0 + 2
     for n in range(1, POLICY.patience):
