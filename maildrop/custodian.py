@@ -247,6 +247,9 @@ class Custodian:
                     fut.set_result(fn())
                 except BaseException as exc:
                     fut.set_exception(exc)
+                # Let the caller (a channel handler waiting to answer its peer) run now,
+                # not after the rest of this turn: the GIL is handed over here.
+                time.sleep(0)
 
     def _add(self, queued: Event, passed: tuple[str, ...], *, resuming: bool,
              effects: list | None = None) -> None:
