@@ -20,7 +20,7 @@ def test_cut_through_relay_killed_mid_file_resumes_and_delivers_once(make_net):
     a, b, c = net["NodeA"], net["NodeB"], net["NodeC"]
     size = 200 * 2**20
     folder = a.outbox / "NodeC"
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # the agent makes it for every node a route reaches
     tmp = folder / ".big.tmp"
     block = os.urandom(2**20)
     with open(tmp, "wb") as f:
