@@ -149,6 +149,11 @@ def test_stalled_delivery_heals(make_net):
     a_row = wait_until(lambda: (r := queue_row(a, tid)) and "ermission" in r["last_error"] and r, 20,
                        "A's queue row to carry B's reason")
     assert a_row["state"] != "delivered", a_row
+    # ... and in `maildrop status --json` on both ends (a reason on the transfer's row).
+    for node in (a, b):
+        wait_until(lambda node=node: "ermission" in next(
+            (t.get("reason", "") for t in node.status()["transfers"] if t["id"] == tid), ""), 10,
+            f"{node.name}'s status to show the reason")
     def failure_lines() -> list[str]:
         return [ln for ln in log_lines(b, "ermission") if tid in ln or name in ln or "inbox/NodeA" in ln]
     wait_until(failure_lines, 10, "B to log the delivery failure")
