@@ -108,9 +108,9 @@ def process_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def kernel_thread_seconds() -> float:
-    """CPU seconds of every kernel thread (kthreadd and its children: the journal, writeback)."""
-    total = 0.0
+def kernel_threads() -> dict[int, float]:
+    """CPU seconds of each kernel thread (kthreadd and its children: the journal, writeback)."""
+    out = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -118,8 +118,8 @@ def kernel_thread_seconds() -> float:
             except OSError:
                 continue
             if entry.name == "2" or fields[1] == "2":
-                total += (int(fields[11]) + int(fields[12])) / TICK
-    return total
+                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 class CpuWatch:
@@ -130,16 +130,18 @@ class CpuWatch:
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.t0 = time.monotonic()
+        self.kernel0 = kernel_threads()
         self.start = self.sample()
 
-    def sample(self) -> tuple[float, float, float, float, float]:
+    def sample(self) -> tuple[float, float, float, float]:
         tasks, irq = machine_seconds()
-        return (tasks, irq, sum(process_seconds(p) for p in self.pids),
-                process_seconds(os.getpid()), kernel_thread_seconds())
+        return tasks, irq, sum(process_seconds(p) for p in self.pids), process_seconds(os.getpid())
 
     def line(self, files: int) -> str:
         wall = time.monotonic() - self.t0
-        tasks, irq, agents, own, kernel = (b - a for a, b in zip(self.start, self.sample(), strict=True))
+        tasks, irq, agents, own = (b - a for a, b in zip(self.start, self.sample(), strict=True))
+        # kworkers come and go: count what each one present at the end used since the start
+        kernel = sum(t - self.kernel0.get(pid, 0.0) for pid, t in kernel_threads().items())
         others = tasks - agents - own - kernel
         return (f"#   while it ran ({wall:.1f} s), CPU-s: agents {agents:.1f} ({1000 * agents / files:.1f} ms "
                 f"a file), benchmark {own:.1f}, kernel threads {kernel:.1f}, interrupts {irq:.1f}, "
