@@ -24,11 +24,20 @@ from .config import load_config, render_config
 from .keys import generate_key
 from .spool import ensure_layout
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process: nodes are given
+    their ports long before their agents bind them, and the kernel may offer a port that
+    was just closed again (two nodes of one net once got the same port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
