@@ -47,7 +47,6 @@ from typing import Any, Protocol
 
 from . import events as E
 from . import ids
-from .durable import sync_files
 from .errors import InvalidEvent, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event, parse_event, parse_ts
@@ -68,6 +67,7 @@ from .spool import (
     link_unique_at,
     move_to_failed,
     open_folder,
+    sync_files,
 )
 
 log = logging.getLogger("maildrop.transfers")
@@ -786,12 +786,13 @@ class Custody:
         out: dict[str, str | None] = {}
         linked: list[tuple[Event, str]] = []
         by_origin: dict[str, list[Event]] = {}
+        with self.log.lock:  # one look at the model for the whole batch
+            done_already = {ev.data["transfer"] for ev in queued
+                            if (tr := self.log.network.transfer(ev.data["transfer"], ev.origin)) is not None
+                            and tr.delivered is not None}
         for ev in queued:
             tid = ev.data["transfer"]
-            with self.log.lock:
-                tr = self.log.network.transfer(tid, ev.origin)
-                done = tr is not None and tr.delivered is not None
-            if done:
+            if tid in done_already:
                 self.spool.discard(tid, sync=False)
                 out[tid] = None
             else:
