@@ -406,8 +406,12 @@ class Control:
                      if t not in held or held[t].phase == L.FORWARDED]
         return _sorted(rows)
 
+    def _held(self) -> dict[str, L.Transfer]:
+        """The transfers the custody service holds (not the ones still arriving)."""
+        return {tid: t for tid, t in self.custodian.snapshot().items() if t.phase != L.RECEIVING}
+
     def _flush(self, prefix: str | None, all_: bool) -> Answer:
-        held = {tid: t for tid, t in self.custodian.snapshot().items() if t.phase != L.RECEIVING}
+        held = self._held()
         flying = (L.OFFERING, L.SENDING)
         if all_:
             todo = [tid for tid, t in held.items() if not t.hold and t.phase not in flying]
@@ -424,8 +428,7 @@ class Control:
 
     def _cancel(self, prefix: str | None) -> Answer:
         custody = self.custody
-        held = self.custodian.snapshot()
-        origins = {tid: t.origin for tid, t in held.items() if t.phase != L.RECEIVING}
+        origins = {tid: t.origin for tid, t in self._held().items()}
         with custody.log.lock:
             net = custody.log.network
             own = {t.id for t in net.all_transfers() if t.origin == custody.me}
@@ -442,7 +445,7 @@ class Control:
         return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
 
     def _hold(self, prefix: str | None) -> Answer:
-        held = {tid: t for tid, t in self.custodian.snapshot().items() if t.phase != L.RECEIVING}
+        held = self._held()
         t = held[resolve(prefix or "", held)]
         tid = t.id
         if tid in self.holds:

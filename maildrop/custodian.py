@@ -301,16 +301,20 @@ class Custodian:
             todo = [self._transfers[tid] for tid in self._due
                     if tid in self._transfers and tid not in self._broken and tid not in self._cutting]
         self._due = set()
-        with self.events.lock:
-            inputs = plan(self.events.network, self.me, todo, now, policy,
-                          excluded=self.events.ledger.conflicts)
-        for tid, inp in inputs:
-            self._step(tid, inp, effects)
+        self._plan_these(todo, now, policy, effects)
         if full:
             wakes = [w for tid, t in self._transfers.items()
                      if tid not in self._broken and (w := t.wake_at(policy)) is not None]
             self._next_wake = min(wakes + list(self._broken.values()), default=now + 60.0)
             self._next_wake = max(self._next_wake, now + 0.01)
+
+    def _plan_these(self, todo: list[L.Transfer], now: float, policy: L.Policy, effects: list) -> None:
+        """``relay.plan`` over ``todo`` (under the log's lock), each input stepped."""
+        with self.events.lock:
+            inputs = plan(self.events.network, self.me, todo, now, policy,
+                          excluded=self.events.ledger.conflicts)
+        for tid, inp in inputs:
+            self._step(tid, inp, effects)
 
     def _plan_each(self, now: float, effects: list) -> None:
         policy = self.policy()
@@ -318,11 +322,7 @@ class Custodian:
             if tid in self._broken or tid in self._cutting:
                 continue
             try:
-                with self.events.lock:
-                    inputs = plan(self.events.network, self.me, [t], now, policy,
-                                  excluded=self.events.ledger.conflicts)
-                for _, inp in inputs:
-                    self._step(tid, inp, effects)
+                self._plan_these([t], now, policy, effects)
             except Exception:
                 log.exception("relay.plan.failed transfer=%s; retried in %.0f s", tid, BROKEN_RETRY)
                 self._broken[tid] = now + BROKEN_RETRY
@@ -441,7 +441,7 @@ class Custodian:
             t = self._transfers.get(tid)
         if t is not None and t.phase == L.DELIVERING and t.reason:
             return Answer("pending", detail=t.reason)
-        if t is not None or self._have(tid, queued):
+        if t is not None or whole or self._have(tid, queued):
             return Answer("have")
         offset = spool.part_size(tid)
         if offset > queued.data["size"]:
@@ -459,13 +459,13 @@ class Custodian:
             return tr is None or tr.state not in (DELIVERED, FAILED)
 
     def _have(self, tid: str, queued: Event) -> bool:
+        """True when this node has (or had) the bytes by the model: its own file came back
+        around, or the receipt or our signed custody is known."""
         if queued.origin == self.me:
-            return True  # our own file came back around: we hold the original
+            return True
         with self.events.lock:
             tr = self.events.network.transfer(tid, queued.origin)
-            if tr is not None and (tr.state == DELIVERED or self.me in tr.custody):
-                return True
-        return self.custody.spool.data(tid).exists()  # a whole copy is here
+            return tr is not None and (tr.state == DELIVERED or self.me in tr.custody)
 
     def _commit(self, peer: str, files: list[Offered]) -> list[Answer]:
         try:
