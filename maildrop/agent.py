@@ -244,7 +244,8 @@ class Agent:
         self.custody.on_receiving = self._on_receiving
         self.custody.silence_after = config.link_down_after
         self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
-                                   self._dispatch, after_sweep=self._after_sweep)
+                                   self._dispatch, after_sweep=self._after_sweep,
+                                   rules=lambda: self.config.admission)
         self.custody.on_taken = self.custodian.taken
         self.control = Control(config.state_dir, self.custody, self.custodian, lambda: self.policy)
         self.metrics = self.custody.metrics = metrics.for_agent(
@@ -494,7 +495,7 @@ class Agent:
     # -- reload (SIGHUP, systemctl reload) -------------------------------------------------------
     RELOADABLE = frozenset({"display_name", "advertise", "peers", "gossip_interval",
                             "link_down_after", "expire_after", "resend_after", "max_file_size",
-                            "min_free_space", "parallel", "log_level", "log_json"})
+                            "min_free_space", "parallel", "log_level", "log_json", "admission"})
     """Config fields ``reload`` applies to the running agent (``log.*`` through ``run``'s
     ``on_reload``). Any other field that changed (node.id, node.listen, root, key, outbox.*,
     metrics.listen, and every field added later) needs a restart."""

@@ -14,7 +14,8 @@ are booleans (``yes``, ``no``, ``on``, ``off`` stay text, so ``id: NO`` is the n
 ``json: yes`` is a clear error), ints are plain decimal (no sexagesimal ``1:30``, no octal
 ``007``, no ``1_000``, no hex), floats need a dot, and there are no implicit timestamps.
 
-Imports only the stdlib, PyYAML and maildrop's ``errors``, ``ids`` and ``keys``.
+Imports only the stdlib, PyYAML and maildrop's ``errors``, ``ids``, ``keys`` and ``admission``
+(the rules ``accept_from``, ``relay_for`` and ``relay.*`` become).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from .admission import Rules
 from .errors import ConfigError
 from .ids import is_node_id
 from .keys import normalize_public_line
@@ -114,6 +116,8 @@ class Config:
     log_level: str = "info"
     log_json: bool = False
     metrics_listen: tuple[str, int] | None = None  # None: no metrics served
+    # accept_from, relay_for, relay.max_bytes_per_origin, relay.max_transfers_per_origin
+    admission: Rules = Rules()
 
     def peer(self, peer_id: str) -> Peer | None:
         """The configured peer with this id, or None."""
@@ -425,12 +429,14 @@ class _Problems:
             return None
 
 
-_TOP_KEYS = ("node", "root", "key", "peers", "gossip", "transfers", "outbox", "log", "metrics")
+_TOP_KEYS = ("node", "root", "key", "peers", "accept_from", "relay_for", "gossip", "transfers",
+             "relay", "outbox", "log", "metrics")
 _NODE_KEYS = ("id", "display_name", "listen", "advertise")
 _PEER_KEYS = ("id", "address", "key")
 _SECTION_KEYS = {
     "gossip": ("interval", "link_down_after"),
     "transfers": ("expire_after", "resend_after", "max_file_size", "min_free_space", "parallel"),
+    "relay": ("max_bytes_per_origin", "max_transfers_per_origin"),
     "outbox": ("settle", "rescan_interval", "polling"),
     "log": ("level", "json"),
     "metrics": ("listen",),
@@ -440,7 +446,7 @@ _HOME_OF: dict[str, str] = {}
 for _section, _keys in (("node", _NODE_KEYS), *_SECTION_KEYS.items()):
     for _k in _keys:
         _HOME_OF.setdefault(_k, f"under {_section}:")
-for _k in ("root", "key", "peers", *_SECTION_KEYS):
+for _k in ("root", "key", "peers", "accept_from", "relay_for", *_SECTION_KEYS):
     _HOME_OF[_k] = "at the top level"
 
 _NODE_ID_EXPECTED = "a node id like {example} (letters, digits, '-', '_'; 1..64 chars)"
@@ -680,6 +686,14 @@ def _build(data: Any, path: Path) -> Config:
     )
     parallel = problems.take(_parallel, transfers)
 
+    accept_from = problems.take(_origins, top, "accept_from", "may deliver into this node's inbox")
+    relay_for = problems.take(_origins, top, "relay_for", "this node carries files for")
+    relay = sections["relay"]
+    max_bytes = problems.take(_limit, relay, "max_bytes_per_origin", _size_or_unlimited,
+                              "a size or unlimited, e.g. 10GiB, 0 or unlimited")
+    max_transfers = problems.take(_limit, relay, "max_transfers_per_origin", _count_or_unlimited,
+                                  "a whole number or unlimited, e.g. 1000, 0 or unlimited")
+
     outbox = sections["outbox"]
     settle = problems.take(_duration, outbox, "outbox", "settle", Config.settle, allow_zero=True)
     rescan_interval = problems.take(
@@ -725,6 +739,8 @@ def _build(data: Any, path: Path) -> Config:
         log_level=log_level,
         log_json=log_json,
         metrics_listen=metrics_listen,
+        admission=Rules(accept_from=accept_from, relay_for=relay_for,
+                        max_bytes_per_origin=max_bytes, max_transfers_per_origin=max_transfers),
     )
 
 
@@ -857,6 +873,49 @@ def _parallel(transfers: dict) -> int:
     if not 1 <= parallel <= MAX_PARALLEL:
         _fail("transfers.parallel", f"{parallel} is out of range", expected)
     return parallel
+
+
+def _origins(top: dict, name: str, what: str) -> frozenset[str] | None:
+    """``accept_from`` / ``relay_for``: a list of node ids (None when the key is absent:
+    everyone; ``[]``: no one). Ids nobody knows yet are fine: a node may be learned later."""
+    expected = (f"a list of the node ids whose files {what}, e.g. [NodeA, NodeB] "
+                "([] for none; leave the key out for every node)")
+    if name not in top:
+        return None
+    value = top[name]
+    if value is None:
+        _fail(name, "empty", expected)
+    if not isinstance(value, list):
+        _fail(name, _got(value), expected)
+    problems = _Problems()
+    ids = [problems.take(_node_id, item, f"{name}[{i}]", "NodeA") for i, item in enumerate(value)]
+    if problems.messages:
+        raise _Invalid(*problems.messages)
+    return frozenset(ids)
+
+
+def _limit(relay: dict, name: str, parse: Callable[[Any], int | None], expected: str) -> int | None:
+    """One of ``relay.max_*_per_origin``: None (unlimited, the default) or a limit >= 0."""
+    if relay.get(name) is None:
+        return None
+    try:
+        return parse(relay[name])
+    except ValueError as exc:
+        _fail(f"relay.{name}", str(exc), expected)
+
+
+def _size_or_unlimited(value: Any) -> int | None:
+    return None if value == "unlimited" else parse_size(value)
+
+
+def _count_or_unlimited(value: Any) -> int | None:
+    if value == "unlimited":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{_show(value)} is not a whole number")
+    if value < 0:
+        raise ValueError(f"{value} is negative")
+    return value
 
 
 def _log_level(log: dict) -> str:
@@ -1191,6 +1250,21 @@ _OPTIONAL_SECTIONS = [
         f"concurrent transfers per peer (1..{MAX_PARALLEL})",
         raw=True,
     ),
+    "# relay:                    # limits for files this node carries for others (never its inbox's)",
+    _entry(
+        "#   max_bytes_per_origin",
+        "unlimited",
+        "one origin's bytes held here at once (quota)",
+        raw=True,
+    ),
+    _entry(
+        "#   max_transfers_per_origin",
+        "unlimited",
+        "one origin's files held here at once (quota)",
+        raw=True,
+    ),
+    "# accept_from: [NodeA, NodeB]  # only these origins deliver into inbox/ (default all; []: none)",
+    "# relay_for: [NodeA, NodeB]    # only these origins' files are carried on (default all; []: none)",
     "# outbox:",
     _entry(
         "#   settle",

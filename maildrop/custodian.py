@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from . import events as E
 from . import lifecycle as L
+from .admission import Held, Rules, counted, decide
 from .eventlog import EventLog
 from .events import Event
 from .model import DELIVERED, FAILED
@@ -67,20 +68,27 @@ class Job:
 
 
 class Custodian:
-    """The custody service (see the module docstring). ``_transfers`` and ``_broken`` are
-    touched by the service thread only; the queue ``_posts`` is the one way in."""
+    """The custody service (see the module docstring). ``_transfers``, ``_held`` and
+    ``_broken`` are touched by the service thread only; the queue ``_posts`` is the one way
+    in. ``rules`` gives the admission rules in force (read at every offer, so a reload
+    applies to the next one)."""
 
     def __init__(self, me: str, custody: Custody, events: EventLog, policy: Callable[[], L.Policy],
                  dispatch: Callable[[str, list[Job]], None],
-                 after_sweep: Callable[[], None] = lambda: None) -> None:
+                 after_sweep: Callable[[], None] = lambda: None,
+                 rules: Callable[[], Rules] = Rules) -> None:
         self.me = me
         self.custody = custody
         self.events = events
         self.policy = policy
+        self.rules = rules
         self.dispatch = dispatch
         self.after_sweep = after_sweep
         self._posts: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._transfers: dict[str, L.Transfer] = {}
+        self._transfers: dict[str, L.Transfer] = {}  # changed only through ``_keep``
+        # origin -> what its relayed transfers hold here (``admission.counted``), kept in
+        # step with ``_transfers`` by ``_keep``: the per-origin quotas read it.
+        self._held: dict[str, Held] = {}
         self._broken: dict[str, float] = {}  # transfer id -> when it may be planned again
         self._resuming: set[str] = set()  # deliveries recovered at start (a link may exist)
         self._cutting: set[str] = set()  # arrivals a cut-through forwards now: not planned meanwhile
@@ -259,7 +267,7 @@ class Custodian:
             return
         t, fx = L.held(tid, queued.origin, d["destination"], d["size"],
                        self.custody.queued_at(queued.origin, queued.ts), self.me, passed)
-        self._transfers[tid] = t
+        self._keep(tid, t)
         if resuming and t.role == L.DESTINATION:
             self._resuming.add(tid)
         self._due.add(tid)
@@ -267,6 +275,20 @@ class Custodian:
             effects.extend((tid, t, e) for e in fx)
         else:
             self._carry_out([(tid, t, e) for e in fx])
+
+    def _keep(self, tid: str, t: L.Transfer | None) -> None:
+        """The one way ``_transfers`` changes: ``tid`` becomes ``t`` (None: forgotten), and
+        its origin's ``_held`` follows (the transfer counted before is taken out, the new
+        one put in), so the quotas never count a transfer twice or one that is gone."""
+        old = self._transfers.pop(tid, None) if t is None else self._transfers.get(tid)
+        if old is not None and counted(old):
+            self._held[old.origin] = self._held[old.origin].plus(-old.size, -1)
+            if not self._held[old.origin].transfers:
+                del self._held[old.origin]
+        if t is not None:
+            self._transfers[tid] = t
+            if counted(t):
+                self._held[t.origin] = self._held.get(t.origin, Held()).plus(t.size)
 
     def _step(self, tid: str, inp: L.Input, effects: list) -> None:
         t = self._transfers.get(tid)
@@ -279,10 +301,10 @@ class Custodian:
         if new.phase == L.HANDED and t.phase != L.HANDED:
             log.info("relay.handed transfer=%s to=%s", tid, new.hop)
         if new.ended:
-            del self._transfers[tid]
+            self._keep(tid, None)
             self._resuming.discard(tid)
         else:
-            self._transfers[tid] = new
+            self._keep(tid, new)
             if new.due(now):
                 self._due.add(tid)
             wake = new.wake_at(self.policy())
@@ -392,7 +414,7 @@ class Custodian:
         if before.phase in (L.OFFERING, L.SENDING):
             before = replace(before, phase=L.QUEUED, hop=None, token=before.token + 1,
                              retry_at=time.time() + BROKEN_RETRY)
-        self._transfers[tid] = before
+        self._keep(tid, before)
         self._broken[tid] = time.time() + BROKEN_RETRY
         self._next_wake = min(self._next_wake, self._broken[tid])
 
@@ -419,7 +441,10 @@ class Custodian:
         are held (a whole copy, or a transfer this service owns) is never replaced by a
         rival's; a rival's mere part is: parts are not custody, and a stale one must not
         block the genuine claim. A whole copy nobody owns (a commit cut short, a claim that
-        came late) is adopted here rather than answered "have" for ever."""
+        came late) is adopted here rather than answered "have" for ever. A file that would
+        arrive anew is then put to the admission rules (``admission.decide``: ``accept_from``,
+        ``relay_for``, and the per-origin quotas over ``_held``, which already count the
+        files accepted before it in the same offer)."""
         tid, queued = o.transfer, o.queued
         spool = self.custody.spool
         t = self._transfers.get(tid)
@@ -443,12 +468,17 @@ class Custodian:
             return Answer("pending", detail=t.reason)
         if t is not None or whole or self._have(tid, queued):
             return Answer("have")
+        d = queued.data
+        refusal = decide(self.rules(), self.me, queued.origin, d["destination"], d["size"],
+                         self._held.get(queued.origin, Held()))
+        if refusal is not None:
+            return Answer("refuse", reason=refusal[0], detail=refusal[1])
         offset = spool.part_size(tid)
-        if offset > queued.data["size"]:
+        if offset > d["size"]:
             offset = 0
-        self._transfers[tid] = L.arriving(tid, queued.origin, queued.data["destination"],
-                                          queued.data["size"], self.custody.queued_at(queued.origin, queued.ts),
-                                          self.me, peer, offset, o.route)
+        self._keep(tid, L.arriving(tid, queued.origin, d["destination"], d["size"],
+                                   self.custody.queued_at(queued.origin, queued.ts),
+                                   self.me, peer, offset, o.route))
         self.custody.remember(queued)
         return Answer("accept", offset=offset)
 

@@ -25,13 +25,16 @@ Phases (``Transfer.phase``):
 Inputs come from three places: byte movers (``Accepted``, ``Handed``, ``Refused``,
 ``Broke``, ``ForwardedEarly``, ``Committed``, ``ReceiveFailed``, ``Delivered``, ``DeliveryFailed``), the planner
 reading the model (``Route``, ``Receipt``, ``GaveUp``, ``Confirmed``, ``RefusedDownstream``,
-``Tick``), the gossip loops (``LinkUp``, ``LinkDown``) and the operator (``Cancel``, ``Hold``, ``Release``,
+``NoPathLeft``, ``Tick``), the gossip loops (``LinkUp``, ``LinkDown``) and the operator (``Cancel``, ``Hold``, ``Release``,
 ``Flush``). An answer to an offer carries the offer's ``token``; one for an older offer
 (re-planned meanwhile, e.g. its link went down) is stale and changes nothing.
 
 Retries: every transient failure backs off by ``Policy.backoff`` (exponential, capped, with a
 deterministic jitter) and avoids the hop that failed while another route exists; a permanent
-refusal (``Policy.permanent``) ends the transfer at the origin at once.
+refusal (``Policy.permanent``) ends the transfer at the origin at once, except one that
+speaks for the refusing relay alone (``Policy.per_hop``: ``not-accepted``): that relay is
+never used for the transfer again (``Transfer.refused``) and the planner routes around it,
+ending the transfer (``NoPathLeft``) only when no path is left without it.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ class Policy:
     # "bad-signature" is what a relay says that has not learned the origin's key rotation.
     patient: frozenset[str] = frozenset({"unknown-origin", "bad-signature"})
     patience: int = 6
+    # Permanent refusals that speak for the refusing node only ("not-accepted": its
+    # ``relay_for`` leaves the origin out): another relay may carry the transfer, so the
+    # refusing one is excluded for good and the transfer goes around it while a path is
+    # left. From the destination itself they end the transfer like any permanent refusal.
+    per_hop: frozenset[str] = frozenset({"not-accepted"})
 
     def backoff(self, attempts: int, transfer: str) -> float:
         """The wait after the ``attempts``-th consecutive transient failure: the base doubled
@@ -102,6 +110,8 @@ class Transfer:
     passed: tuple[str, ...] = ()  # nodes that held it before us (the route so far)
     tried: frozenset[str] = frozenset()  # hops that stored it but were given up on (resend)
     avoid: frozenset[str] = frozenset()  # hops that failed since the last success
+    refused: frozenset[str] = frozenset()  # relays that refused it for good (per_hop): never used
+    refusal: tuple[str, str, str] | None = None  # the last such refusal: (by, reason, detail)
     attempts: int = 0  # consecutive failed tries (the backoff exponent)
     retry_at: float = 0.0  # queued: the next try; delivering: the next delivery attempt
     handed_at: float | None = None
@@ -230,6 +240,13 @@ class RefusedDownstream:
 
 
 @dataclass(frozen=True)
+class NoPathLeft:
+    """The planner's word for a due transfer that relays refused for good (``refused``):
+    no path to the destination is left without them, over any link configured on both
+    ends, up or down (a link that is only down leaves a path: the transfer waits)."""
+
+
+@dataclass(frozen=True)
 class LinkUp:
     peer: str
 
@@ -265,8 +282,8 @@ class Flush:
 
 
 Input = (Route | Accepted | Handed | Refused | Broke | ForwardedEarly | Committed | ReceiveFailed | Delivered
-         | DeliveryFailed | Receipt | GaveUp | Confirmed | RefusedDownstream | LinkUp | LinkDown
-         | Tick | Cancel | Hold | Release | Flush)
+         | DeliveryFailed | Receipt | GaveUp | Confirmed | RefusedDownstream | NoPathLeft | LinkUp
+         | LinkDown | Tick | Cancel | Hold | Release | Flush)
 
 
 # -- effects ----------------------------------------------------------------------------------
@@ -384,6 +401,17 @@ def _retry(t: Transfer, now: float, policy: Policy, reason: str, key: str) -> tu
     return _waiting(t, new, key)
 
 
+def _around(t: Transfer, now: float, nodes: set[str], refusal: tuple[str, str, str],
+            key: str) -> tuple[Transfer, list[Effect]]:
+    """A relay refused the transfer for good, for itself only (``Policy.per_hop``): ``nodes``
+    are never used for it again and it is planned again at once; the planner answers
+    ``NoPathLeft`` when no path is left without them."""
+    by, reason, detail = refusal
+    new = replace(t, phase=QUEUED, hop=None, offset=0, handed_at=None, refused=t.refused | nodes,
+                  refusal=refusal, retry_at=now, reason=f"refused by {by}: {reason}: {detail}")
+    return _waiting(t, new, key)
+
+
 def _in_offer(t: Transfer, token: int) -> bool:
     return t.phase in (OFFERING, SENDING) and token == t.token
 
@@ -423,6 +451,8 @@ def _on_refused(t: Transfer, inp: Refused, now: float, policy: Policy) -> tuple[
     patient = inp.reason in policy.patient and t.attempts + 1 < policy.patience
     if inp.reason not in policy.permanent or patient:
         return _retry(t, now, policy, f"{hop} refused: {inp.reason}: {inp.detail}", "relay.hop.refused")
+    if inp.reason in policy.per_hop and t.hop is not None and t.hop != t.destination:
+        return _around(t, now, {t.hop}, (t.hop, inp.reason, inp.detail), "relay.hop.refused")
     if t.role == ORIGIN:
         return _fail(t, f"refused by {hop}: {inp.reason}: {inp.detail}")
     new = replace(t, phase=REFUSED, hop=None, reason=f"refused by {hop}: {inp.reason}: {inp.detail}")
@@ -502,12 +532,28 @@ def _on_refused_downstream(t: Transfer, inp: RefusedDownstream, now: float,
                            policy: Policy) -> tuple[Transfer, list[Effect]]:
     if t.phase not in (HANDED, FORWARDED):
         return _same(t)
+    if t.phase == HANDED and t.hop is not None and inp.reason in policy.per_hop \
+            and inp.by != t.destination:
+        # A relay past our hop will not carry it, and our hop found no way around it: go
+        # around both (our hop would only answer "have" and report the same again).
+        return _around(t, now, {t.hop, inp.by}, (inp.by, inp.reason, inp.detail),
+                       "relay.refused.downstream")
     reason = f"refused by {inp.by}: {inp.reason}: {inp.detail}"
     if t.role == ORIGIN:
         return _fail(t, reason)
     if t.role == RELAY:  # pass it back: the node that handed it to us believes only us
         return replace(t, phase=REFUSED, reason=reason), [Report(t.id, inp.by, inp.reason, inp.detail)]
     return _same(t)
+
+
+def _on_no_path_left(t: Transfer, inp: NoPathLeft, now: float, policy: Policy) -> tuple[Transfer, list[Effect]]:
+    if t.refusal is None or not t.due(now):
+        return _same(t)
+    by, reason, detail = t.refusal
+    if t.role == ORIGIN:
+        return _fail(t, f"refused by {by}: {reason}: {detail}")
+    new = replace(t, phase=REFUSED, hop=None, reason=f"refused by {by}: {reason}: {detail}")
+    return new, [Report(t.id, by, reason, detail)]
 
 
 def _on_link_up(t: Transfer, inp: LinkUp, now: float, policy: Policy) -> tuple[Transfer, list[Effect]]:
@@ -564,7 +610,8 @@ def _on_flush(t: Transfer, inp: Flush, now: float, policy: Policy) -> tuple[Tran
         return (replace(t, retry_at=now), []) if t.retry_at != float("inf") else _same(t)
     tried = t.tried | {t.hop} if t.phase == HANDED and t.hop else t.tried
     return replace(t, phase=QUEUED, hop=None, handed_at=None, tried=tried, attempts=0,
-                   avoid=frozenset(), retry_at=now, flush=True), []
+                   avoid=frozenset(), refused=frozenset(), refusal=None, retry_at=now,
+                   flush=True), []
 
 
 _HANDLERS = {
@@ -572,6 +619,7 @@ _HANDLERS = {
     Broke: _on_broke, ForwardedEarly: _on_forwarded, Committed: _on_committed, ReceiveFailed: _on_receive_failed,
     Delivered: _on_delivered, DeliveryFailed: _on_delivery_failed, Receipt: _on_receipt,
     GaveUp: _on_gave_up, Confirmed: _on_confirmed, RefusedDownstream: _on_refused_downstream,
+    NoPathLeft: _on_no_path_left,
     LinkUp: _on_link_up, LinkDown: _on_link_down, Tick: _on_tick, Cancel: _on_cancel,
     Hold: _on_hold, Release: _on_release, Flush: _on_flush,
 }

@@ -19,7 +19,9 @@ at most per transfer; the custody service steps each transfer's machine with the
   that stored it without confirming (``tried``) are routed around while another path exists,
   never excluded outright; nodes the transfer already passed are avoided the same way
   (so a ``route`` an offer names only steers, it never excludes every path); conflicted
-  nodes are never used.
+  nodes and relays that refused the transfer for good (``Transfer.refused``) are never used.
+- ``NoPathLeft``: the transfer is due, relays refused it for good, and no path to the
+  destination is left without them over any link configured on both ends, up or down.
 
 Nothing here sleeps or reads a clock: ``now`` comes in; ``Transfer.wake_at`` says when to
 plan again.
@@ -38,6 +40,7 @@ from .lifecycle import (
     Confirmed,
     GaveUp,
     Input,
+    NoPathLeft,
     Policy,
     Receipt,
     RefusedDownstream,
@@ -46,22 +49,25 @@ from .lifecycle import (
     Transfer,
 )
 from .model import DELIVERED, FAILED, Network
-from .routing import route
+from .routing import distances_to, route
 
 
 def choose_hop(net: Network, me: str, t: Transfer, excluded: Iterable[str] = (),
                routes: dict | None = None) -> str | None:
     """The next hop for ``t``, or None while no route exists.
 
-    ``routes`` memoizes paths by (destination, avoided nodes) for one planning pass: many
-    transfers to one destination cost one route computation, not one each.
+    ``excluded`` (conflicted nodes) and the relays that refused ``t`` for good
+    (``t.refused``; at a relay, then also the nodes it came through) are never used. ``routes`` memoizes paths by (destination, avoided
+    nodes, refusing relays) for one planning pass: many transfers to one destination cost
+    one route computation, not one each.
     """
     soft = set(t.avoid) | set(t.tried)
     cache = routes if routes is not None else {}
+    hard = _never(t, me)
     for avoid in (set(t.passed) | soft, soft, set(t.passed), set()):
-        key = (t.destination, frozenset(avoid - {t.destination, me}))
+        key = (t.destination, frozenset(avoid - {t.destination, me}), hard)
         if key not in cache:
-            cache[key] = route(net, me, t.destination, avoid=key[1], excluded=excluded)
+            cache[key] = route(net, me, t.destination, avoid=key[1], excluded=set(excluded) | hard)
         path = cache[key]
         if path and len(path) > 1:
             return path[1]
@@ -100,8 +106,32 @@ def _input_for(net: Network, me: str, t: Transfer, now: float, policy: Policy,
     if deadline is not None and now >= deadline:
         return Tick()
     if t.due(now):
-        return Route(choose_hop(net, me, t, excluded, routes))
+        hop = choose_hop(net, me, t, excluded, routes)
+        if hop is None and t.refusal is not None and not path_left(net, me, t, excluded):
+            return NoPathLeft()
+        return Route(hop)
     wake = t.wake_at(policy)
     if wake is not None and now >= wake:
         return Tick()
     return None
+
+
+def _never(t: Transfer, me: str) -> frozenset[str]:
+    """The nodes ``t`` must not go through: the relays that refused it for good and, at a
+    relay once one did, the nodes it came through (going back would end where it started:
+    the node that handed it to us hears the refusal instead and goes around us itself)."""
+    never = set(t.refused) | (set(t.passed) if t.role == RELAY and t.refusal is not None else set())
+    return frozenset(never - {t.destination, me})
+
+
+def path_left(net: Network, me: str, t: Transfer, excluded: Iterable[str] = ()) -> bool:
+    """True while a path from ``me`` to ``t``'s destination exists over links configured on
+    both ends, up or down, without conflicted nodes and the nodes ``t`` must not go through
+    (``_never``): a link that is only down now may come back."""
+    skip = (set(excluded) | _never(t, me)) - {me, t.destination}
+    adj: dict[str, list[str]] = {}
+    for a, b, _state in net.links():
+        if a not in skip and b not in skip:
+            adj.setdefault(a, []).append(b)
+            adj.setdefault(b, []).append(a)
+    return me in distances_to(adj, t.destination)

@@ -346,8 +346,8 @@ def test_empty_file(text: str) -> None:
     message = err(text)
     if text == "---\n":  # an explicit empty document is null, not "no document"
         assert message == (
-            "top level: empty; expected a mapping with keys node, root, key, peers, gossip, "
-            "transfers, outbox, log, metrics"
+            "top level: empty; expected a mapping with keys node, root, key, peers, accept_from, "
+            "relay_for, gossip, transfers, relay, outbox, log, metrics"
         )
     else:
         assert message == (
@@ -362,8 +362,8 @@ def test_empty_file(text: str) -> None:
 )
 def test_top_level_not_a_mapping(text: str, got: str) -> None:
     assert err(text) == (
-        f"top level: {got}; expected a mapping with keys node, root, key, peers, gossip, "
-        "transfers, outbox, log, metrics"
+        f"top level: {got}; expected a mapping with keys node, root, key, peers, accept_from, "
+        "relay_for, gossip, transfers, relay, outbox, log, metrics"
     )
 
 
@@ -449,7 +449,7 @@ def test_unknown_key_at_every_level() -> None:
     )
     assert err(BASE + "roots: /x\n") == (
         "roots: unknown key (did you mean 'root'?); expected one of node, root, key, peers, "
-        "gossip, transfers, outbox, log, metrics"
+        "accept_from, relay_for, gossip, transfers, relay, outbox, log, metrics"
     )
     assert err(BASE + "gossip:\n  intervall: 5s\n") == (
         "gossip.intervall: unknown key (did you mean 'interval'?); expected one of interval, "
@@ -472,7 +472,7 @@ def test_unknown_key_at_every_level() -> None:
 def test_key_in_the_wrong_section_says_where_it_belongs() -> None:
     assert err(BASE + "interval: 5s\n") == (
         "interval: unknown key ('interval' belongs under gossip:); expected one of node, root, "
-        "key, peers, gossip, transfers, outbox, log, metrics"
+        "key, peers, accept_from, relay_for, gossip, transfers, relay, outbox, log, metrics"
     )
     text = BASE.replace("  id: NodeA\n", "  id: NodeA\n  parallel: 3\n")
     assert err(text).startswith("node.parallel: unknown key ('parallel' belongs under transfers:)")
@@ -1052,7 +1052,8 @@ def test_render_mentions_every_key_with_a_comment() -> None:
         assert lines, key
     # The optional sections are commented out; uncommenting them gives the same values.
     uncommented = "\n".join(
-        line[2:] if line.startswith(("# gossip", "#   ", "# transfers", "# outbox", "# log")) and ":" in line
+        line[2:] if line.startswith(("# gossip", "#   ", "# transfers", "# relay:", "# outbox", "# log"))
+        and ":" in line
         and not line.startswith(("#   - id", "#     ")) else line
         for line in text.splitlines()
     )  # fmt: skip

@@ -30,6 +30,7 @@ from maildrop.lifecycle import (
     Hold,
     LinkDown,
     LinkUp,
+    NoPathLeft,
     Note,
     Offer,
     Policy,
@@ -171,13 +172,100 @@ def test_the_permanent_refusals_are_the_designed_list():
     assert not set(TRANSIENT) & L.PERMANENT
 
 
-@pytest.mark.parametrize("reason", sorted(L.PERMANENT - POLICY.patient))
+@pytest.mark.parametrize("reason", sorted(L.PERMANENT - POLICY.patient - POLICY.per_hop))
 def test_a_permanent_refusal_fails_the_transfer_at_the_origin_in_that_round_trip(reason):
     d = offering()
     assert d(Refused(1, reason, "12 > 10 bytes"), T0 + 2) == [
         Fail(TID, f"refused by NodeB: {reason}: 12 > 10 bytes")]
     assert d.t.phase == L.FAILED and d.t.ended
     assert d(Route("NodeC"), T0 + 3) == [] and d(Tick(), T0 + 500) == []  # ended: nothing more
+
+
+NA = "refused by NodeB: not-accepted: NodeB does not relay for NodeA (relay_for)"
+
+
+@pytest.mark.parametrize("make", [origin, relay])
+def test_a_relay_that_will_not_carry_it_is_excluded_for_good_and_routed_around(make):
+    """``not-accepted`` from a relay speaks for that relay only: it is never used for the
+    transfer again (unlike ``avoid``, no input lets it back but a flush), the transfer is
+    planned again at once without a backoff, and the next relay is offered it."""
+    assert POLICY.per_hop == {"not-accepted"} <= L.PERMANENT
+    d = offering(make)
+    detail = "NodeB does not relay for NodeA (relay_for)"
+    assert d(Refused(1, "not-accepted", detail), T0 + 2) == [Note(TID, "relay.hop.refused", NA)]
+    assert (d.t.phase, d.t.hop, d.t.refused, d.t.refusal, d.t.attempts, d.t.avoid, d.t.reason) == (
+        L.QUEUED, None, frozenset({"NodeB"}), ("NodeB", "not-accepted", detail), 0, frozenset(), NA)
+    assert d.t.due(T0 + 2)  # at once: nothing to wait for
+    assert d(LinkUp("NodeB"), T0 + 3) == [] and d.t.refused == {"NodeB"}  # not an avoid
+    assert d(Route(None), T0 + 3) == [] and d.t.refused == {"NodeB"}  # kept while no route
+    assert d(Route("NodeC"), T0 + 8) == [Offer(TID, "NodeC", 2)]
+    assert d(Refused(2, "not-accepted", "no"), T0 + 9) == [
+        Note(TID, "relay.hop.refused", "refused by NodeC: not-accepted: no")]
+    assert d.t.refused == {"NodeB", "NodeC"} and d.t.refusal == ("NodeC", "not-accepted", "no")
+
+
+def test_no_path_left_ends_it_at_the_origin_with_the_last_refusal():
+    d = offering()
+    d(Refused(1, "not-accepted", "NodeB does not relay for NodeA (relay_for)"), T0 + 2)
+    assert d(NoPathLeft(), T0 + 2) == [Fail(TID, NA)]
+    assert d.t.phase == L.FAILED
+
+
+def test_no_path_left_at_a_relay_reports_the_refusal_and_keeps_the_copy():
+    d = offering(relay)
+    d(Refused(1, "not-accepted", "no"), T0 + 2)
+    assert d(NoPathLeft(), T0 + 2) == [Report(TID, "NodeB", "not-accepted", "no")]
+    assert (d.t.phase, d.t.reason) == (L.REFUSED, "refused by NodeB: not-accepted: no")
+    assert d(GaveUp(), T0 + 3) == [Drop(TID, "origin gave up")]
+
+
+def test_no_path_left_changes_nothing_without_a_refusal_or_while_not_due():
+    d = Driver(origin())
+    assert d(NoPathLeft(), T0 + 1) == [] and d.t.phase == L.QUEUED  # nobody refused it
+    d = offering()
+    d(Refused(1, "not-accepted", "no"), T0 + 2)
+    d(Hold(), T0 + 2)
+    assert d(NoPathLeft(), T0 + 3) == [] and d.t.phase == L.QUEUED  # held: not due
+    assert d(Release(), T0 + 4) == [] and d(NoPathLeft(), T0 + 4) == [
+        Fail(TID, "refused by NodeB: not-accepted: no")]
+
+
+@pytest.mark.parametrize("make", [origin, relay])
+def test_not_accepted_by_the_destination_itself_ends_it_at_once(make):
+    d = offering(make, hop="NodeE")
+    fx = d(Refused(1, "not-accepted", "NodeE takes no files from NodeA (accept_from)"), T0 + 2)
+    why = "NodeE takes no files from NodeA (accept_from)"
+    if make is origin:
+        assert fx == [Fail(TID, f"refused by NodeE: not-accepted: {why}")] and d.t.phase == L.FAILED
+    else:
+        assert fx == [Report(TID, "NodeE", "not-accepted", why)] and d.t.phase == L.REFUSED
+
+
+@pytest.mark.parametrize("make", [origin, relay])
+def test_a_relay_refusing_past_our_hop_is_routed_around_with_our_hop(make):
+    """Our hop B reported that C (a relay past it) will not carry it and B found no way
+    around C: both are left out (B would answer "have" and report it again)."""
+    d = offering(make)
+    d(Handed(1, "stored"), T0 + 2)
+    fx = d(RefusedDownstream("NodeC", "not-accepted", "no"), T0 + 3)
+    assert fx == [Note(TID, "relay.refused.downstream", "refused by NodeC: not-accepted: no")]
+    assert (d.t.phase, d.t.hop, d.t.handed_at, d.t.refused) == (
+        L.QUEUED, None, None, frozenset({"NodeB", "NodeC"}))
+    assert d.t.due(T0 + 3)
+    # By the destination itself: the end, as for any permanent refusal.
+    d = offering(make)
+    d(Handed(1, "stored"), T0 + 2)
+    fx = d(RefusedDownstream("NodeE", "not-accepted", "no"), T0 + 3)
+    assert fx == ([Fail(TID, "refused by NodeE: not-accepted: no")] if make is origin
+                  else [Report(TID, "NodeE", "not-accepted", "no")])
+
+
+def test_a_flush_forgets_the_relays_that_refused():
+    d = offering()
+    d(Refused(1, "not-accepted", "no"), T0 + 2)
+    assert d(Flush(), T0 + 3) == []
+    assert (d.t.refused, d.t.refusal, d.t.flush) == (frozenset(), None, True)
+    assert d(Route("NodeB"), T0 + 3) == [Offer(TID, "NodeB", 2)]
 
 
 def test_unknown_origin_is_retried_until_patience_runs_out_then_ends_at_the_origin():

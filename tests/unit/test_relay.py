@@ -15,6 +15,7 @@ from maildrop.lifecycle import (
     Fail,
     GaveUp,
     LinkDown,
+    NoPathLeft,
     Note,
     Offer,
     Policy,
@@ -422,3 +423,60 @@ def test_a_report_by_a_node_that_is_not_our_hop_is_ignored():
     # The control: B's report is believed once B is A's hop.
     assert _plan(net, "NodeA", a, T0 + 61) == [
         (TID, RefusedDownstream("NodeE", "too-large", "12 > 10 bytes"))]
+
+
+# -- relays that refused for good (not-accepted: relay_for) -------------------------------------
+NA = ("NodeB", "not-accepted", "NodeB does not relay for NodeA (relay_for)")
+
+
+def test_a_relay_that_refused_for_good_is_never_used_even_when_it_is_the_only_way():
+    _, net = _world()
+    t = origin(refused=frozenset({"NodeB"}), refusal=NA)
+    assert _plan(net, "NodeA", t, T0 + 1) == [(TID, Route("NodeC"))]  # around B: A-C-D-E
+    # C failed (soft): it is tried again, since B stays out whatever else fails.
+    t = origin(refused=frozenset({"NodeB"}), refusal=NA, avoid=frozenset({"NodeC"}))
+    assert choose_hop(net, "NodeA", t) == "NodeC"
+    assert choose_hop(net, "NodeA", origin(avoid=frozenset({"NodeC"}))) == "NodeB"
+
+
+def test_a_refused_origin_transfer_goes_the_other_way_then_fails_when_no_path_is_left():
+    _, net = _world()
+    t, _ = _then(net, "NodeA", origin(), T0 + 1)
+    assert t.hop == "NodeB"
+    t, _ = step(t, Refused(1, "not-accepted", NA[2]), T0 + 2, POLICY)
+    t, effects = _then(net, "NodeA", t, T0 + 2)
+    assert effects == [Offer(TID, "NodeC", 2)]
+    t, _ = step(t, Refused(2, "not-accepted", "no"), T0 + 3, POLICY)
+    assert _plan(net, "NodeA", t, T0 + 3) == [(TID, NoPathLeft())]
+    assert _then(net, "NodeA", t, T0 + 3)[1] == [Fail(TID, "refused by NodeC: not-accepted: no")]
+
+
+def test_a_path_over_a_link_that_is_only_down_is_still_a_path_left():
+    _, net = _world([("NodeC", E.LINK_DOWN, {"peer": "NodeD"}), ("NodeD", E.LINK_DOWN, {"peer": "NodeC"})])
+    t = origin(refused=frozenset({"NodeB"}), refusal=NA)
+    assert _plan(net, "NodeA", t, T0 + 1) == [(TID, Route(None))]  # waits for C-D to come back
+    t, effects = _then(net, "NodeA", t, T0 + 1)
+    assert t.phase == L.QUEUED and t.refused == {"NodeB"}
+    assert effects == [Note(TID, "relay.no_route", "no route to NodeE over up links")]
+
+
+def test_a_relay_with_no_way_on_reports_and_the_origin_goes_around_it_and_the_refuser():
+    """A-B-E and A-C-D-E. C holds it (from A) and D will not carry it: C does not go back
+    through A (that ends where it started); no path is left, so it reports D's refusal.
+    A, handed to C, hears it from C and goes around both, over B."""
+    feeds, net = _world([("NodeC", E.TRANSFER_RELAYED, {"transfer": TID, "from": "NodeA"})])
+    c, effects = _then(net, "NodeC", relay(), T0 + 1)
+    assert effects == [Offer(TID, "NodeD", 1)]
+    why = "NodeD does not relay for NodeA (relay_for)"
+    c, _ = step(c, Refused(1, "not-accepted", why), T0 + 2, POLICY)
+    assert _plan(net, "NodeC", c, T0 + 2) == [(TID, NoPathLeft())]
+    c, effects = _then(net, "NodeC", c, T0 + 2)
+    assert effects == [Report(TID, "NodeD", "not-accepted", why)] and c.phase == L.REFUSED
+    feeds["NodeC"].add(E.TRANSFER_REFUSED, {"transfer": TID, "origin": "NodeA", "by": "NodeD",
+                                            "reason": "not-accepted", "detail": why})
+    net = _net(feeds)
+    a = origin(phase=L.HANDED, hop="NodeC", token=1, handed_at=T0 + 1)
+    assert _plan(net, "NodeA", a, T0 + 3) == [(TID, RefusedDownstream("NodeD", "not-accepted", why))]
+    a, _ = _then(net, "NodeA", a, T0 + 3)
+    assert (a.phase, a.refused) == (L.QUEUED, frozenset({"NodeC", "NodeD"}))
+    assert _then(net, "NodeA", a, T0 + 3)[1] == [Offer(TID, "NodeB", 2)]
