@@ -10,7 +10,10 @@ own YAML before it starts (or before a SIGHUP, for the reload case):
 - ``accept_from`` at the destination: the origin's ``failed/<name>.reason`` names the
   destination and ``not-accepted`` (the refusal travels back through the relay);
 - ``relay_for`` at one of two relays: the file goes the other way; once a reload makes the
-  other relay refuse too, the next file fails ``not-accepted`` (no path is left).
+  other relay refuse too, the next file fails ``not-accepted`` (no path is left);
+- within one offer (the real hop protocol over a socketpair, ``test_hop_protocol.hop``),
+  the files accepted before count against the quota of the next one, and files for the
+  receiver's own inbox are not counted.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import os
 import re
 from typing import Any
 
+from maildrop import lifecycle as L
+from maildrop.admission import Rules
 from tests.harness import Node, wait_until
+from tests.integration.test_hop_protocol import ACCEPT, STORED, Hop, _words, hop  # noqa: F401 (fixture)
 from tests.integration.test_reload import sighup
 
 DIAMOND = (["NodeA", "NodeB", "NodeC", "NodeD"],
@@ -183,3 +189,28 @@ def test_relay_for_routes_around_a_relay_that_will_not_carry_and_fails_when_no_p
     for relay in (b, c):  # each asked once: a refusal for good is not asked again
         assert len(log_lines(relay, "relay.offer.refused", f"transfer={t2}", "reason=not-accepted")) == 1
     assert failed.read_bytes() == two and set(inbox(d, "NodeA")) == {"one.bin"}
+
+
+def test_in_one_offer_the_files_accepted_before_count_and_the_own_inbox_does_not(hop: Hop):  # noqa: F811
+    """B relays at most two of A's transfers at once: of three for C in one offer, the
+    third is refused ``quota`` (the first two are arriving: they count), while two for B's
+    own inbox in the same offer are taken. Then B holds two for A; a rule changed on the
+    running service (as a reload does) applies to the next offer."""
+    hop.custodian.rules = lambda: Rules(max_transfers_per_origin=2)
+    relayed = hop.take("NodeC", {f"r{i}.txt": b"relay %d" % i for i in range(3)})
+    own = hop.take("NodeB", {f"o{i}.txt": b"own %d" % i for i in range(2)})
+    reports = hop.send(relayed + own)
+    quota = {"a": "refuse", "reason": "quota",
+             "detail": "NodeA has 2 transfers held here, at most 2 (relay.max_transfers_per_origin)"}
+    ok = relayed[:2] + own
+    assert _words(reports) == [(relayed[0], ACCEPT), (relayed[1], ACCEPT), (relayed[2], quota),
+                               *[(t, ACCEPT) for t in own], *[(t, STORED) for t in ok]]
+    held = hop.custodian.snapshot()
+    assert {t for t, tr in held.items() if tr.role == L.RELAY} == set(relayed[:2])
+    assert sorted(p.name for p in (hop.b.inbox / "NodeA").iterdir()) == ["o0.txt", "o1.txt"]
+    hop.custodian.rules = lambda: Rules(max_transfers_per_origin=3)
+    assert _words(hop.send(relayed[2:])) == [(relayed[2], ACCEPT), (relayed[2], STORED)]
+    hop.custodian.rules = lambda: Rules(relay_for=frozenset({"NodeZ"}))
+    [late] = hop.take("NodeC", {"late.txt": b"late"})
+    assert _words(hop.send([late])) == [(late, {"a": "refuse", "reason": "not-accepted",
+                                                "detail": "NodeB does not relay for NodeA (relay_for)"})]
