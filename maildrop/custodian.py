@@ -87,7 +87,8 @@ class Custodian:
         self._posts: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._transfers: dict[str, L.Transfer] = {}  # changed only through ``_keep``
         # origin -> what its relayed transfers hold here (``admission.counted``), kept in
-        # step with ``_transfers`` by ``_keep``: the per-origin quotas read it.
+        # step with ``_transfers`` by ``_keep``: the per-origin quotas read it. Soft, like
+        # ``_transfers``: after a crash it is rebuilt from what ``adopt`` takes back.
         self._held: dict[str, Held] = {}
         self._broken: dict[str, float] = {}  # transfer id -> when it may be planned again
         self._resuming: set[str] = set()  # deliveries recovered at start (a link may exist)

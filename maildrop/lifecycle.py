@@ -33,7 +33,7 @@ Retries: every transient failure backs off by ``Policy.backoff`` (exponential, c
 deterministic jitter) and avoids the hop that failed while another route exists; a permanent
 refusal (``Policy.permanent``) ends the transfer at the origin at once, except one that
 speaks for the refusing relay alone (``Policy.per_hop``: ``not-accepted``): that relay is
-never used for the transfer again (``Transfer.refused``) and the planner routes around it,
+never used for the transfer again (``Transfer.refused_by``) and the planner routes around it,
 ending the transfer (``NoPathLeft``) only when no path is left without it.
 """
 
@@ -110,7 +110,7 @@ class Transfer:
     passed: tuple[str, ...] = ()  # nodes that held it before us (the route so far)
     tried: frozenset[str] = frozenset()  # hops that stored it but were given up on (resend)
     avoid: frozenset[str] = frozenset()  # hops that failed since the last success
-    refused: frozenset[str] = frozenset()  # relays that refused it for good (per_hop): never used
+    refused_by: frozenset[str] = frozenset()  # relays that refused it for good (per_hop): never used
     refusal: tuple[str, str, str] | None = None  # the last such refusal: (by, reason, detail)
     attempts: int = 0  # consecutive failed tries (the backoff exponent)
     retry_at: float = 0.0  # queued: the next try; delivering: the next delivery attempt
@@ -241,7 +241,7 @@ class RefusedDownstream:
 
 @dataclass(frozen=True)
 class NoPathLeft:
-    """The planner's word for a due transfer that relays refused for good (``refused``):
+    """The planner's word for a due transfer that relays refused for good (``refused_by``):
     no path to the destination is left without them, over any link configured on both
     ends, up or down (a link that is only down leaves a path: the transfer waits)."""
 
@@ -407,7 +407,7 @@ def _around(t: Transfer, now: float, nodes: set[str], refusal: tuple[str, str, s
     are never used for it again and it is planned again at once; the planner answers
     ``NoPathLeft`` when no path is left without them."""
     by, reason, detail = refusal
-    new = replace(t, phase=QUEUED, hop=None, offset=0, handed_at=None, refused=t.refused | nodes,
+    new = replace(t, phase=QUEUED, hop=None, offset=0, handed_at=None, refused_by=t.refused_by | nodes,
                   refusal=refusal, retry_at=now, reason=f"refused by {by}: {reason}: {detail}")
     return _waiting(t, new, key)
 
@@ -610,7 +610,7 @@ def _on_flush(t: Transfer, inp: Flush, now: float, policy: Policy) -> tuple[Tran
         return (replace(t, retry_at=now), []) if t.retry_at != float("inf") else _same(t)
     tried = t.tried | {t.hop} if t.phase == HANDED and t.hop else t.tried
     return replace(t, phase=QUEUED, hop=None, handed_at=None, tried=tried, attempts=0,
-                   avoid=frozenset(), refused=frozenset(), refusal=None, retry_at=now,
+                   avoid=frozenset(), refused_by=frozenset(), refusal=None, retry_at=now,
                    flush=True), []
 
 

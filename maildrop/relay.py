@@ -19,7 +19,7 @@ at most per transfer; the custody service steps each transfer's machine with the
   that stored it without confirming (``tried``) are routed around while another path exists,
   never excluded outright; nodes the transfer already passed are avoided the same way
   (so a ``route`` an offer names only steers, it never excludes every path); conflicted
-  nodes and relays that refused the transfer for good (``Transfer.refused``) are never used.
+  nodes and relays that refused the transfer for good (``Transfer.refused_by``) are never used.
 - ``NoPathLeft``: the transfer is due, relays refused it for good, and no path to the
   destination is left without them over any link configured on both ends, up or down.
 
@@ -56,10 +56,10 @@ def choose_hop(net: Network, me: str, t: Transfer, excluded: Iterable[str] = (),
                routes: dict | None = None) -> str | None:
     """The next hop for ``t``, or None while no route exists.
 
-    ``excluded`` (conflicted nodes) and the relays that refused ``t`` for good
-    (``t.refused``; at a relay, then also the nodes it came through) are never used. ``routes`` memoizes paths by (destination, avoided
-    nodes, refusing relays) for one planning pass: many transfers to one destination cost
-    one route computation, not one each.
+    ``excluded`` (conflicted nodes) and the nodes ``t`` must not go through (``_never``:
+    the relays that refused it for good) are never used. ``routes`` memoizes paths by
+    (destination, avoided nodes, those nodes) for one planning pass: many transfers to one
+    destination cost one route computation, not one each.
     """
     soft = set(t.avoid) | set(t.tried)
     cache = routes if routes is not None else {}
@@ -120,7 +120,7 @@ def _never(t: Transfer, me: str) -> frozenset[str]:
     """The nodes ``t`` must not go through: the relays that refused it for good and, at a
     relay once one did, the nodes it came through (going back would end where it started:
     the node that handed it to us hears the refusal instead and goes around us itself)."""
-    never = set(t.refused) | (set(t.passed) if t.role == RELAY and t.refusal is not None else set())
+    never = set(t.refused_by) | (set(t.passed) if t.role == RELAY and t.refusal is not None else set())
     return frozenset(never - {t.destination, me})
 
 

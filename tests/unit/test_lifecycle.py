@@ -193,15 +193,15 @@ def test_a_relay_that_will_not_carry_it_is_excluded_for_good_and_routed_around(m
     d = offering(make)
     detail = "NodeB does not relay for NodeA (relay_for)"
     assert d(Refused(1, "not-accepted", detail), T0 + 2) == [Note(TID, "relay.hop.refused", NA)]
-    assert (d.t.phase, d.t.hop, d.t.refused, d.t.refusal, d.t.attempts, d.t.avoid, d.t.reason) == (
+    assert (d.t.phase, d.t.hop, d.t.refused_by, d.t.refusal, d.t.attempts, d.t.avoid, d.t.reason) == (
         L.QUEUED, None, frozenset({"NodeB"}), ("NodeB", "not-accepted", detail), 0, frozenset(), NA)
     assert d.t.due(T0 + 2)  # at once: nothing to wait for
-    assert d(LinkUp("NodeB"), T0 + 3) == [] and d.t.refused == {"NodeB"}  # not an avoid
-    assert d(Route(None), T0 + 3) == [] and d.t.refused == {"NodeB"}  # kept while no route
+    assert d(LinkUp("NodeB"), T0 + 3) == [] and d.t.refused_by == {"NodeB"}  # not an avoid
+    assert d(Route(None), T0 + 3) == [] and d.t.refused_by == {"NodeB"}  # kept while no route
     assert d(Route("NodeC"), T0 + 8) == [Offer(TID, "NodeC", 2)]
     assert d(Refused(2, "not-accepted", "no"), T0 + 9) == [
         Note(TID, "relay.hop.refused", "refused by NodeC: not-accepted: no")]
-    assert d.t.refused == {"NodeB", "NodeC"} and d.t.refusal == ("NodeC", "not-accepted", "no")
+    assert d.t.refused_by == {"NodeB", "NodeC"} and d.t.refusal == ("NodeC", "not-accepted", "no")
 
 
 def test_no_path_left_ends_it_at_the_origin_with_the_last_refusal():
@@ -249,7 +249,7 @@ def test_a_relay_refusing_past_our_hop_is_routed_around_with_our_hop(make):
     d(Handed(1, "stored"), T0 + 2)
     fx = d(RefusedDownstream("NodeC", "not-accepted", "no"), T0 + 3)
     assert fx == [Note(TID, "relay.refused.downstream", "refused by NodeC: not-accepted: no")]
-    assert (d.t.phase, d.t.hop, d.t.handed_at, d.t.refused) == (
+    assert (d.t.phase, d.t.hop, d.t.handed_at, d.t.refused_by) == (
         L.QUEUED, None, None, frozenset({"NodeB", "NodeC"}))
     assert d.t.due(T0 + 3)
     # By the destination itself: the end, as for any permanent refusal.
@@ -264,7 +264,7 @@ def test_a_flush_forgets_the_relays_that_refused():
     d = offering()
     d(Refused(1, "not-accepted", "no"), T0 + 2)
     assert d(Flush(), T0 + 3) == []
-    assert (d.t.refused, d.t.refusal, d.t.flush) == (frozenset(), None, True)
+    assert (d.t.refused_by, d.t.refusal, d.t.flush) == (frozenset(), None, True)
     assert d(Route("NodeB"), T0 + 3) == [Offer(TID, "NodeB", 2)]
 
 

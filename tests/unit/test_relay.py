@@ -431,10 +431,10 @@ NA = ("NodeB", "not-accepted", "NodeB does not relay for NodeA (relay_for)")
 
 def test_a_relay_that_refused_for_good_is_never_used_even_when_it_is_the_only_way():
     _, net = _world()
-    t = origin(refused=frozenset({"NodeB"}), refusal=NA)
+    t = origin(refused_by=frozenset({"NodeB"}), refusal=NA)
     assert _plan(net, "NodeA", t, T0 + 1) == [(TID, Route("NodeC"))]  # around B: A-C-D-E
     # C failed (soft): it is tried again, since B stays out whatever else fails.
-    t = origin(refused=frozenset({"NodeB"}), refusal=NA, avoid=frozenset({"NodeC"}))
+    t = origin(refused_by=frozenset({"NodeB"}), refusal=NA, avoid=frozenset({"NodeC"}))
     assert choose_hop(net, "NodeA", t) == "NodeC"
     assert choose_hop(net, "NodeA", origin(avoid=frozenset({"NodeC"}))) == "NodeB"
 
@@ -453,10 +453,10 @@ def test_a_refused_origin_transfer_goes_the_other_way_then_fails_when_no_path_is
 
 def test_a_path_over_a_link_that_is_only_down_is_still_a_path_left():
     _, net = _world([("NodeC", E.LINK_DOWN, {"peer": "NodeD"}), ("NodeD", E.LINK_DOWN, {"peer": "NodeC"})])
-    t = origin(refused=frozenset({"NodeB"}), refusal=NA)
+    t = origin(refused_by=frozenset({"NodeB"}), refusal=NA)
     assert _plan(net, "NodeA", t, T0 + 1) == [(TID, Route(None))]  # waits for C-D to come back
     t, effects = _then(net, "NodeA", t, T0 + 1)
-    assert t.phase == L.QUEUED and t.refused == {"NodeB"}
+    assert t.phase == L.QUEUED and t.refused_by == {"NodeB"}
     assert effects == [Note(TID, "relay.no_route", "no route to NodeE over up links")]
 
 
@@ -478,5 +478,5 @@ def test_a_relay_with_no_way_on_reports_and_the_origin_goes_around_it_and_the_re
     a = origin(phase=L.HANDED, hop="NodeC", token=1, handed_at=T0 + 1)
     assert _plan(net, "NodeA", a, T0 + 3) == [(TID, RefusedDownstream("NodeD", "not-accepted", why))]
     a, _ = _then(net, "NodeA", a, T0 + 3)
-    assert (a.phase, a.refused) == (L.QUEUED, frozenset({"NodeC", "NodeD"}))
+    assert (a.phase, a.refused_by) == (L.QUEUED, frozenset({"NodeC", "NodeD"}))
     assert _then(net, "NodeA", a, T0 + 3)[1] == [Offer(TID, "NodeB", 2)]
