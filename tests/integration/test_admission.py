@@ -94,8 +94,9 @@ def test_a_full_quota_at_b_sends_the_file_through_c_and_b_still_takes_its_own_ma
 def test_a_relay_at_its_transfer_limit_refuses_the_next_one_and_takes_it_once_the_first_left(make_net):
     """A - B - X; B holds at most one of A's transfers. X refuses every file with no-space
     (transient) until its config is fixed, so B holds A's first file; A's second one is
-    refused ``quota`` by B, and A's queue and status say so, naming B. Once X takes the
-    first, B lets it go and the second goes through by itself: both arrive once."""
+    refused ``quota`` by B, and A's queue and status say so, naming B; so does B after a
+    kill -9 and a restart. Once X takes the first, B lets it go and the second goes through
+    by itself: both arrive once."""
     net = make_net(["NodeA", "NodeB", "NodeX"], [("NodeA", "NodeB"), ("NodeB", "NodeX")], start=False)
     a, b, x = net["NodeA"], net["NodeB"], net["NodeX"]
     add_yaml(b, "relay:\n  max_transfers_per_origin: 1\n")
@@ -121,6 +122,15 @@ def test_a_relay_at_its_transfer_limit_refuses_the_next_one_and_takes_it_once_th
     status = next(t for t in a.status()["transfers"] if t["id"] == t2)
     assert "NodeB refused: quota" in status["reason"], status
     assert "NodeB" not in custodians(b, t2) and x.inbox_files() == []
+    # The count is soft state, rebuilt from the spool: killed and restarted, B still holds
+    # first.bin for A and still refuses second.bin.
+    refusals = len(log_lines(b, "relay.offer.refused", f"transfer={t2}", "reason=quota"))
+    b.kill()
+    b.start()
+    b.wait_listening()
+    wait_until(lambda: len(log_lines(b, "relay.offer.refused", f"transfer={t2}", "reason=quota")) > refusals,
+               60, "B, restarted, to refuse second.bin again")
+    assert b.spool_files(t1) and not b.spool_files(t2)
     # Fix X (space is fine again) and retry B's file now, as an operator would.
     x.config_path.write_text(fixed)
     sighup(x)
