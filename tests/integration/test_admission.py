@@ -11,6 +11,8 @@ own YAML before it starts (or before a SIGHUP, for the reload case):
   destination and ``not-accepted`` (the refusal travels back through the relay);
 - ``relay_for`` at one of two relays: the file goes the other way; once a reload makes the
   other relay refuse too, the next file fails ``not-accepted`` (no path is left);
+- a relay past the first that will not carry it: the first relay reports the refusal and
+  the origin goes another way, around both;
 - within one offer (the real hop protocol over a socketpair, ``test_hop_protocol.hop``),
   the files accepted before count against the quota of the next one, and files for the
   receiver's own inbox are not counted.
@@ -224,3 +226,30 @@ def test_in_one_offer_the_files_accepted_before_count_and_the_own_inbox_does_not
     [late] = hop.take("NodeC", {"late.txt": b"late"})
     assert _words(hop.send([late])) == [(late, {"a": "refuse", "reason": "not-accepted",
                                                 "detail": "NodeB does not relay for NodeA (relay_for)"})]
+
+
+def test_a_refusal_past_the_first_relay_comes_back_and_the_origin_goes_another_way(make_net):
+    """A - B - C - E and A - D - F - E (equal length: B's way is tried first). C relays for
+    nobody. B, refused by C, has no way on but back through A: it reports C's refusal
+    (signed ``transfer.refused``) and keeps its copy; A hears it from B, leaves B and C out
+    and sends the file over D and F. Delivered once; B lets its copy go at the receipt."""
+    names = ["NodeA", "NodeB", "NodeC", "NodeD", "NodeE", "NodeF"]
+    edges = [("NodeA", "NodeB"), ("NodeB", "NodeC"), ("NodeC", "NodeE"),
+             ("NodeA", "NodeD"), ("NodeD", "NodeF"), ("NodeF", "NodeE")]
+    net = make_net(names, edges, start=False)
+    a, b, c, e = net["NodeA"], net["NodeB"], net["NodeC"], net["NodeE"]
+    add_yaml(c, "relay_for: []\n")
+    net.start()
+    net.wait_converged(90)
+    data = os.urandom(9000)
+    a.drop("NodeE", "long-way.bin", data)
+    wait_until(lambda: inbox(e, "NodeA"), 90, "the file in E's inbox")
+    assert inbox(e, "NodeA") == {"long-way.bin": hashlib.sha256(data).hexdigest()}
+    tid = queued_tid(a, "long-way.bin")
+    assert [(ev["data"]["by"], ev["data"]["reason"]) for ev in b.events("transfer.refused")
+            if ev["data"]["transfer"] == tid] == [("NodeC", "not-accepted")]
+    assert log_lines(a, "relay.refused.downstream", f"transfer={tid}", "refused by NodeC: not-accepted")
+    wait_until(lambda: {"NodeD", "NodeF"} <= custodians(e, tid), 20, "D's and F's custody to reach E")
+    assert "NodeC" not in custodians(e, tid)
+    wait_until(lambda: not b.spool_files(tid), 30, "B to let its copy go at the receipt")
+    assert not a.failed.exists() or list(a.failed.iterdir()) == []
