@@ -686,8 +686,8 @@ def _build(data: Any, path: Path) -> Config:
     )
     parallel = problems.take(_parallel, transfers)
 
-    accept_from = problems.take(_origins, top, "accept_from", "may deliver into this node's inbox")
-    relay_for = problems.take(_origins, top, "relay_for", "this node carries files for")
+    accept_from = problems.take(_origins, top, "accept_from", "that may deliver into this node's inbox")
+    relay_for = problems.take(_origins, top, "relay_for", "whose files this node carries for others")
     relay = sections["relay"]
     max_bytes = problems.take(_limit, relay, "max_bytes_per_origin", _size_or_unlimited,
                               "a size or unlimited, e.g. 10GiB, 0 or unlimited")
@@ -878,7 +878,7 @@ def _parallel(transfers: dict) -> int:
 def _origins(top: dict, name: str, what: str) -> frozenset[str] | None:
     """``accept_from`` / ``relay_for``: a list of node ids (None when the key is absent:
     everyone; ``[]``: no one). Ids nobody knows yet are fine: a node may be learned later."""
-    expected = (f"a list of the node ids whose files {what}, e.g. [NodeA, NodeB] "
+    expected = (f"a list of the node ids {what}, e.g. [NodeA, NodeB] "
                 "([] for none; leave the key out for every node)")
     if name not in top:
         return None
