@@ -237,8 +237,9 @@ def test_f11_expiry_of_a_252_byte_name_does_not_stop_the_agent(make_net):
     a = net["NodeA"]
     data = os.urandom(2000)
     rename_in(a, "NodeZ", EMOJI_NAME, data)
-    wait_until(lambda: (a.failed / EMOJI_NAME).exists() or not a.running, 30,
-               "the file in failed/ (or the agent to exit)")
+    # The file is linked into failed/ first and its reason written next: wait for both.
+    wait_until(lambda: any(p.name.endswith(".reason") for p in a.failed.iterdir())
+               or not a.running, 30, "the file and its reason in failed/ (or the agent to exit)")
     assert a.running, "the agent exited: " + a.log_tail(5)
     assert (a.failed / EMOJI_NAME).read_bytes() == data
     reasons = [p for p in a.failed.iterdir() if p.name.endswith(".reason")]
