@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from maildrop.localnet import LocalNode
+from maildrop.localnet import LocalNode, _yaml_scalar
 from tests.harness import Net, Node, wait_until
 
 __all__ = ["NsNet", "NsNode", "in_netns", "unavailable"]
@@ -64,7 +64,7 @@ def unavailable() -> str | None:
         return "network namespaces need root (ip netns add); run the suite as root, as CI does"
     if shutil.which("ip") is None:
         return "the 'ip' command (iproute2) is not installed"
-    probe = f"{PREFIX}{os.getpid()}probe"
+    probe = f"{PREFIX}{os.getpid()}xprobe"  # reaped like the others if this process dies
     cp = _ip("netns", "add", probe, check=False)
     if cp.returncode != 0:
         return f"ip netns add failed: {cp.stderr.strip()}"
@@ -244,7 +244,7 @@ class NsNet(Net):
                       f"    key: {other.pubkey}"]
         for section, values in self.settings.items():
             lines.append(f"{section}:")
-            lines += [f"  {k}: {json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items()]
+            lines += [f"  {k}: {_yaml_scalar(v)}" for k, v in values.items()]
         node.config_path.write_text("\n".join(lines) + "\n")
 
     def link(self, a: str, b: str) -> None:
@@ -266,8 +266,8 @@ class NsNet(Net):
 
     def neighbours_pinned(self, a: str, b: str) -> bool:
         """Both ends of link a–b still hold the other's MAC as a permanent neighbour."""
+        i = (self.wires.get((a, b)) or self.wires[(b, a)])[0]
         for node, peer in ((a, b), (b, a)):
-            i = self.wires.get((a, b), self.wires.get((b, a)))[0]
             out = _ip("-n", self.namespaces[node], "neigh", "show", "dev", f"l{i}").stdout
             if not any(ln.startswith(self._address(peer, node) + " ") and "PERMANENT" in ln
                        for ln in out.splitlines()):
