@@ -41,6 +41,10 @@ def test_a_peer_stopped_while_others_changed_differs_then_converges(make_net):
     a.drop("NodeB", "while-c-was-away.txt", b"C never sees this\n")
     wait_until(lambda: b.inbox_files("NodeA"), 20, "the file at B")
     wait_until(lambda: b.status()["fingerprint"] != c_fp, 10, "B's log to move on")
+    # B's link.down for C (within link_down_after) is the last change C's stop brings: after
+    # it, A and B settle on the same events while C stays behind.
+    wait_until(lambda: [e for e in b.events("link.down") if e["origin"] == "NodeB"
+                        and e["data"]["peer"] == "NodeC"], L + 10, "B to announce C down")
 
     # B names C, since when, with the fingerprint C last had.
     row = wait_until(lambda: (r := peer(b, "NodeC")) and r["in_sync"] is False and r, 5,
@@ -48,9 +52,9 @@ def test_a_peer_stopped_while_others_changed_differs_then_converges(make_net):
     assert row["fingerprint"] == c_fp, (row, c_fp)
     assert stopped <= row["differs_since"] <= time.time(), (row, stopped)
     assert row["fingerprint_heard"] < row["differs_since"]  # heard before, when it was equal
+    wait_until(lambda: peer(b, "NodeA")["in_sync"] is True, 10, "B to find A in sync")
     doc = json.loads(b.cli("status", "--json", check=True).stdout)
     assert doc["differing_peers"] == ["NodeC"]
-    assert next(p for p in doc["peers"] if p["id"] == "NodeA")["in_sync"] is True
     text = b.cli("status", check=True).stdout
     line = next((ln for ln in text.splitlines() if ln.strip().startswith("NodeC differs from this node since")), "")
     assert f"its fingerprint {c_fp[:16]}" in line, text
