@@ -3,9 +3,10 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``), ``custody`` (the custody service, ``custodian``: owns every
-transfer, plans, and hands offers to each peer's own hop lanes), ``taker`` (outbox files into
-custody, in batches), ``watcher`` (outbox).
+``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``),
+``custody`` (the custody service, ``custodian``: owns every transfer, plans, and hands
+offers to each peer's own hop lanes), ``taker`` (outbox files into custody, in batches),
+``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
@@ -180,6 +181,10 @@ class PeerLink:
     # Guards a change of state / down_since and the link.up / link.down it may append (so two
     # channels that see the change at once append one fact). Taken before the log's lock.
     observe_lock: threading.Lock = field(default_factory=threading.Lock)
+    sync: gossip.PeerSync | None = None  # its last fingerprint against ours (None: never heard)
+    # Guards ``sync`` (a gossip round, a served fingerprint and the main loop's recheck each
+    # compare and replace it). A leaf: nothing is taken under it.
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _RecentErrors(logging.Handler):
@@ -459,6 +464,7 @@ class Agent:
             if self.log.refresh():
                 self._changed()
             self.control.poll()  # queue/flush/cancel/hold/release requests from the CLI
+            self._recheck_sync()
             self.write_status()
             if wd is not None and time.monotonic() >= next_wd:
                 sdnotify.watchdog_ping()
@@ -655,7 +661,9 @@ class Agent:
                 if link is not None and self._ready.is_set():  # link.up waits for recovery
                     self._observe(link, True)
                 if frame.op == "fingerprint":
-                    gossip.answer_fingerprint(stream, frame, self.log)
+                    ours = gossip.answer_fingerprint(stream, frame, self.log)
+                    if link is not None:
+                        self._compare_fingerprints(link, ours, frame["fp"])
                 elif frame.op == "gossip":
                     stats = gossip.answer_gossip(stream, frame, self.log)
                     self._after_gossip(peer_id, stats)
@@ -738,8 +746,24 @@ class Agent:
             raise
         link.rounds += 1
         self._observe(link, True)
+        self._compare_fingerprints(link, stats.fingerprint, stats.peer_fingerprint)
         if stats.accepted or stats.rejected:
             self._after_gossip(link.id, stats)
+
+    @staticmethod
+    def _compare_fingerprints(link: PeerLink, ours: str, theirs: str | None) -> None:
+        """Compare the peer's fingerprint (``theirs``: just heard, or None: its last one)
+        with ``ours`` and remember the outcome (``gossip.compare``)."""
+        now = time.time()
+        with link.sync_lock:
+            link.sync = gossip.compare(link.sync, ours, theirs, now)
+
+    def _recheck_sync(self) -> None:
+        """Every peer's last fingerprint against ours now (main loop, every second): a peer
+        that went away while our log moved on differs from the moment we changed."""
+        ours = self.log.fingerprint()
+        for link in list(self.links.values()):
+            self._compare_fingerprints(link, ours, None)
 
     def _close_gossip(self, link: PeerLink) -> None:
         with contextlib.suppress(Exception):
@@ -999,7 +1023,7 @@ class Agent:
             "peers": [{"id": lk.id, "address": format_hostport(lk.address), "state": lk.state,
                        "last_seen": lk.last_seen, "last_error": lk.last_error,
                        "gossip_rounds": lk.rounds, "bytes_sent": lk.client.bytes_sent,
-                       "bytes_received": lk.client.bytes_received}
+                       "bytes_received": lk.client.bytes_received, **self._sync_status(lk)}
                       for lk in self.links.values()],
             "fingerprint": self.log.fingerprint(),
             "events": self.log.ledger.count,
@@ -1007,6 +1031,15 @@ class Agent:
             **self._custody_status(),
             "errors": list(self._errors.items),
         }
+
+    @staticmethod
+    def _sync_status(link: PeerLink) -> dict[str, Any]:
+        """The peer's fingerprint as last heard, and whether it equals ours (and since when
+        they differ); nulls while it was never heard."""
+        sync = link.sync
+        if sync is None:
+            return {"fingerprint": None, "fingerprint_heard": None, "in_sync": None, "differs_since": None}
+        return sync.as_dict()
 
     def _custody_status(self) -> dict[str, Any]:
         """What the custody service holds, for ``status``: a count, and the transfers that

@@ -349,10 +349,12 @@ def status_document(config) -> dict[str, Any]:
         obs = net.last_observation(config.node_id, p.id)
         state = soft.get("state") if running else ("up" if obs and obs[0] else "down")
         current = elog.ledger.key_of(p.id) or p.key  # its feed's key (it may have rotated)
+        # Its fingerprint as the running agent last heard it (all None when stopped).
+        sync = {k: soft.get(k) if running else None for k in SYNC_FIELDS}
         peers.append({"id": p.id, "address": format_hostport(p.address),
                       "state": "up" if state == "up" else "down",
                       "last_seen": soft.get("last_seen"), "last_error": soft.get("last_error", ""),
-                      "key": current, "config_pins_old_key": current != p.key})
+                      "key": current, "config_pins_old_key": current != p.key, **sync})
     routes = {}
     for n in sorted(net.nodes):
         if n != config.node_id:
@@ -377,13 +379,16 @@ def status_document(config) -> dict[str, Any]:
         "conflicts": dict(elog.ledger.conflicts),
         "agent": {"running": running, "pid": agent.get("pid") if agent else None,
                   "started": agent.get("started") if agent else None},
-        "peers": peers, "routes": routes, "transfers": transfers,
+        "peers": peers, "differing_peers": [p["id"] for p in peers if p["in_sync"] is False],
+        "routes": routes, "transfers": transfers,
         "errors": (agent or {}).get("errors", []) if agent else [],
     })
     elog.close()
     return doc
 
 
+SYNC_FIELDS = ("fingerprint", "fingerprint_heard", "in_sync", "differs_since")
+"""A peer's fingerprint fields in ``status``, from the running agent's soft state."""
 STATUS_TRANSFERS = 50  # the newest transfers `status` shows; a line counts the others
 LAST_ERROR_WIDTH = 60
 
@@ -402,6 +407,33 @@ def _last_error(peer: dict[str, Any]) -> str:
     return f"{text[:head]}…{text[-(LAST_ERROR_WIDTH - head - 1):]}"
 
 
+def _sync_cell(peer: dict[str, Any], now: float) -> str:
+    """A peer's SYNC cell: its fingerprint against ours, as the agent last compared them."""
+    if peer["in_sync"] is None:
+        return "?"
+    return "in sync" if peer["in_sync"] else f"differs {_ago(peer['differs_since'], now).replace(' ago', '')}"
+
+
+def _sync_lines(doc: dict[str, Any], now: float) -> list[str]:
+    """Under the peers table: which peers' fingerprints differ from ours, since when; or
+    "in sync"; or why it is not known."""
+    if not doc["peers"]:
+        return []
+    if not doc["agent"]["running"]:
+        return ["  in sync: unknown (the agent is not running; it compares fingerprints every gossip round)"]
+    lines = []
+    for p in doc["peers"]:
+        if p["in_sync"] is False:
+            lines.append(f"  {p['id']} differs from this node since {_ago(p['differs_since'], now)} "
+                         f"(its fingerprint {p['fingerprint'][:16]}, heard {_ago(p['fingerprint_heard'], now)})")
+    unheard = [p["id"] for p in doc["peers"] if p["in_sync"] is None]
+    if unheard:
+        lines.append(f"  not heard from yet: {', '.join(unheard)}")
+    if not lines:
+        lines.append("  in sync with every peer (equal fingerprints)")
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     doc = status_document(config)
@@ -415,8 +447,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"node       {doc['node']} ({doc['display_name']})  listen {doc['listen']}  {state}")
     print(f"log        {doc['events']} events, {_size(doc['log_bytes'])}, fingerprint {doc['fingerprint'][:16]}")
     print("peers")
-    print(_table([[p["id"], p["address"], p["state"], _ago(p["last_seen"], now), _last_error(p)]
-                  for p in doc["peers"]], ["ID", "ADDRESS", "STATE", "LAST SEEN", "LAST ERROR"]))
+    print(_table([[p["id"], p["address"], p["state"], _ago(p["last_seen"], now), _sync_cell(p, now),
+                   _last_error(p)] for p in doc["peers"]],
+                 ["ID", "ADDRESS", "STATE", "LAST SEEN", "SYNC", "LAST ERROR"]))
+    for line in _sync_lines(doc, now):
+        print(line)
     for p in doc["peers"]:
         if p["config_pins_old_key"]:
             print(f"  {p['id']} rotated its key (signed by the old one): the config pins an old key; "

@@ -1,9 +1,14 @@
-"""``maildrop demo``: five real agents on 127.0.0.1, a delivery, a relay stopped, a reroute.
+"""``maildrop demo``: five real agents on 127.0.0.1, a delivery, a relay stopped, a reroute,
+the relay back and the network agreeing again.
 
 The network::
 
     NodeA ── NodeB ── NodeC ── NodeE        the first file: A → B → C → E
                  └─── NodeD ───┘            after C stops:  A → B → D → E
+
+While the relay is stopped, its neighbours' ``status`` says its fingerprint differs (it
+missed the second file's events); once it runs again, the demo waits until every agent
+finds every peer in sync and prints how long that took.
 
 Every agent is a real ``maildrop run`` process with real SSH between them. The demo stops
 every process it started, also on Ctrl-C or an error, and removes its temp folder unless
@@ -13,6 +18,7 @@ every process it started, also on Ctrl-C or an error, and removes its temp folde
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -20,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .agent import STATUS_FILE
 from .config import load_config
 from .eventlog import EventLog
 from .localnet import LocalNet, wait_until
@@ -57,6 +64,22 @@ def path_taken(net: Network, tid: str) -> list[str]:
     if tr.destination and path[-1] != tr.destination:
         path.append(tr.destination)
     return path
+
+
+def _peer_sync(net: LocalNet, name: str) -> dict[str, dict]:
+    """Each peer's fingerprint record, from ``name``'s running agent (``state/agent.json``)."""
+    soft = json.loads((net[name].dir / "state" / STATUS_FILE).read_bytes())
+    return {p["id"]: p for p in soft.get("peers", [])}
+
+
+def _all_agree(net: LocalNet) -> str | None:
+    """The one fingerprint, once every agent holds it and finds every peer in sync."""
+    fps = {_network(net, n)[1] for n in net.nodes}
+    if len(fps) != 1:
+        return None
+    if all(p["in_sync"] is True for n in net.nodes for p in _peer_sync(net, n).values()):
+        return fps.pop()
+    return None
 
 
 def _send_and_watch(net: LocalNet, name: str, data: bytes) -> tuple[float, list[str]]:
@@ -115,10 +138,25 @@ def run_demo(keep_dir: str | None) -> int:
         took2, path2 = _send_and_watch(net, "second.txt", os.urandom(256 * 1024))
         if relay in path2:
             raise RuntimeError(f"the second file went through the stopped {relay}")
+        _say(f"\n3. start {relay} again: it missed the second file's events")
+        neighbour = path1[path1.index(relay) - 1]
+        behind = wait_until(lambda: (p := _peer_sync(net, neighbour)[relay]) and p["in_sync"] is False and p,  # type: ignore[arg-type]
+                            10, f"{neighbour} to see {relay} differ")
+        _say(f"  {neighbour}'s status: {relay} differs since "
+             f"{max(0.0, time.time() - behind['differs_since']):.1f} s ago "
+             f"(its fingerprint {behind['fingerprint'][:16]}, ours {_network(net, neighbour)[1][:16]})")
+        net[relay].start()
+        net[relay].wait_listening()
+        t_back = time.monotonic()
+        fp = wait_until(lambda: _all_agree(net), 60, "every node to agree again")  # type: ignore[arg-type]
+        took3 = time.monotonic() - t_back
+        _say(f"  every node agrees {took3:.2f} s after {relay} listened again: "
+             f"fingerprint {fp[:16]} on all five, every peer in sync")
         inbox = sorted(p.name for p in (net["NodeE"].inbox / "NodeA").iterdir())
         _say("\nsummary")
         _say(f"  report.txt  {' → '.join(path1):<32} {took1:.2f} s")
         _say(f"  second.txt  {' → '.join(path2):<32} {took2:.2f} s  (rerouted around {relay})")
+        _say(f"  {relay + ' back':<10}  {'every node agrees again':<32} {took3:.2f} s")
         _say(f"  NodeE/inbox/NodeA: {', '.join(inbox)} — each exactly once")
         _say(f"  total {time.monotonic() - t_start:.1f} s")
         if keep_dir:

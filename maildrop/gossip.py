@@ -17,12 +17,18 @@ ProtocolError, refused before its lines are parsed; a round of more than
 Received events are parsed and validated (via the store's ``ingest``) before anything is
 stored; invalid ones are counted and logged, never stored. Works on any ``Store``: pure
 of files and sockets itself.
+
+Agreement: each round tells both ends the other's fingerprint (the caller's in
+``fingerprint``, the callee's in the reply). ``PeerSync`` is what a node remembers of one
+peer from them — its last fingerprint, whether it equals ours, since when they differ —
+and ``compare`` is its pure step (no clock: the caller passes ``now``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,6 +60,8 @@ class Store(Protocol):
 @dataclass
 class RoundStats:
     in_sync: bool = False
+    fingerprint: str = ""  # ours, as the round's fingerprint frame sent it
+    peer_fingerprint: str = ""  # the callee's, from its fingerprint.reply
     received: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -120,9 +128,10 @@ def _recv_batches(stream: FrameStream, store: Store, stats: RoundStats) -> Frame
 
 def call(stream: FrameStream, store: Store) -> RoundStats:
     """One gossip round as the caller: Fingerprint, then Gossip if they differ."""
-    stats = RoundStats()
-    stream.send("fingerprint", fp=store.fingerprint())
+    stats = RoundStats(fingerprint=store.fingerprint())
+    stream.send("fingerprint", fp=stats.fingerprint)
     reply = stream.recv(expect={"fingerprint.reply"})
+    stats.peer_fingerprint = reply["fp"]
     if reply["same"]:
         stats.in_sync = True
         return stats
@@ -136,9 +145,11 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
     return stats
 
 
-def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> None:
+def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> str:
+    """Answer the caller's fingerprint with ours; returns ours (the one compared)."""
     mine = store.fingerprint()
     stream.send("fingerprint.reply", fp=mine, same=(frame["fp"] == mine))
+    return mine
 
 
 def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats:
@@ -155,3 +166,38 @@ def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats
 
 def events_json(events: Iterable[Event]) -> list[dict[str, Any]]:
     return [json.loads(e.to_line()) for e in events]
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{1,64}")
+
+
+@dataclass(frozen=True)
+class PeerSync:
+    """What this node remembers of one peer's fingerprint."""
+
+    fingerprint: str  # the peer's, as last heard ("?" when what it sent was not hex)
+    heard: float  # when it was heard (wall clock, seconds)
+    same: bool  # it equals ours, as of the last comparison
+    differs_since: float | None  # since when they differ (None while they are the same)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "fingerprint_heard": self.heard,
+                "in_sync": self.same, "differs_since": self.differs_since}
+
+
+def compare(prev: PeerSync | None, ours: str, theirs: str | None, now: float) -> PeerSync | None:
+    """The peer's record after comparing fingerprints at ``now``: ``theirs`` just heard
+    from the peer, or None when nothing new was heard (its last fingerprint against ours
+    now — our log moves on while a peer is away). A divergence keeps the time it was
+    first seen until a comparison finds them equal. None when nothing was ever heard.
+    Pure: ``prev`` is not changed."""
+    if theirs is None:
+        if prev is None:
+            return None
+        theirs, heard = prev.fingerprint, prev.heard
+    else:
+        theirs, heard = (theirs if _FINGERPRINT.fullmatch(theirs) else "?"), now
+    same = theirs == ours
+    since = None if same else (prev.differs_since if prev is not None and prev.differs_since is not None
+                               else now)
+    return PeerSync(theirs, heard, same, since)

@@ -36,6 +36,8 @@ def test_demo_delivers_reroutes_and_leaves_nothing_behind(tmp_path):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "NodeA → NodeB → NodeC → NodeE" in cp.stdout
     assert "NodeA → NodeB → NodeD → NodeE" in cp.stdout and "rerouted around NodeC" in cp.stdout
+    assert "NodeB's status: NodeC differs since" in cp.stdout  # divergence shown while C was away
+    assert "on all five, every peer in sync" in cp.stdout and "every node agrees again" in cp.stdout
     assert sorted(p.name for p in (keep / "NodeE" / "inbox" / "NodeA").iterdir()) == ["report.txt", "second.txt"]
     assert _processes_under(keep) == []
     assert took < 60
