@@ -349,7 +349,7 @@ def status_document(config) -> dict[str, Any]:
         obs = net.last_observation(config.node_id, p.id)
         state = soft.get("state") if running else ("up" if obs and obs[0] else "down")
         current = elog.ledger.key_of(p.id) or p.key  # its feed's key (it may have rotated)
-        peers.append({"id": p.id, "address": format_hostport(p.address),
+        peers.append({"id": p.id, "address": format_hostport(p.address) if p.address else "(it dials us)",
                       "state": "up" if state == "up" else "down",
                       "last_seen": soft.get("last_seen"), "last_error": soft.get("last_error", ""),
                       "key": current, "config_pins_old_key": current != p.key})
