@@ -768,7 +768,7 @@ def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
     if not isinstance(peers_value, list):
         problems.add(
             "peers", _got(peers_value),
-            "a list of peers, each with id, key and (unless it dials us) address (or [] for none)",
+            "a list of peers, each with id, key and an optional address (or [] for none)",
         )
         return []
     own_addresses = {_address_id(a): name for name, a in

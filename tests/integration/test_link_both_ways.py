@@ -7,6 +7,7 @@ deadline."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,6 +135,22 @@ def test_the_end_that_cannot_dial_uses_the_connection_it_is_given(pair):
     assert a_to_b.bytes_received > 0 and b_to_a.bytes_sent > 0
 
 
+def test_the_connection_given_gets_the_links_liveness_options(pair):
+    """The end that does not dial keeps the same watch on the link as the dialing end:
+    TCP_USER_TIMEOUT = silence_after and an SSH keepalive every silence_after / 3."""
+    a, b = pair()
+    b_to_a = b.link(None)
+    a.link(b.server.address).connect()
+    wait_until(lambda: b_to_a.connected, 5, "B to adopt A's connection")
+    sock = b_to_a._conns[0].transport.sock
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+    for _ in range(2):  # idle, B's end sends keepalives of its own
+        sent = b_to_a.bytes_sent
+        wait_until(lambda sent=sent: b_to_a.bytes_sent > sent, 3, "a keepalive from B's end")
+    b_to_a.silence_after = 9  # a reload
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 9000
+
+
 def test_a_channel_the_server_opens_is_refused_when_the_client_serves_nothing(pair):
     a, b = pair()
     b_to_a = b.link(None)
@@ -258,3 +275,21 @@ def test_a_link_the_far_end_dials_goes_down_when_it_dies_and_up_when_it_returns(
     b.drop("NodeA", "back.txt", payload)
     wait_until(lambda: (a.inbox / "NodeB" / "back.txt").exists(), 30, "a file B->A after the restart")
     assert established(b.port) == 1 and established(a.port) == 0
+
+
+def test_two_agents_that_dial_each_other_at_start_keep_one_connection(tmp_path):
+    net = Net(tmp_path, ["NodeA", "NodeB"], [("NodeA", "NodeB")])
+    try:
+        net.start()  # both start at once and dial each other in their first gossip rounds
+        net.wait_converged(60)
+        a, b = net["NodeA"], net["NodeB"]
+        wait_until(lambda: established(a.port) + established(b.port) == 1, 20,
+                   "one connection between A and B")
+        a.drop("NodeB", "ab.txt", b"from A")
+        b.drop("NodeA", "ba.txt", b"from B")
+        wait_until(lambda: (b.inbox / "NodeA" / "ab.txt").exists() and (a.inbox / "NodeB" / "ba.txt").exists(),
+                   30, "a file each way")
+        assert established(a.port) + established(b.port) == 1
+        assert "link.down" not in {e["type"] for e in a.events() + b.events()}
+    finally:
+        net.stop_all()
