@@ -1,9 +1,19 @@
 """SSH transport: the one module that imports paramiko.
 
 Owns: the SSH server every agent embeds (listener, login deadline, who may log in, which
-channels are served) and the client side (one long-lived, host-key-pinned connection per
-peer that hands out ``maildrop`` channels). Everything above it sees only ``Stream``s,
-``peer_id`` strings and maildrop errors; paramiko exceptions never leave this module.
+channels are served) and the links (``PeerClient``: one long-lived SSH connection per peer,
+host-key-pinned when we dial it, used both ways: it hands out ``maildrop`` channels on the
+connection we dialed or on the one the peer dialed, and the server's policy serves the
+peer's channels on either). Everything above it sees only ``Stream``s, ``peer_id`` strings
+and maildrop errors; paramiko exceptions never leave this module.
+
+Channels both ways: an SSH server may open channels towards its client (RFC 4254), but
+paramiko's client refuses every "session" channel. ``_Transport._parse_channel_open``
+takes them on a logged-in connection we dialed whose ``server_object`` is a
+``_ServerSession`` (``SSHServer.dial_session``), so the peer's channels get exactly the
+server's policy. Chosen over a reverse request multiplexed on a channel the client opened:
+that costs an extra message (and round trip) per channel and a second channel state
+machine; this costs one private method, pinned by a test.
 
 Must not import the agent or another edge (eventlog, spool, watcher): the agent implements
 ``ChannelHandler`` and passes it in.
@@ -21,7 +31,10 @@ Security invariants:
   is accepted only if that id is configured AND the key it proves is that peer's key.
 - Only a session channel running the ``maildrop`` subsystem (or ``exec maildrop``, for
   OpenSSH clients) reaches the handler; shells, other commands, ptys, env, X11, agent and
-  port forwarding are refused.
+  port forwarding are refused. The same holds for the channels a peer opens on a
+  connection we dialed: served only after our login succeeded, only for the peer whose
+  pinned host key the connection presented, and refused on a client that serves nothing
+  (no ``SSHServer.attach``, e.g. ``maildrop check``).
 - The client pins the peer's configured key as the only acceptable host key (no TOFU).
 
 Before login (a network attacker needs no key to get this far):
