@@ -3,7 +3,10 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``), ``custody`` (the custody service, ``custodian``: owns every
+``link.up``/``link.down``). Each link is one SSH connection used both ways (``PeerClient``,
+attached to the server): our calls go over the connection we dialed or the one the peer
+dialed, and a peer configured without an address is never dialed (it dials us).
+Further services: ``custody`` (the custody service, ``custodian``: owns every
 transfer, plans, and hands offers to each peer's own hop lanes), ``taker`` (outbox files into
 custody, in batches), ``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread

@@ -1452,8 +1452,11 @@ class PeerClient:
 
     def adopt(self, transport: paramiko.Transport, counter: _ByteCounter | None = None) -> None:
         """Use ``transport``, a connection the peer dialed and logged in on (the server
-        calls this), for our channels too; the link's liveness options apply to it."""
+        calls this), for our channels too; the link's liveness options apply to it.
+        Idempotent (a login and ``SSHServer.attach`` may both hand it over)."""
         with self._lock:
+            if any(c.transport is transport for c in self._conns):
+                return
             self._conns.append(_Conn(transport, self.peer_id, time.monotonic(), counter))
             self._apply_locked(transport)
         self._log.debug("ssh.link.adopted peer=%s", self.peer_id)
