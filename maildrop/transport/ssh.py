@@ -1296,6 +1296,7 @@ class _Conn:
     dialer: str  # the node id that dialed it
     since: float  # monotonic time it was logged in
     counter: _ByteCounter | None = None  # an adopted connection's bytes (dialed: the client's)
+    one_way: bool = False  # adopted, but its client refuses our channels (e.g. OpenSSH's ssh)
 
 
 class PeerClient:
@@ -1311,6 +1312,9 @@ class PeerClient:
     connection dialed by the lower node id is used (of two dialed by the same node, the
     newer), by both ends alike; the other one gets no new channel and the end that dialed it
     closes it once its last channel has closed (``redundant``), so nothing in flight fails.
+    An adopted connection whose client refuses our channels (administratively prohibited:
+    a client that serves none, such as OpenSSH's ``ssh``) is never used for ours again; we
+    dial instead, if the peer has an address.
 
     Connecting is single-flight and holds no lock across network I/O: the first caller
     that finds no live connection starts one attempt on a thread of its own (``_Attempt``);
@@ -1442,6 +1446,14 @@ class PeerClient:
                 raise
             return self._open_on(again, timeout)
 
+    def _one_way(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            for conn in self._conns:
+                if conn.transport is transport and conn.dialer != self.node_id and not conn.one_way:
+                    conn.one_way = True
+                    self._log.info("ssh.link.one-way peer=%s (its client serves no channel: our "
+                                   "calls need a connection we dial)", self.peer_id)
+
     def carries(self, channel: Stream) -> bool:
         """True when ``channel`` runs over the connection the link uses now: a caller that
         keeps a channel open (gossip, a pool) moves to a new one when this is False."""
@@ -1514,13 +1526,15 @@ class PeerClient:
         return "(no address: it dials us)" if self.address is None else f"{self.address[0]}:{self.address[1]}"
 
     def _preferred_locked(self) -> _Conn | None:
-        """The live connection channels go over: the one the lower node id dialed, then the
-        newest. Drops the connections that ended (their threads close them)."""
+        """The live connection our channels go over (never a one-way one): the one the lower
+        node id dialed, then the newest. Drops the connections that ended (their threads
+        close them)."""
         self._drop_locked([c for c in self._conns
                            if not (c.transport.is_active() and c.transport.is_authenticated())])
-        if not self._conns:
+        usable = [c for c in self._conns if not c.one_way]
+        if not usable:
             return None
-        return min(self._conns, key=lambda c: (c.dialer != self._winner, -c.since))
+        return min(usable, key=lambda c: (c.dialer != self._winner, -c.since))
 
     def _drop_locked(self, conns: list[_Conn]) -> None:
         for conn in conns:
@@ -1535,6 +1549,8 @@ class PeerClient:
         try:
             channel = transport.open_session(timeout=timeout)
         except paramiko.ChannelException as exc:
+            if exc.code == paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                self._one_way(transport)
             raise ChannelRefused(f"{where} refused a channel: {exc.text or exc.code}") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise PeerUnreachable(f"{where}: cannot open a channel ({_reason(exc)})") from None

@@ -160,6 +160,23 @@ def test_a_channel_the_server_opens_is_refused_when_the_client_serves_nothing(pa
     with pytest.raises(PeerUnreachable):
         b_to_a.open_channel(timeout=2)
     assert a.echo.peers == []
+    assert not b_to_a.connected  # that connection carries only A's calls now
+
+
+def test_a_connection_whose_client_serves_nothing_makes_the_other_end_dial(pair):
+    """A peer whose client refuses our channels (OpenSSH's ssh does): its connection
+    carries its calls; ours go over a connection we dial."""
+    a, b = pair()
+    b_to_a = b.link(a.server.address)
+    a_to_b = a.link(b.server.address, attach=False)
+    a_to_b.connect()
+    wait_until(lambda: b_to_a.connected, 5, "B to adopt A's connection")
+    assert echo(b_to_a.open_channel(), b"B's call") == b"B's call"  # refused there, so B dialed
+    assert a.echo.peers == ["NodeB"]
+    assert established(a.server.address[1]) == 1
+    assert echo(a_to_b.open_channel(), b"A's call") == b"A's call"
+    assert echo(b_to_a.open_channel(), b"again") == b"again"
+    assert a.echo.peers == ["NodeB", "NodeB"]
 
 
 def test_a_simultaneous_dial_keeps_the_lower_ids_connection_and_finishes_what_runs(pair):
