@@ -358,7 +358,7 @@ class _Transport(paramiko.Transport):
         """Serve the peer's ``session`` channels on a connection we dialed, as the server
         serves ours: paramiko's client refuses every channel kind it has no handler of its
         own for. Only a logged-in client connection whose ``server_object`` is a
-        ``_ServerSession`` (``SSHServer.serve_dialed``) takes them, under that session's
+        ``_ServerSession`` (``SSHServer.dial_session``) takes them, under that session's
         policy (channel ledger, subsystem check, idle timeouts); every other case is
         paramiko's. Mirrors the accept path of paramiko's server branch (private: a test
         with a real server opening a channel towards its client keeps this honest)."""
