@@ -3,10 +3,12 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``),
-``custody`` (the custody service, ``custodian``: owns every transfer, plans, and hands
-offers to each peer's own hop lanes), ``taker`` (outbox files into custody, in batches),
-``watcher`` (outbox).
+``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``). Each link
+is one SSH connection used both ways (``PeerClient``, attached to the server): our calls go
+over the connection we dialed or the one the peer dialed, and a peer configured without an
+address is never dialed (it dials us). Further services: ``custody`` (the custody service,
+``custodian``: owns every transfer, plans, and hands offers to each peer's own hop lanes),
+``taker`` (outbox files into custody, in batches), ``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
@@ -161,10 +163,11 @@ def _lock_root(config: Config) -> int:
 
 @dataclass
 class PeerLink:
-    """Soft state of one configured peer."""
+    """Soft state of one configured peer. ``client`` is the link's one SSH connection, used
+    both ways (whichever end dialed it); ``address`` None: the peer dials us."""
 
     id: str
-    address: tuple[str, int]
+    address: tuple[str, int] | None
     client: PeerClient
     state: str = "unknown"  # "up" | "down" | "unknown"
     last_seen: float | None = None
@@ -283,6 +286,8 @@ class Agent:
                                 # > the gossip channel's pause between rounds, with margin
                                 channel_idle_timeout=max(3 * self.config.gossip_interval,
                                                          2 * self.config.link_down_after, 30.0))
+        for link in self.links.values():  # before the listener: no login finds no link
+            self.server.attach(link.client)
         self.server.start()
         try:
             self._recover_own_feed()
@@ -595,6 +600,9 @@ class Agent:
             self._peer_keys = keys | {p: after[p].key for p in fresh}
         for link in retired:
             self._retire(link)
+        if self.server is not None:
+            for link in fresh.values():  # before set_authorized lets their logins in
+                self.server.attach(link.client)
         for link in links.values():  # fresh ones too: reload made them under the old config
             link.client.silence_after = new.link_down_after
         # New lanes for a new ``parallel`` and for new or changed peers (offers already
@@ -641,6 +649,8 @@ class Agent:
         link.halt.set()
         link.kick.set()
         link.rekeyed.set()
+        if self.server is not None:
+            self.server.detach(link.client)
         link.client.close()
         self._threads.pop(f"gossip:{link.id}", None)
 
@@ -735,6 +745,9 @@ class Agent:
         for ``link_down_after`` (the client's ``silence_after``) fails the round: waiting
         for the channel, or for any answer on it."""
         silence = link.client.silence_after  # re-read every round: a reload may change it
+        if link.chan is not None and not link.client.carries(link.chan):
+            self._close_gossip(link)  # a duplicate connection is going: move to the one kept
+        self._prune_pool(link)
         if link.stream is None:
             link.chan = link.client.open_channel(timeout=silence)
             link.stream = FrameStream(link.chan)
@@ -764,6 +777,18 @@ class Agent:
         ours = self.log.fingerprint()
         for link in list(self.links.values()):
             self._compare_fingerprints(link, ours, None)
+
+    @staticmethod
+    def _prune_pool(link: PeerLink) -> None:
+        """Close the pooled relay channels that ride a duplicate connection being closed
+        (it closes once its last channel has)."""
+        with link.pool_lock:
+            keep = [(t, s) for t, s in link.pool if link.client.carries(s.chan)]
+            stale = [s for _, s in link.pool if all(s is not k for _, k in keep)]
+            link.pool[:] = keep
+        for stream in stale:
+            with contextlib.suppress(Exception):
+                stream.chan.close()
 
     def _close_gossip(self, link: PeerLink) -> None:
         with contextlib.suppress(Exception):
@@ -988,6 +1013,10 @@ class Agent:
                 pooled_at, candidate = link.pool.pop()
                 if candidate.chan.closed:
                     continue
+                if not link.client.carries(candidate.chan):  # on a duplicate being closed
+                    with contextlib.suppress(Exception):
+                        candidate.chan.close()
+                    continue
                 if time.monotonic() - pooled_at > POOL_IDLE:
                     # the peer may be closing it as idle right now: never start an offer on it
                     with contextlib.suppress(Exception):
@@ -1020,7 +1049,8 @@ class Agent:
             "pid": os.getpid(), "node": self.me, "running": running,
             "started": self.started, "updated": time.time(),
             "listen": format_hostport(self.server.address) if self.server else None,
-            "peers": [{"id": lk.id, "address": format_hostport(lk.address), "state": lk.state,
+            "peers": [{"id": lk.id, "address": format_hostport(lk.address) if lk.address else None,
+                       "state": lk.state,
                        "last_seen": lk.last_seen, "last_error": lk.last_error,
                        "gossip_rounds": lk.rounds, "bytes_sent": lk.client.bytes_sent,
                        "bytes_received": lk.client.bytes_received, **self._sync_status(lk)}

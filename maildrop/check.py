@@ -352,6 +352,8 @@ def _dial(c: Config, key: NodeKey | None, peer: Peer) -> tuple[str, str | None, 
         PeerUnreachable,
     )
 
+    if peer.address is None:
+        return ("ok", None, f"peer {peer.id} has no address: it dials this node (nothing to dial)", None)
     where = f"peer {peer.id} at {format_hostport(peer.address)}"
     try:
         socket.create_connection(peer.address, timeout=PEER_TIMEOUT).close()

@@ -351,7 +351,7 @@ def status_document(config) -> dict[str, Any]:
         current = elog.ledger.key_of(p.id) or p.key  # its feed's key (it may have rotated)
         # Its fingerprint as the running agent last heard it (all None when stopped).
         sync = {k: soft.get(k) if running else None for k in SYNC_FIELDS}
-        peers.append({"id": p.id, "address": format_hostport(p.address),
+        peers.append({"id": p.id, "address": format_hostport(p.address) if p.address else "(it dials us)",
                       "state": "up" if state == "up" else "down",
                       "last_seen": soft.get("last_seen"), "last_error": soft.get("last_error", ""),
                       "key": current, "config_pins_old_key": current != p.key, **sync})

@@ -84,10 +84,12 @@ class ConfigProblems(ConfigError):
 
 @dataclass(frozen=True)
 class Peer:
-    """A node this node connects to; ``key`` is the normalised ``ssh-ed25519 <base64>`` line."""
+    """A node this node links to; ``key`` is the normalised ``ssh-ed25519 <base64>`` line.
+    ``address`` None: the peer dials us (it is behind NAT or only makes outbound connections);
+    we never dial it and use the connection it makes."""
 
     id: str
-    address: tuple[str, int]
+    address: tuple[str, int] | None
     key: str
 
 
@@ -782,7 +784,7 @@ def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
     if not isinstance(peers_value, list):
         problems.add(
             "peers", _got(peers_value),
-            "a list of peers, each with id, address and key (or [] for none)",
+            "a list of peers, each with id, key and an optional address (or [] for none)",
         )
         return []
     own_addresses = {_address_id(a): name for name, a in
@@ -807,9 +809,11 @@ def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
             else:
                 by_id[pid] = i
             names[i] = pid
-        address = problems.take(
-            _required_hostport, entry, where, "address", _ADDRESS_EXPECTED, _ADDRESS_EXPECTED
-        )
+        address = None  # optional: a peer without one dials us
+        address_ok = entry.get("address") is None  # none is fine; one given must parse
+        if not address_ok:
+            address = problems.take(_hostport, entry["address"], f"{where}.address", _ADDRESS_EXPECTED)
+            address_ok = address is not None
         if address is not None:
             aid = _address_id(address)
             if aid in own_addresses:
@@ -839,7 +843,7 @@ def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
                 )
             else:
                 by_key[key] = i
-        if pid is not None and address is not None and key is not None:
+        if pid is not None and address_ok and key is not None:
             peers.append(Peer(pid, address, key))
     return peers
 
@@ -1150,7 +1154,8 @@ def render_config(
             address = format_hostport(p.address) if isinstance(p.address, tuple) else p.address
             lines += [
                 _entry("  - id", p.id, ""),
-                _entry("    address", address, f"where {_comment_safe(p.id)} listens"),
+                *([_entry("    address", address, f"where {_comment_safe(p.id)} listens")]
+                  if address is not None else []),
                 _entry("    key", p.key, ""),
             ]
     else:

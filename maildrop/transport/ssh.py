@@ -1,9 +1,19 @@
 """SSH transport: the one module that imports paramiko.
 
 Owns: the SSH server every agent embeds (listener, login deadline, who may log in, which
-channels are served) and the client side (one long-lived, host-key-pinned connection per
-peer that hands out ``maildrop`` channels). Everything above it sees only ``Stream``s,
-``peer_id`` strings and maildrop errors; paramiko exceptions never leave this module.
+channels are served) and the links (``PeerClient``: one long-lived SSH connection per peer,
+host-key-pinned when we dial it, used both ways: it hands out ``maildrop`` channels on the
+connection we dialed or on the one the peer dialed, and the server's policy serves the
+peer's channels on either). Everything above it sees only ``Stream``s, ``peer_id`` strings
+and maildrop errors; paramiko exceptions never leave this module.
+
+Channels both ways: an SSH server may open channels towards its client (RFC 4254), but
+paramiko's client refuses every "session" channel. ``_Transport._parse_channel_open``
+takes them on a logged-in connection we dialed whose ``server_object`` is a
+``_ServerSession`` (``SSHServer.dial_session``), so the peer's channels get exactly the
+server's policy. Chosen over a reverse request multiplexed on a channel the client opened:
+that costs an extra message (and round trip) per channel and a second channel state
+machine; this costs one private method, pinned by a test.
 
 Must not import the agent or another edge (eventlog, spool, watcher): the agent implements
 ``ChannelHandler`` and passes it in.
@@ -21,7 +31,10 @@ Security invariants:
   is accepted only if that id is configured AND the key it proves is that peer's key.
 - Only a session channel running the ``maildrop`` subsystem (or ``exec maildrop``, for
   OpenSSH clients) reaches the handler; shells, other commands, ptys, env, X11, agent and
-  port forwarding are refused.
+  port forwarding are refused. The same holds for the channels a peer opens on a
+  connection we dialed: served only after our login succeeded, only for the peer whose
+  pinned host key the connection presented, and refused on a client that serves nothing
+  (no ``SSHServer.attach``, e.g. ``maildrop check``).
 - The client pins the peer's configured key as the only acceptable host key (no TOFU).
 
 Before login (a network attacker needs no key to get this far):
@@ -341,6 +354,51 @@ class _Transport(paramiko.Transport):
         self.packetizer.logged_in = self.is_authenticated
         self._during_kex: list[paramiko.Message] = []  # touched by the Transport thread only
 
+    def _parse_channel_open(self, m: paramiko.Message) -> None:
+        """Serve the peer's ``session`` channels on a connection we dialed, as the server
+        serves ours: paramiko's client refuses every channel kind it has no handler of its
+        own for. Only a logged-in client connection whose ``server_object`` is a
+        ``_ServerSession`` (``SSHServer.dial_session``) takes them, under that session's
+        policy (channel ledger, subsystem check, idle timeouts); every other case is
+        paramiko's. Mirrors the accept path of paramiko's server branch (private: a test
+        with a real server opening a channel towards its client keeps this honest)."""
+        session = self.server_object
+        kind = m.get_text()
+        m.rewind()
+        if self.server_mode or not isinstance(session, _ServerSession) or kind != "session" \
+                or not self.is_authenticated():
+            super()._parse_channel_open(m)
+            return
+        m.get_text()
+        chanid, window, max_packet = m.get_int(), m.get_int(), m.get_int()
+        with self.lock:
+            my_chanid = self._next_channel()
+        reason = session.check_channel_request(kind, my_chanid)
+        if reason != paramiko.OPEN_SUCCEEDED:
+            reply = paramiko.Message()
+            reply.add_byte(paramiko.common.cMSG_CHANNEL_OPEN_FAILURE)
+            reply.add_int(chanid)
+            reply.add_int(reason)
+            reply.add_string("")
+            reply.add_string("en")
+            self._send_message(reply)
+            return
+        chan = paramiko.Channel(my_chanid)
+        with self.lock:
+            self._channels.put(my_chanid, chan)
+            self.channels_seen[my_chanid] = True
+            chan._set_transport(self)
+            chan._set_window(self.default_window_size, self.default_max_packet_size)
+            chan._set_remote_channel(chanid, window, max_packet)
+        reply = paramiko.Message()
+        reply.add_byte(paramiko.common.cMSG_CHANNEL_OPEN_SUCCESS)
+        reply.add_int(chanid)
+        reply.add_int(my_chanid)
+        reply.add_int(self.default_window_size)
+        reply.add_int(self.default_max_packet_size)
+        self._send_message(reply)
+        self._queue_incoming_channel(chan)
+
     def _send_user_message(self, data: paramiko.Message) -> None:
         if threading.current_thread() is self and not self.clear_to_send.is_set():
             self._during_kex.append(data)
@@ -537,16 +595,23 @@ class _ServerSession(paramiko.ServerInterface):
     """The policy for one incoming connection: paramiko calls these on its Transport
     thread, so they decide and return at once (handlers run on their own threads).
 
+    The same policy serves the peer's channels on a connection this node dialed
+    (``dialed``; ``peer_id`` and ``key_blob`` are then the dialed peer and its pinned host
+    key from the start, see ``SSHServer.dial_session``).
+
     Invariant: every slot in ``_slots`` holds one unit of the peer's ledger count, and is
     released exactly once (handler done, channel closed, idle sweep, or connection end).
     """
 
-    def __init__(self, server: SSHServer, transport: paramiko.Transport, addr: str) -> None:
+    def __init__(self, server: SSHServer, transport: paramiko.Transport, addr: str,
+                 counter: _ByteCounter | None = None) -> None:
         self.server = server
         self.transport = transport
         self.addr = addr
+        self.counter = counter or _ByteCounter()  # raw bytes of this connection
         self.peer_id: str | None = None
         self.key_blob: bytes | None = None
+        self.dialed = False
         self._lock = threading.Lock()
         self._slots: dict[int, _Slot] = {}
         self._closed = False
@@ -837,7 +902,8 @@ class SSHServer:
         self._lock = threading.Lock()
         self._pending: set[_Pending] = set()  # accepted, not logged in; guarded by _lock
         self._stopping = threading.Event()
-        self._sessions: set[_ServerSession] = set()
+        self._sessions: set[_ServerSession] = set()  # guarded by _lock
+        self._clients: dict[str, PeerClient] = {}  # peer id -> its link's client; guarded by _lock
         self._threads: set[threading.Thread] = set()
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
@@ -893,6 +959,79 @@ class SSHServer:
         for session in stale:
             self._log.warning("ssh.peer.deauthorized peer=%s addr=%s", session.peer_id, session.addr)
             session.transport.close()
+
+    def attach(self, client: PeerClient) -> None:
+        """Make ``client`` its peer's link: the connections that peer makes to us are
+        handed to it (its ``open_channel`` uses them), and on the connections it dials the
+        peer's channels are served here, as on ours. A connection of that peer logged in
+        already is handed over at once. Call before ``start`` for the configured peers."""
+        with self._lock:
+            self._clients[client.peer_id] = client
+            live = [s for s in self._sessions if s.peer_id == client.peer_id and not s.dialed
+                    and s.transport.is_authenticated()]
+        client.serve_on(self)
+        for session in live:
+            client.adopt(session.transport, session.counter)
+
+    def detach(self, client: PeerClient) -> None:
+        """Undo ``attach`` (a reload retired the link); its connections are the client's to close."""
+        with self._lock:
+            if self._clients.get(client.peer_id) is client:
+                del self._clients[client.peer_id]
+        client.serve_on(None)
+
+    def dial_session(self, transport: paramiko.Transport, peer_id: str, peer_blob: bytes,
+                     addr: str, counter: _ByteCounter) -> None:
+        """Before a client handshake: the policy that serves ``peer_id``'s channels on this
+        dialed connection once it has logged in (see ``_Transport._parse_channel_open``).
+        ``serve_dialed`` starts serving them after the login."""
+        session = _ServerSession(self, transport, addr, counter)
+        session.peer_id, session.key_blob, session.dialed = peer_id, peer_blob, True
+        transport.server_object = session
+
+    def serve_dialed(self, transport: paramiko.Transport, client: PeerClient) -> None:
+        """After a login on a connection ``client`` dialed (with ``dial_session``): a thread
+        takes the channels the peer opens and sweeps them, as for an incoming connection,
+        and closes the connection once it is a duplicate with no channel left
+        (``PeerClient.redundant``)."""
+        session = transport.server_object
+        if not isinstance(session, _ServerSession):
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                session = None
+            else:
+                self._sessions.add(session)
+        if session is None:
+            transport.close()
+            return
+        thread = threading.Thread(target=self._serve_dialed, args=(session, client),
+                                  name=f"maildrop-ssh-dialed-{client.peer_id}", daemon=True)
+        self._add_worker(thread)
+        thread.start()
+
+    def _serve_dialed(self, session: _ServerSession, client: PeerClient) -> None:
+        transport = session.transport
+        try:
+            while transport.is_active() and not self._stopping.is_set():
+                channel = transport.accept(_DRAIN)
+                if channel is not None:
+                    session.attach(channel)
+                session.sweep(time.monotonic(), self._channel_request_timeout)
+                if client.redundant(transport):
+                    self._log.info("ssh.link.duplicate-closed peer=%s addr=%s (both ends dialed; "
+                                   "the connection %s dialed is kept)", session.peer_id, session.addr,
+                                   min(client.node_id, client.peer_id))
+                    break
+        except Exception:
+            self._log.exception("ssh.conn.crashed peer=%s addr=%s", session.peer_id, session.addr)
+        finally:
+            transport.close()
+            session.release_all()
+            with self._lock:
+                self._sessions.discard(session)
+            client.forget(transport)
+            self._remove_worker(threading.current_thread())
 
     def stop(self) -> None:
         """Close the listener and every connection; join our threads within ~2 s.
@@ -1009,11 +1148,12 @@ class SSHServer:
         try:
             sock.setblocking(True)
             _tune_socket(sock, SERVER_TCP_USER_TIMEOUT)
-            transport = _new_transport(sock)
+            counter = _ByteCounter()
+            transport = _new_transport(_CountingSocket(sock, counter))
             entry.transport = transport
             transport.add_server_key(self._host_key)
             transport.banner_timeout = self._login_timeout
-            session = _ServerSession(self, transport, addr)
+            session = _ServerSession(self, transport, addr, counter)
             with self._lock:
                 if self._stopping.is_set():
                     return
@@ -1027,6 +1167,10 @@ class SSHServer:
                 self._log.warning("ssh.peer.deauthorized peer=%s addr=%s", session.peer_id, addr)
                 return
             self._log.info("ssh.peer.connected peer=%s addr=%s", session.peer_id, addr)
+            with self._lock:
+                client = self._clients.get(session.peer_id or "")
+            if client is not None:  # our calls to this peer may use its connection too
+                client.adopt(transport, counter)
             while transport.is_active() and not self._stopping.is_set():
                 channel = transport.accept(_DRAIN)
                 if channel is not None:
@@ -1044,6 +1188,9 @@ class SSHServer:
                 session.release_all()
                 with self._lock:
                     self._sessions.discard(session)
+                    client = self._clients.get(session.peer_id or "")
+                if client is not None and transport is not None:
+                    client.forget(transport)
             self._remove_worker(threading.current_thread())
 
     def _leave_pending(self, entry: _Pending) -> None:
@@ -1141,10 +1288,33 @@ class _Attempt:
         raise type(self.error)(str(self.error)) from None
 
 
+@dataclass(eq=False)
+class _Conn:
+    """One live connection of a link: dialed by this node or by the peer (adopted)."""
+
+    transport: paramiko.Transport
+    dialer: str  # the node id that dialed it
+    since: float  # monotonic time it was logged in
+    counter: _ByteCounter | None = None  # an adopted connection's bytes (dialed: the client's)
+    one_way: bool = False  # adopted, but its client refuses our channels (e.g. OpenSSH's ssh)
+
+
 class PeerClient:
-    """One long-lived, pinned, authenticated SSH connection to one peer, handing out
-    ``maildrop`` channels. Thread-safe: many threads may call ``open_channel`` at once;
-    they share the connection. A dropped connection is re-made on the next call.
+    """One peer's link: the SSH connection to it, used both ways, handing out ``maildrop``
+    channels. Thread-safe: many threads may call ``open_channel`` at once; they share the
+    connection.
+
+    One connection per link: channels go over whichever live connection the link has,
+    dialed by us or by the peer (``adopt``: the ``SSHServer`` hands over the peer's logins
+    once this client is ``attach``-ed to it; the server then also serves the peer's channels
+    on the connections we dial). A new connection is dialed only when there is none, and
+    never to a peer without an ``address`` (it dials us). When both ends dialed at once the
+    connection dialed by the lower node id is used (of two dialed by the same node, the
+    newer), by both ends alike; the other one gets no new channel and the end that dialed it
+    closes it once its last channel has closed (``redundant``), so nothing in flight fails.
+    An adopted connection whose client refuses our channels (administratively prohibited:
+    a client that serves none, such as OpenSSH's ``ssh``) is never used for ours again; we
+    dial instead, if the peer has an address.
 
     Connecting is single-flight and holds no lock across network I/O: the first caller
     that finds no live connection starts one attempt on a thread of its own (``_Attempt``);
@@ -1156,12 +1326,14 @@ class PeerClient:
 
     Liveness: ``silence_after`` (the agent passes gossip.link_down_after, and sets it again
     on reload) gives TCP_USER_TIMEOUT, the SSH keepalive and the connect timeout (see
-    ``_Liveness``); callers use it as the read timeout of their channels.
+    ``_Liveness``) of every connection of the link, dialed or adopted; callers use it as the
+    read timeout of their channels.
 
     Key rotation: ``fallback`` keys (this node's key before a rotation) are offered only
     when the peer refuses ``key``, so a peer that has not learned the rotation yet still
     lets us in and learns it by gossip. ``set_peer_key`` moves the pinned host key (the
-    peer's feed rotated from the pinned key) and closes the connection made under the old one.
+    peer's feed rotated from the pinned key) and closes the connections we dialed under the
+    old one (the peer's own logins are the server's to judge: ``SSHServer.set_authorized``).
     """
 
     def __init__(
@@ -1169,7 +1341,7 @@ class PeerClient:
         node_id: str,
         key: NodeKey,
         peer_id: str,
-        address: tuple[str, int],
+        address: tuple[str, int] | None,
         peer_key: str,
         *,
         silence_after: float = DEFAULT_SILENCE_AFTER,
@@ -1177,8 +1349,9 @@ class PeerClient:
         logger: logging.Logger | None = None,
         fallback: Sequence[NodeKey] = (),
     ) -> None:
-        """``connect_timeout``: a fixed budget per connection attempt (``maildrop check``);
-        None derives it from ``silence_after``. ValueError if ``silence_after`` is not > 0."""
+        """``address`` None: never dial (the peer dials us). ``connect_timeout``: a fixed
+        budget per connection attempt (``maildrop check``); None derives it from
+        ``silence_after``. ValueError if ``silence_after`` is not > 0."""
         _quiet_paramiko()
         self.node_id = node_id
         self.peer_id = peer_id
@@ -1191,37 +1364,46 @@ class PeerClient:
         self._fallback = [_load_pkey(k) for k in fallback]
         self._fixed_connect_timeout = connect_timeout
         self._log = logger or logging.getLogger(__name__)
-        # Guards _peer_blob, _liveness, _transport, _attempt (and an attempt's ``sock``).
-        # Held only to read or swap them, to apply liveness options to the live connection
-        # and to shut an attempt's socket down: none of which waits for the network. Never
-        # held across a connect, a handshake, a login or a channel open.
+        self._winner = min(node_id, peer_id)  # of two connections, the one this node dialed
+        # Guards _peer_blob, _liveness, _conns, _gone, _attempt (and an attempt's ``sock``)
+        # and _server. Held only to read or swap them, to apply liveness options to the live
+        # connections and to shut an attempt's socket down: none of which waits for the
+        # network. Never held across a connect, a handshake, a login or a channel open, and
+        # never taken together with the SSH server's lock (a leaf).
         self._lock = threading.Lock()
         self._peer_blob = peer_blob
         self._liveness = _Liveness.of(silence_after, connect_timeout)
-        self._transport: paramiko.Transport | None = None
+        self._conns: list[_Conn] = []
         self._attempt: _Attempt | None = None
-        self._bytes = _ByteCounter()
+        self._server: SSHServer | None = None
+        self._bytes = _ByteCounter()  # every connection we dialed
+        self._gone = _ByteCounter()  # adopted connections that ended
 
     @property
     def bytes_sent(self) -> int:
-        """Raw TCP bytes written to this peer, over all connections made."""
-        return self._bytes.sent
+        """Raw TCP bytes written to this peer, over all connections of the link."""
+        with self._lock:
+            return self._bytes.sent + self._gone.sent + sum(
+                c.counter.sent for c in self._conns if c.counter is not None)
 
     @property
     def bytes_received(self) -> int:
-        """Raw TCP bytes read from this peer, over all connections made."""
-        return self._bytes.received
+        """Raw TCP bytes read from this peer, over all connections of the link."""
+        with self._lock:
+            return self._bytes.received + self._gone.received + sum(
+                c.counter.received for c in self._conns if c.counter is not None)
 
     @property
     def connected(self) -> bool:
-        transport = self._transport
-        return transport is not None and transport.is_active() and transport.is_authenticated()
+        """True while the link has a live, logged-in connection (either end dialed it)."""
+        with self._lock:
+            return self._preferred_locked() is not None
 
     @property
     def silence_after(self) -> float:
         """Seconds without a word from the peer after which a channel counts as dead:
         callers set it as their channels' read timeout. Setting it (a reload) applies to
-        the live connection at once (keepalive, TCP_USER_TIMEOUT) and to later attempts."""
+        the live connections at once (keepalive, TCP_USER_TIMEOUT) and to later attempts."""
         return self._liveness.silence_after
 
     @silence_after.setter
@@ -1231,7 +1413,8 @@ class PeerClient:
             if liveness == self._liveness:
                 return
             self._liveness = liveness
-            self._apply_locked(self._transport)
+            for conn in self._conns:
+                self._apply_locked(conn.transport)
 
     @property
     def connect_timeout(self) -> float:
@@ -1241,21 +1424,133 @@ class PeerClient:
     def connect(self, timeout: float | None = None) -> None:
         """Make sure there is a live, verified, authenticated connection. Idempotent.
         Waits at most ``timeout`` seconds (None: the attempt's own ``connect_timeout``).
-        Raises PeerUnreachable (also when the wait ends first), HostKeyMismatch,
-        AuthRefused or PeerIncompatible."""
+        Raises PeerUnreachable (also when the wait ends first, and at once for a peer
+        without an address that is not connected to us), HostKeyMismatch, AuthRefused or
+        PeerIncompatible."""
         self._connection(timeout)
 
     def open_channel(self, timeout: float = 10.0) -> Stream:
-        """A new channel running the peer's ``maildrop`` subsystem. Waits at most
-        ``timeout`` for a connection (see ``connect``), then at most ``timeout`` each for
-        the channel and the subsystem's answer. The channel has no I/O timeout: callers set
-        one (``silence_after``). Raises PeerUnreachable (ChannelRefused when the peer
-        refuses the channel), or the permanent errors of ``connect``."""
+        """A new channel running the peer's ``maildrop`` subsystem, on the link's connection
+        (whichever end dialed it). Waits at most ``timeout`` for a connection (see
+        ``connect``), then at most ``timeout`` each for the channel and the subsystem's
+        answer. The channel has no I/O timeout: callers set one (``silence_after``). A
+        channel refused on a duplicate connection that is being closed is asked for once
+        more on the one kept. Raises PeerUnreachable (ChannelRefused when the peer refuses
+        the channel), or the permanent errors of ``connect``."""
         transport = self._connection(timeout)
+        try:
+            return self._open_on(transport, timeout)
+        except PeerUnreachable:
+            again = self._connection(timeout)
+            if again is transport:
+                raise
+            return self._open_on(again, timeout)
+
+    def _one_way(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            for conn in self._conns:
+                if conn.transport is transport and conn.dialer != self.node_id and not conn.one_way:
+                    conn.one_way = True
+                    self._log.info("ssh.link.one-way peer=%s (its client serves no channel: our "
+                                   "calls need a connection we dial)", self.peer_id)
+
+    def carries(self, channel: Stream) -> bool:
+        """True when ``channel`` runs over the connection the link uses now: a caller that
+        keeps a channel open (gossip, a pool) moves to a new one when this is False."""
+        get = getattr(channel, "get_transport", None)
+        with self._lock:
+            conn = self._preferred_locked()
+        return conn is not None and get is not None and get() is conn.transport
+
+    def adopt(self, transport: paramiko.Transport, counter: _ByteCounter | None = None) -> None:
+        """Use ``transport``, a connection the peer dialed and logged in on (the server
+        calls this), for our channels too; the link's liveness options apply to it.
+        Idempotent (a login and ``SSHServer.attach`` may both hand it over)."""
+        with self._lock:
+            if any(c.transport is transport for c in self._conns):
+                return
+            self._conns.append(_Conn(transport, self.peer_id, time.monotonic(), counter))
+            self._apply_locked(transport)
+        self._log.debug("ssh.link.adopted peer=%s", self.peer_id)
+
+    def forget(self, transport: paramiko.Transport) -> None:
+        """The connection ended (its serving thread is done with it)."""
+        with self._lock:
+            self._drop_locked([c for c in self._conns if c.transport is transport])
+
+    def redundant(self, transport: paramiko.Transport) -> bool:
+        """True when ``transport``, a connection this node dialed, is a duplicate (another
+        live connection of the link is preferred) with no channel open any more."""
+        with self._lock:
+            conn = self._preferred_locked()
+            mine = any(c.transport is transport and c.dialer == self.node_id for c in self._conns)
+        if conn is None or conn.transport is transport or not mine:
+            return False
+        return not any(not ch.closed for ch in list(transport._channels.values()))
+
+    def serve_on(self, server: SSHServer | None) -> None:
+        """The server that serves the peer's channels on connections we dial (``SSHServer.attach``)."""
+        with self._lock:
+            self._server = server
+
+    def close(self) -> None:
+        """Close the link's connections (open channels with them) and cut an attempt in
+        progress. Does not wait for the network. A later call reconnects."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+            self._drop_locked(conns)
+            self._cancel_locked("the client was closed")
+        for conn in conns:
+            conn.transport.close()
+
+    def set_peer_key(self, peer_key: str) -> None:
+        """Pin ``peer_key`` as the peer's host key from now on; a connection we made (or are
+        making) under the old pin is closed (the next call reconnects and checks the new one)."""
+        try:
+            blob = _key_blob(peer_key)
+        except ValueError as exc:
+            raise ConfigError(f"key of peer {self.peer_id}: {exc}") from None
+        with self._lock:
+            if blob == self._peer_blob:
+                return
+            self._peer_blob = blob
+            dialed = [c for c in self._conns if c.dialer == self.node_id]
+            self._drop_locked(dialed)
+            self._cancel_locked("the peer's pinned host key changed")
+        for conn in dialed:
+            conn.transport.close()
+
+    # --- plumbing
+
+    def _where(self) -> str:
+        return "(no address: it dials us)" if self.address is None else f"{self.address[0]}:{self.address[1]}"
+
+    def _preferred_locked(self) -> _Conn | None:
+        """The live connection our channels go over (never a one-way one): the one the lower
+        node id dialed, then the newest. Drops the connections that ended (their threads
+        close them)."""
+        self._drop_locked([c for c in self._conns
+                           if not (c.transport.is_active() and c.transport.is_authenticated())])
+        usable = [c for c in self._conns if not c.one_way]
+        if not usable:
+            return None
+        return min(usable, key=lambda c: (c.dialer != self._winner, -c.since))
+
+    def _drop_locked(self, conns: list[_Conn]) -> None:
+        for conn in conns:
+            if conn in self._conns:
+                self._conns.remove(conn)
+                if conn.counter is not None:
+                    self._gone.sent += conn.counter.sent
+                    self._gone.received += conn.counter.received
+
+    def _open_on(self, transport: paramiko.Transport, timeout: float) -> Stream:
         where = f"peer {self.peer_id} at {self._where()}"
         try:
             channel = transport.open_session(timeout=timeout)
         except paramiko.ChannelException as exc:
+            if exc.code == paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                self._one_way(transport)
             raise ChannelRefused(f"{where} refused a channel: {exc.text or exc.code}") from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise PeerUnreachable(f"{where}: cannot open a channel ({_reason(exc)})") from None
@@ -1285,51 +1580,21 @@ class PeerClient:
             raise ChannelRefused(f"{where}: no answer to the {SUBSYSTEM} request in {timeout:g}s")
         return channel
 
-    def close(self) -> None:
-        """Close the connection (open channels with it) and cut an attempt in progress.
-        Does not wait for the network. A later call reconnects."""
-        with self._lock:
-            transport, self._transport = self._transport, None
-            self._cancel_locked("the client was closed")
-        if transport is not None:
-            transport.close()
-
-    def set_peer_key(self, peer_key: str) -> None:
-        """Pin ``peer_key`` as the peer's host key from now on; a connection made (or being
-        made) under the old pin is closed (the next call reconnects and checks the new one)."""
-        try:
-            blob = _key_blob(peer_key)
-        except ValueError as exc:
-            raise ConfigError(f"key of peer {self.peer_id}: {exc}") from None
-        with self._lock:
-            if blob == self._peer_blob:
-                return
-            self._peer_blob = blob
-            transport, self._transport = self._transport, None
-            self._cancel_locked("the peer's pinned host key changed")
-        if transport is not None:
-            transport.close()
-
-    # --- plumbing
-
-    def _where(self) -> str:
-        return f"{self.address[0]}:{self.address[1]}"
-
     def _connection(self, timeout: float | None) -> paramiko.Transport:
-        """The live connection, or the outcome of the attempt in progress (started here if
-        there is none), waited for at most ``timeout`` seconds."""
+        """The link's live connection, or the outcome of the attempt in progress (started
+        here if there is none), waited for at most ``timeout`` seconds."""
         start = False
         with self._lock:
-            transport = self._transport
-            if transport is not None and transport.is_active() and transport.is_authenticated():
-                return transport
-            self._transport = None
+            conn = self._preferred_locked()
+            if conn is not None:
+                return conn.transport
+            if self.address is None:
+                raise PeerUnreachable(f"peer {self.peer_id} is not connected to us (it has no "
+                                      "address in our config: it dials us)")
             attempt = self._attempt
             if attempt is None:
                 attempt = self._attempt = _Attempt(self._peer_blob, self._liveness)
                 start = True
-        if transport is not None:
-            transport.close()  # dead: its thread has ended or is ending
         if start:
             try:
                 threading.Thread(target=self._attempt_connect, args=(attempt,),
@@ -1359,29 +1624,32 @@ class PeerClient:
     def _settle_locked(self, attempt: _Attempt, transport: paramiko.Transport | None,
                        error: MaildropError | None) -> bool:
         """Record ``attempt``'s outcome and wake its waiters; False (nothing changed) when
-        it has one already (it was cut). A connection made becomes the client's."""
+        it has one already (it was cut). A connection made becomes one of the link's."""
         if attempt.done.is_set():
             return False
         if self._attempt is attempt:
             self._attempt = None
         attempt.transport, attempt.error = transport, error
         if transport is not None:
-            self._transport = transport
+            self._conns.append(_Conn(transport, self.node_id, time.monotonic()))
             self._apply_locked(transport)
         attempt.done.set()
         return True
 
-    def _apply_locked(self, transport: paramiko.Transport | None) -> None:
-        if transport is not None:
-            with contextlib.suppress(Exception):  # it may be closing under us
-                self._liveness.apply(transport)
+    def _apply_locked(self, transport: paramiko.Transport) -> None:
+        with contextlib.suppress(Exception):  # it may be closing under us
+            self._liveness.apply(transport)
 
     def _attempt_connect(self, attempt: _Attempt) -> None:
         """An attempt's thread: connect within its budget, settle the outcome, and close
-        what lost (a connection made after ``close`` cut the attempt, or a failed one)."""
+        what lost (a connection made after ``close`` cut the attempt, or a failed one). With
+        a server (``serve_on``), the connection made serves the peer's channels too."""
+        assert self.address is not None
         where = f"peer {self.peer_id} at {self._where()}"
         budget = attempt.liveness.connect_timeout
         deadline = time.monotonic() + budget
+        with self._lock:
+            server = self._server
         sock: socket.socket | None = None
         transport: paramiko.Transport | None = None
         error: MaildropError | None = None
@@ -1400,6 +1668,9 @@ class PeerClient:
                 else:
                     _tune_socket(sock, attempt.liveness.silence_after)
                     transport = _new_transport(_CountingSocket(sock, self._bytes))
+                    if server is not None:
+                        server.dial_session(transport, self.peer_id, attempt.peer_blob,
+                                            self._where(), self._bytes)
                     self._handshake(transport, attempt, deadline)
             except MaildropError as exc:
                 error = exc
@@ -1415,6 +1686,8 @@ class PeerClient:
             assert transport is not None
             self._log.debug("ssh.client.connected peer=%s addr=%s cipher=%s",
                             self.peer_id, self._where(), transport.local_cipher)
+            if server is not None:
+                server.serve_dialed(transport, self)
             return
         self._log.debug("ssh.client.connect-failed peer=%s error=%s", self.peer_id,
                         _reason(error) if won else "cut by close")

@@ -132,7 +132,7 @@ def test_live_connection_gets_user_timeout_and_keepalive_from_silence_after(keys
     client = PeerClient("NodeB", b, "NodeA", server.address, a.public_line, silence_after=3, logger=log)
     try:
         client.connect()
-        sock = client._transport.sock  # the real socket (through the byte counter)
+        sock = client._conns[0].transport.sock  # the real socket (through the byte counter)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
         # Idle, it sends an SSH keepalive every max(1, 3/3) s: the kernel then always has
         # data in flight, and TCP_USER_TIMEOUT cuts a peer that stopped ACKing.

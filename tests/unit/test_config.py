@@ -621,10 +621,12 @@ ADDRESS_EXPECTED = "expected e.g. 127.0.0.1:7002 (the peer's HOST:PORT; IPv6 as 
 
 def test_peers_of_wrong_type() -> None:
     assert err(BASE + "peers: NodeB\n") == (
-        "peers: got 'NodeB'; expected a list of peers, each with id, address and key (or [] for none)"
+        "peers: got 'NodeB'; expected a list of peers, each with id, key and an optional address "
+        "(or [] for none)"
     )
     assert err(BASE + "peers:\n  NodeB:\n    address: x\n") == (
-        "peers: got a mapping; expected a list of peers, each with id, address and key (or [] for none)"
+        "peers: got a mapping; expected a list of peers, each with id, key and an optional address "
+        "(or [] for none)"
     )
     assert err(BASE + "peers:\n  - NodeB\n") == (
         "peers[0]: got 'NodeB'; expected a mapping with keys id, address, key"
@@ -639,11 +641,17 @@ def test_peer_missing_fields() -> None:
     assert err(BASE + f"peers:\n  - address: 127.0.0.1:7002\n    key: {KEY_B}\n") == (
         "peers[0].id: missing; expected a node id like NodeB (letters, digits, '-', '_'; 1..64 chars)"
     )
-    assert err(BASE + f"peers:\n  - id: NodeB\n    key: {KEY_B}\n") == (
-        f"peers[0].address: missing; {ADDRESS_EXPECTED}"
-    )
     assert err(BASE + "peers:\n  - id: NodeB\n    address: 127.0.0.1:7002\n") == (
         f"peers[0].key: missing; {KEY_EXPECTED}"
+    )
+
+
+def test_a_peer_without_an_address_dials_us() -> None:
+    config = parse_config(BASE + f"peers:\n  - id: NodeB\n    key: {KEY_B}\n"
+                          f"  - id: NodeC\n    address: null\n    key: {KEY_C}\n", CFG)
+    assert [(p.id, p.address) for p in config.peers] == [("NodeB", None), ("NodeC", None)]
+    assert err(BASE + f"peers:\n  - id: NodeB\n    address: ''\n    key: {KEY_B}\n") == (
+        f"peers[0].address: '' is not HOST:PORT; {ADDRESS_EXPECTED}"
     )
 
 

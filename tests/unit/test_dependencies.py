@@ -322,6 +322,32 @@ def test_10_paramiko_rekey_and_handler_internals_are_where_ssh_py_overrides_them
         "maildrop/transport/ssh.py finds its session through it.")
 
 
+def test_10_paramiko_channel_open_internals_are_where_ssh_py_serves_a_dialed_connection():
+    """ssh._Transport._parse_channel_open takes the peer's session channels on a client
+    connection, mirroring paramiko's server branch; PeerClient.redundant reads the open
+    channels. (tests/integration/test_link_both_ways.py runs them with real parts.)"""
+    T = paramiko.Transport
+    source = inspect.getsource(T._parse_channel_open)
+    assert _params(T._parse_channel_open) == ["self", "m"], _moved(
+        "paramiko", "Transport._parse_channel_open", f"has the signature {inspect.signature(T._parse_channel_open)}",
+        "maildrop/transport/ssh.py overrides it to serve channels the peer opens on a dialed connection.")
+    for step in ("self._next_channel()", "self._channels.put(", "self.channels_seen[", "chan._set_transport(",
+                 "chan._set_window(", "chan._set_remote_channel(", "self._queue_incoming_channel(chan)",
+                 "cMSG_CHANNEL_OPEN_SUCCESS", "cMSG_CHANNEL_OPEN_FAILURE", "elif not self.server_mode"):
+        assert step in source, _moved(
+            "paramiko", "Transport._parse_channel_open", f"no longer does {step}",
+            "maildrop/transport/ssh.py _Transport._parse_channel_open repeats its accept path.")
+    a, b = socket.socketpair()
+    try:
+        t = ssh._Transport(a)
+        assert callable(getattr(t._channels, "values", None)), _moved(
+            "paramiko", "Transport._channels", "has no values()",
+            "maildrop/transport/ssh.py PeerClient.redundant counts a connection's open channels there.")
+    finally:
+        a.close()
+        b.close()
+
+
 # -- item 9: man page and completion -----------------------------------------------------------
 
 def _subcommands(parser) -> list[str]:
