@@ -207,8 +207,12 @@ def test_too_large_fails_at_origin(make_net, where):
     text = reason.read_text()
     assert "too-large" in text and refuser in text, text  # the refusal and who refused
     tid = queued_tid(a, name)
-    fails = [e for e in a.events("transfer.failed") if e["origin"] == "NodeA" and e["data"]["transfer"] == tid]
-    assert len(fails) == 1 and "too-large" in fails[0]["data"]["reason"], fails
+
+    def fails() -> list[dict]:
+        return [e for e in a.events("transfer.failed") if e["origin"] == "NodeA" and e["data"]["transfer"] == tid]
+    # The file goes to failed/ first and transfer.failed is appended just after: wait for it.
+    wait_until(lambda: fails(), 10, "A's transfer.failed")
+    assert len(fails()) == 1 and "too-large" in fails()[0]["data"]["reason"], fails()
     # Not offered again: one refusal in the refuser's log, and it stays one.
     wait_until(lambda: log_lines(net[refuser], tid, "too-large"), 10, f"{refuser} to log its refusal")
     stays(lambda: len(log_lines(net[refuser], tid, "too-large")) == 1, 8, f"one refusal at {refuser}")
