@@ -767,7 +767,8 @@ class Agent:
     def _round_failed(self, link: PeerLink, exc: BaseException | None) -> None:
         link.last_error = f"{exc.__class__.__name__}: {exc}"[:200] if exc else ""
         log.debug("gossip.round.failed peer=%s error=%s", link.id, link.last_error)
-        link.measure(ok=False)
+        if link.state == "up":  # a link that broke; retries while it is down are one outage
+            link.measure(ok=False)
         self._observe(link, False)
         self._report_health(link)
 

@@ -41,7 +41,17 @@ def edge_weight(net: Network, a: str, b: str) -> int:
 def weighted_graph(net: Network, excluded: Iterable[str] = ()) -> dict[str, list[tuple[str, int]]]:
     """``Network.graph`` with each neighbour's link weight: node -> [(neighbour, weight)],
     neighbours sorted by id."""
-    return {a: [(b, edge_weight(net, a, b)) for b in nbrs] for a, nbrs in net.graph(excluded).items()}
+    skip = set(excluded)
+    out: dict[str, list[tuple[str, int]]] = {}
+    for a, b, state in net.links():
+        if state != "up" or a in skip or b in skip:
+            continue
+        w = edge_weight(net, a, b)
+        out.setdefault(a, []).append((b, w))
+        out.setdefault(b, []).append((a, w))
+    for row in out.values():
+        row.sort()
+    return out
 
 
 def distances_to(adj: Mapping[str, list[str]], target: str) -> dict[str, int]:
