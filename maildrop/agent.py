@@ -3,9 +3,10 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``; the link's health, measured and announced as ``link.health``), ``custody`` (the custody service, ``custodian``: owns every
-transfer, plans, and hands offers to each peer's own hop lanes), ``taker`` (outbox files into
-custody, in batches), ``watcher`` (outbox).
+``link.up``/``link.down``; the link's health, measured and announced as ``link.health``),
+``custody`` (the custody service, ``custodian``: owns every transfer, plans, and hands
+offers to each peer's own hop lanes), ``taker`` (outbox files into custody, in batches),
+``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
