@@ -133,12 +133,16 @@ def test_a_flapping_link_is_avoided_until_it_is_calm(square_through_proxy):
         flapper.join(5)
     stopped = time.time()
 
+    seen: list[tuple] = []  # (route, NodeA's view of A→B) at every look
+
     def calm_again() -> bool:
         path, h = _model_route(a)
-        # Avoided the whole time NodeA's log counts the link as flapping.
-        assert h is not None and (not h.flapping or path == VIA_C), (path, h)
+        seen.append((path, h))
         return path == VIA_B
     wait_until(calm_again, 2 * WINDOW + MIN_INTERVAL + 30, "NodeA to route via NodeB again", every=0.3)
+    # Avoided the whole time NodeA's log counted the link as flapping, and only then.
+    assert all(h is not None and (path == VIA_C) == h.flapping for path, h in seen), seen
+    assert seen[0][1].flapping and not seen[-1][1].flapping
     reports = _health_reports(a)
     flaps_at = [E.parse_ts(r["ts"]) for r in reports if r["data"]["flaps"] > 0]
     last = reports[-1]
