@@ -67,8 +67,9 @@ LINK_HEALTH = "link.health"
 
 # ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
 # within a bucket writes no event (docs/routing.md).
-RTT_BUCKETS = (0, 10, 30, 100, 300, 1000, 3000)
-"""Round-trip time, ms: the bucket a measured median falls in, named by its lower bound."""
+RTT_BUCKETS = (0, 30, 100, 300, 1000, 3000)
+"""Round-trip time, ms: the bucket a measured median falls in, named by its lower bound (below
+30 ms counts as near: a LAN, one region, or a busy machine's noise)."""
 LOSS_BUCKETS = (0, 5, 20, 50)
 """Failed attempts (connects, gossip rounds, offers) per attempt, percent: lower bounds."""
 FLAP_BUCKETS = (0, 2, 5)

@@ -167,6 +167,8 @@ def test_buckets_hold_against_noise_at_an_edge():
     assert bucket(110, E.RTT_BUCKETS, current=30) == 30  # within 25 % above 100: stays
     assert bucket(130, E.RTT_BUCKETS, current=30) == 100
     assert bucket(9000, E.RTT_BUCKETS, current=3000) == 3000
+    assert bucket(35, E.RTT_BUCKETS, current=0) == 0  # a busy machine's loopback stays near
+    assert bucket(40, E.RTT_BUCKETS, current=0) == 30
 
 
 def test_the_meter_sums_up_its_window_only():
