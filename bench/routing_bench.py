@@ -95,14 +95,47 @@ def hop_route(net: Network, src: str, dst: str, *, avoid: Iterable[str] = (),
     return path
 
 
-def per_call(fn, calls: list, repeat: int) -> float:
-    best = float("inf")
+def once(fn, calls: list) -> float:
+    t0 = time.perf_counter()
+    for args in calls:
+        fn(*args)
+    return (time.perf_counter() - t0) / len(calls)
+
+
+def best_of_both(measured, reference, repeat: int) -> tuple[float, float]:
+    """The best of ``repeat`` runs of each, taken in turns (a change of load on a shared
+    machine hits both columns alike)."""
+    a = b = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for args in calls:
-            fn(*args)
-        best = min(best, (time.perf_counter() - t0) / len(calls))
-    return best
+        a = min(a, measured())
+        b = min(b, reference())
+    return a, b
+
+
+def planner(net: Network, me: str, transfers: list, policy: L.Policy, use) -> float:
+    """One timed ``relay.plan`` pass with ``use`` as the planner's route function."""
+    relay.route = use
+    try:
+        return once(relay.plan, [(net, me, transfers, T0, policy)])
+    finally:
+        relay.route = route
+
+
+def row(n: int, net: Network, n_transfers: int, repeat: int) -> str:
+    """One table row: ``net``'s routes from its first node, and one planning pass."""
+    me = "N000"
+    calls = [(net, me, d) for d in sorted(net.nodes) if d != me]
+    weighted, hops = best_of_both(lambda: once(route, calls), lambda: once(hop_route, calls), repeat)
+    differ = sum(1 for c in calls if route(*c) != hop_route(*c))
+    dests = [d for _, _, d in calls][:10]
+    transfers = [L.held(f"{i:032x}", me, dests[i % len(dests)], 100, T0, me, ())[0]
+                 for i in range(n_transfers)]
+    policy = L.Policy()
+    plan_s, plan_ref = best_of_both(lambda: planner(net, me, transfers, policy, route),
+                                    lambda: planner(net, me, transfers, policy, hop_route), repeat)
+    return (f"| {n} | {len(net.links())} | {weighted * 1e6:.0f} | {hops * 1e6:.0f} | "
+            f"{weighted / hops:.2f}× | {plan_s * 1e3:.2f} | {plan_ref * 1e3:.2f} | "
+            f"{differ} of {len(calls)} |")
 
 
 def main() -> int:
@@ -118,27 +151,9 @@ def main() -> int:
           "routes that differ |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rnd = random.Random(15)
-    policy = L.Policy()
     for n in (int(x) for x in args.sizes.split(",")):
         net = build(n, args.reported, rnd)
-        me = "N000"
-        calls = [(net, me, d) for d in sorted(net.nodes) if d != me]
-        weighted = per_call(route, calls, args.repeat)
-        hops = per_call(hop_route, calls, args.repeat)
-        differ = sum(1 for c in calls if route(*c) != hop_route(*c))
-        dests = [d for _, _, d in calls][:10]
-        transfers = [L.held(f"{i:032x}", me, dests[i % len(dests)], 100, T0, me, ())[0]
-                     for i in range(args.transfers)]
-        plan_args = [(net, me, transfers, T0, policy)]
-        plan_s = per_call(relay.plan, plan_args, args.repeat)
-        relay.route = hop_route  # the reference planner: the same plan over hop-count routes
-        try:
-            plan_ref = per_call(relay.plan, plan_args, args.repeat)
-        finally:
-            relay.route = route
-        print(f"| {n} | {len(net.links())} | {weighted * 1e6:.0f} | {hops * 1e6:.0f} | "
-              f"{weighted / hops:.2f}× | {plan_s * 1e3:.2f} | {plan_ref * 1e3:.2f} | "
-              f"{differ} of {len(calls)} |")
+        print(row(n, net, args.transfers, args.repeat))
     return 0
 
 
