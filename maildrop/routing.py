@@ -35,7 +35,10 @@ def link_cost(h: LinkHealth | None) -> int:
 
 def edge_weight(net: Network, a: str, b: str) -> int:
     """The weight of the link ``a``–``b``: the worse of what each end reported."""
-    return max(link_cost(net.health(a, b)), link_cost(net.health(b, a)))
+    ab, ba = net.health(a, b), net.health(b, a)
+    if ab is None and ba is None:  # the common case: neither end ever reported
+        return BASE_COST
+    return max(link_cost(ab), link_cost(ba))
 
 
 def weighted_graph(net: Network, excluded: Iterable[str] = ()) -> dict[str, list[tuple[str, int]]]:
