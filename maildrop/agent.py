@@ -3,12 +3,13 @@
 Services, each a named thread with a ``run`` loop, started and supervised here:
 ``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
-``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``). Each link
-is one SSH connection used both ways (``PeerClient``, attached to the server): our calls go
-over the connection we dialed or the one the peer dialed, and a peer configured without an
-address is never dialed (it dials us). Further services: ``custody`` (the custody service,
-``custodian``: owns every transfer, plans, and hands offers to each peer's own hop lanes),
-``taker`` (outbox files into custody, in batches), ``watcher`` (outbox).
+``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``; the
+link's health, measured and announced as ``link.health``). Each link is one SSH connection
+used both ways (``PeerClient``, attached to the server): our calls go over the connection
+we dialed or the one the peer dialed, and a peer configured without an address is never
+dialed (it dials us). Further services: ``custody`` (the custody service, ``custodian``:
+owns every transfer, plans, and hands offers to each peer's own hop lanes), ``taker``
+(outbox files into custody, in batches), ``watcher`` (outbox).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
@@ -61,7 +62,7 @@ from tenacity import (
 )
 
 from . import events as E
-from . import gossip, metrics, sdnotify
+from . import gossip, health, metrics, sdnotify
 from . import lifecycle as L
 from .announce import config_events
 from .config import Config, Peer, format_hostport, load_config
@@ -182,12 +183,26 @@ class PeerLink:
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
     halt: threading.Event = field(default_factory=threading.Event)  # set: stopping, or left the config
     # Guards a change of state / down_since and the link.up / link.down it may append (so two
-    # channels that see the change at once append one fact). Taken before the log's lock.
+    # channels that see the change at once append one fact), and the decision to append a
+    # link.health. Taken before the log's lock and before meter_lock.
     observe_lock: threading.Lock = field(default_factory=threading.Lock)
     sync: gossip.PeerSync | None = None  # its last fingerprint against ours (None: never heard)
     # Guards ``sync`` (a gossip round, a served fingerprint and the main loop's recheck each
     # compare and replace it). A leaf: nothing is taken under it.
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
+    meter: health.LinkMeter = field(default_factory=health.LinkMeter)  # soft: rtt, attempts, outages
+    meter_lock: threading.Lock = field(default_factory=threading.Lock)  # guards meter; a leaf
+
+    def measure(self, rtt: float | None = None, ok: bool | None = None, outage: bool = False) -> None:
+        """Record a round trip (seconds), an attempt (ok or failed) and/or an outage now."""
+        now = time.monotonic()
+        with self.meter_lock:
+            if rtt is not None:
+                self.meter.rtt(now, rtt)
+            if ok is not None:
+                self.meter.attempt(now, ok)
+            if outage:
+                self.meter.outage(now)
 
 
 class _RecentErrors(logging.Handler):
@@ -728,6 +743,7 @@ class Agent:
                 link.rekeyed.wait(max(30.0, interval * 6))  # sooner when its key rotated
                 link.rekeyed.clear()
                 continue
+            self._report_health(link)
             link.kick.wait(interval * random.uniform(0.8, 1.2))
 
     @staticmethod
@@ -752,11 +768,14 @@ class Agent:
             link.chan = link.client.open_channel(timeout=silence)
             link.stream = FrameStream(link.chan)
         link.chan.settimeout(silence)
+        started = time.monotonic()
         try:
             stats = gossip.call(link.stream, self.log)
         except BaseException:
             self._close_gossip(link)
             raise
+        # An in-sync round is one Fingerprint call: one round trip, about 200 bytes each way.
+        link.measure(rtt=time.monotonic() - started if stats.in_sync else None, ok=True)
         link.rounds += 1
         self._observe(link, True)
         self._compare_fingerprints(link, stats.fingerprint, stats.peer_fingerprint)
@@ -799,7 +818,30 @@ class Agent:
     def _round_failed(self, link: PeerLink, exc: BaseException | None) -> None:
         link.last_error = f"{exc.__class__.__name__}: {exc}"[:200] if exc else ""
         log.debug("gossip.round.failed peer=%s error=%s", link.id, link.last_error)
+        if link.state == "up":  # a link that broke; retries while it is down are one outage
+            link.measure(ok=False)
         self._observe(link, False)
+        self._report_health(link)
+
+    def _report_health(self, link: PeerLink) -> None:
+        """Append a ``link.health`` for ``link`` when one is due (``health.report``: a
+        bucket changed, and the debounce allows it). Called by the link's gossip thread after
+        every round, ok or failed. The window and the debounce are counted in gossip
+        intervals; a reload that changes the interval changes them from the next round."""
+        interval = self.config.gossip_interval
+        window = health.WINDOW_ROUNDS * interval
+        with link.meter_lock:
+            reading = link.meter.reading(time.monotonic(), window)
+        with link.observe_lock:
+            now = time.time()
+            with self.log.lock:
+                last = self.log.network.health(self.me, link.id)
+            data = health.report(reading, last, now, window, health.MIN_INTERVAL_ROUNDS * interval)
+            if data is None:
+                return
+            log.info("link.health peer=%s rtt_ms=%d loss=%d flaps=%d window=%d", link.id,
+                     data["rtt_ms"], data["loss"], data["flaps"], data["window"])
+            self._append(E.LINK_HEALTH, {"peer": link.id, **data})
 
     def _observe(self, link: PeerLink, up: bool) -> None:
         """Soft liveness, and a debounced ``link.up``/``link.down`` fact on a change."""
@@ -825,6 +867,8 @@ class Agent:
             return
         if link.down_since is None:
             link.down_since = now
+        if link.state == "up":
+            link.measure(outage=True)
         if link.state != "down":
             log.warning("link.unreachable peer=%s error=%s", link.id, link.last_error)
             self.custodian.link_changed(link.id, False)  # offers over it: re-planned at once
@@ -991,10 +1035,13 @@ class Agent:
             with self._relay_channel(link) as stream:
                 for chunk in offer_chunks(items):
                     self.custody.send_batch(hop, stream, chunk, report)
+            link.measure(ok=True)
         except TransferRefused as exc:  # the whole offer (e.g. "busy": the peer is starting)
+            link.measure(ok=True)  # an answer: the link works
             for tid in list(left):
                 report(tid, Answer("refuse", reason=exc.reason, detail=exc.detail))
         except Exception as exc:
+            link.measure(ok=False)
             cause = f"{exc.__class__.__name__}: {exc}"[:300]
             if left:
                 log.warning("relay.hop.failed peer=%s files=%d error=%s; rerouting", hop, len(left), cause)

@@ -497,20 +497,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     from .eventlog import EventLog
     from .ids import is_node_id
-    from .routing import route
+    from .routing import path_weights, route
 
     config = _config(args)
     if not is_node_id(args.node):
         raise UsageError(f"{args.node!r} is not a node id; expected letters, digits, '-', '_'")
     elog = EventLog(config.events_path, writable=False)
     path = route(elog.network, config.node_id, args.node, excluded=elog.ledger.conflicts)
+    weights = path_weights(elog.network, path) if path else None
     known = args.node in elog.network.nodes
     conflict = elog.ledger.conflicts.get(args.node)
     if args.json:
         _print_json({"from": config.node_id, "to": args.node, "known": known, "route": path,
+                     "weights": weights, "weight": sum(weights) if weights is not None else None,
                      "conflict": conflict})
-    elif path:
-        print(" → ".join(path))
+    elif path and weights is not None:
+        # "NodeA → NodeB → NodeD   weight 50 (10 + 40)": each link's weight, 10 a healthy
+        # hop (docs/routing.md)
+        print(f"{' → '.join(path)}   weight {sum(weights)} ({' + '.join(map(str, weights))})")
     else:
         if conflict is not None:
             why = (f"is a conflict ({conflict}): never routed to; see 'maildrop conflicts', "

@@ -63,6 +63,18 @@ TRANSFER_RELAYED = "transfer.relayed"
 TRANSFER_DELIVERED = "transfer.delivered"
 TRANSFER_FAILED = "transfer.failed"
 TRANSFER_REFUSED = "transfer.refused"
+LINK_HEALTH = "link.health"
+
+# ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
+# within a bucket writes no event (docs/routing.md).
+RTT_BUCKETS = (0, 30, 100, 300, 1000, 3000)
+"""Round-trip time, ms: the bucket a measured median falls in, named by its lower bound (below
+30 ms counts as near: a LAN, one region, or a busy machine's noise)."""
+LOSS_BUCKETS = (0, 5, 20, 50)
+"""Failed attempts (connects, gossip rounds, offers) per attempt, percent: lower bounds."""
+FLAP_BUCKETS = (0, 2, 5)
+"""Outages (up -> down) within the report's ``window``: 0 means fewer than 2."""
+MAX_HEALTH_WINDOW = 86_400
 
 
 def canonical(obj: Any) -> bytes:
@@ -149,6 +161,14 @@ def _pubkey(v: Any) -> bool:
         return False
 
 
+def _one_of(allowed: tuple[int, ...]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v in allowed
+
+
+def _window(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_HEALTH_WINDOW
+
+
 _LINK = {"peer": _node}
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     NODE_CONFIGURED: {"id": _node, "display_name": _text(200), "address": _addr, "key": _pubkey},
@@ -165,6 +185,10 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # A custodian reports that ``by`` refused the transfer for good; only the origin acts on it.
     TRANSFER_REFUSED: {"transfer": _tid, "origin": _node, "by": _node, "reason": _text(64),
                        "detail": _text(500)},
+    # The origin's measurement of its link to ``peer``, bucketed; ``window``: the seconds
+    # over which loss and flaps were counted (and a flapping link must stay calm).
+    LINK_HEALTH: {"peer": _node, "rtt_ms": _one_of(RTT_BUCKETS), "loss": _one_of(LOSS_BUCKETS),
+                  "flaps": _one_of(FLAP_BUCKETS), "window": _window},
 }
 
 

@@ -4,6 +4,10 @@
 because every fact is merged commutatively:
 
 - node facts, link configuration and link observations: the highest seq of their origin wins;
+- link health (``link.health``, one observer's bucketed measure of its link to a peer): the
+  highest seq wins, and beside it the observer's highest-seq report that said the link flaps;
+  whether the link still counts as flapping is read off those two reports' timestamps
+  (``LinkHealth.flapping``), never off a clock, so every node decides it alike;
 - a transfer is ``(origin, id)``: a *claim* made by the origin's signed ``queued`` fact
   (its lowest seq for that id, should it queue one id twice). Facts about an id name no
   origin, so they are kept per id and each claim reads only the facts its own parties may
@@ -19,7 +23,7 @@ incrementally. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +43,40 @@ class NodeInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "display_name": self.display_name, "address": self.address, "key": self.key}
+
+
+@dataclass(frozen=True)
+class LinkHealth:
+    """One observer's latest ``link.health`` report on its link to a peer (docs/routing.md).
+
+    ``calm_after``: the observer's latest report that said the link flaps, plus that
+    report's ``window`` (POSIX seconds on the observer's clock; None if it never said so).
+    ``flapping``: this report says the link flaps, or it was written before ``calm_after``:
+    a link is calm again only once its observer reported it calm a whole window after it
+    last reported it flapping. Both times are the observer's own event timestamps, so the
+    verdict is a function of the log alone (``health_of``), the same on every node."""
+
+    rtt_ms: int
+    loss: int
+    flaps: int
+    window: int
+    ts: str
+    calm_after: float | None
+    flapping: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rtt_ms": self.rtt_ms, "loss": self.loss, "flaps": self.flaps,
+                "window": self.window, "ts": self.ts, "flapping": self.flapping}
+
+
+def health_of(latest: tuple[int, str, Mapping[str, Any]],
+              flapped: tuple[int, str, Mapping[str, Any]] | None) -> LinkHealth:
+    """The view of one observer's link from its latest report and its latest report that
+    said the link flaps, each ``(seq, ts, data)``."""
+    _, ts, d = latest
+    calm_after = E.parse_ts(flapped[1]) + flapped[2]["window"] if flapped else None
+    flapping = d["flaps"] > 0 or (calm_after is not None and E.parse_ts(ts) < calm_after)
+    return LinkHealth(d["rtt_ms"], d["loss"], d["flaps"], d["window"], ts, calm_after, flapping)
 
 
 @dataclass
@@ -108,6 +146,10 @@ class Network:
         self.nodes: dict[str, NodeInfo] = {}
         self._link_cfg: dict[tuple[str, str], tuple[int, bool]] = {}
         self._link_obs: dict[tuple[str, str], tuple[int, bool, str]] = {}
+        # (observer, peer) -> (seq, ts, data): its latest link.health, its latest flapping one
+        self._health_rep: dict[tuple[str, str], tuple[int, str, Mapping[str, Any]]] = {}
+        self._flapped: dict[tuple[str, str], tuple[int, str, Mapping[str, Any]]] = {}
+        self._health: dict[tuple[str, str], LinkHealth] = {}  # derived from the two above
         self._facts: dict[str, TransferInfo] = {}  # id -> its facts (a claim-less TransferInfo)
         self.claims: dict[str, dict[str, TransferInfo]] = {}  # id -> origin -> that origin's claim
         self.event_count = 0
@@ -126,6 +168,12 @@ class Network:
             self._latest(self._link_cfg, (ev.origin, d["peer"]), (ev.seq, t == E.LINK_CONFIGURED))
         elif t in (E.LINK_UP, E.LINK_DOWN):
             self._latest(self._link_obs, (ev.origin, d["peer"]), (ev.seq, t == E.LINK_UP, ev.ts))
+        elif t == E.LINK_HEALTH:
+            key = (ev.origin, d["peer"])
+            self._latest(self._health_rep, key, (ev.seq, ev.ts, d))
+            if d["flaps"] > 0:
+                self._latest(self._flapped, key, (ev.seq, ev.ts, d))
+            self._health[key] = health_of(self._health_rep[key], self._flapped.get(key))
         elif t == E.TRANSFER_QUEUED:
             facts = self._facts_of(d["transfer"])
             mine = self.claims.setdefault(d["transfer"], {})
@@ -210,6 +258,11 @@ class Network:
         v = self._link_obs.get((observer, peer))
         return (v[1], v[2]) if v else None
 
+    def health(self, observer: str, peer: str) -> LinkHealth | None:
+        """``observer``'s latest health report on its link to ``peer`` (None: never reported,
+        which routing reads as healthy)."""
+        return self._health.get((observer, peer))
+
     def links(self) -> list[tuple[str, str, str]]:
         """Every edge both ends configured, once (a < b), with state ``up`` or ``down``."""
         out = []
@@ -243,6 +296,7 @@ class Network:
             "nodes": [self.nodes[n].as_dict() for n in sorted(self.nodes)],
             "links": [{"from": a, "to": b, "state": s} for a, b, s in self.links()],
             "transfers": [t.as_dict() for t in self.all_transfers()],
+            "health": [{"from": a, "to": b, **h.as_dict()} for (a, b), h in sorted(self._health.items())],
         }
 
 

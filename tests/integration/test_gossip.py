@@ -35,7 +35,7 @@ def test_five_node_chain_converges(make_net):
     assert folder.stat().st_mode & 0o7777 == 0o2770
     # The route command agrees.
     cp = net["NodeA"].cli("route", "NodeE")
-    assert cp.returncode == 0 and cp.stdout.strip() == " → ".join(CHAIN)
+    assert cp.returncode == 0 and cp.stdout.strip() == " → ".join(CHAIN) + "   weight 40 (10 + 10 + 10 + 10)"
 
 
 def test_late_joiner_learns_everyone_and_everyone_learns_it(make_net):
