@@ -43,7 +43,7 @@ Events from a peer (``receive``, with the receive time ``now``) also obey:
   append-only), later rivals are only noted. So an attacker can substitute a key only for
   an id it introduces with a link it signs itself (evidence in its own feed), and only when
   its feed is admitted before the real one. Pin the keys that matter (``peers``).
-- Budget of *network* events (``node.configured``, ``link.*``) per origin: at most
+- Budget of *network* events (``node.configured``, ``link.*`` with ``link.health``) per origin: at most
   ``NET_MAX_EVENTS`` held, and a token bucket on receive time (``NET_BURST`` at once,
   ``NET_RATE`` a second after). This node's feed and pinned peers are exempt. An event over
   budget is refused (it is asked for again later), marks nothing, and one note says so.
@@ -69,7 +69,15 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .events import LINK_CONFIGURED, LINK_DOWN, LINK_REMOVED, LINK_UP, NODE_CONFIGURED, Event
+from .events import (
+    LINK_CONFIGURED,
+    LINK_DOWN,
+    LINK_HEALTH,
+    LINK_REMOVED,
+    LINK_UP,
+    NODE_CONFIGURED,
+    Event,
+)
 
 MAX_PENDING = 10_000
 """Events held ahead of a gap, all origins together (each at most 16 KiB)."""
@@ -83,7 +91,7 @@ MAX_NODES = 2_000
 """Feeds (node ids) held at most; pinned peers and this node are always admitted."""
 MAX_CANDIDATES = 256
 """Unknown, not yet admitted node ids whose events may wait at once."""
-NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN})
+NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN, LINK_HEALTH})
 NET_MAX_EVENTS = 20_000
 """Network events held at most per (unpinned, distant) origin."""
 NET_BURST = 1_000

@@ -14,8 +14,8 @@ at most per transfer; the custody service steps each transfer's machine with the
 - ``Confirmed``: a relay's hop signed that it took custody from us (or the hop is the
   origin): the relay may let go.
 - ``Tick``: a deadline, a resend or a delivery retry is due.
-- ``Route(hop)``: the transfer is due for an offer; ``hop`` is the next hop on the shortest
-  path over up links, or None. Hops that failed since the last success (``avoid``) and hops
+- ``Route(hop)``: the transfer is due for an offer; ``hop`` is the next hop on the least-weight
+  path over up links (``routing``), or None. Hops that failed since the last success (``avoid``) and hops
   that stored it without confirming (``tried``) are routed around while another path exists,
   never excluded outright; nodes the transfer already passed are avoided the same way
   (so a ``route`` an offer names only steers, it never excludes every path); conflicted

@@ -2,8 +2,9 @@
 one over a slow link is avoided, and a flapping link is avoided until it is calm again.
 
 The square NodeA–NodeB–NodeD / NodeA–NodeC–NodeD has two paths of two hops from A to D;
-counting hops, the tie goes to the one through NodeB. NodeA dials NodeB through a TCP proxy
-on 127.0.0.1 (``tests/tcpproxy.py``) that delays every byte (a slow link) or resets every
+counting hops, the tie goes to the one through NodeB. The link NodeA–NodeB runs through TCP
+proxies on 127.0.0.1 (``tests/tcpproxy.py``; one for each end's dial, since a link is the one
+connection either end dialed) that delays every byte (a slow link) or resets every
 connection again and again (a flapping one). Every wait has a deadline."""
 
 from __future__ import annotations
@@ -34,21 +35,25 @@ VIA_B, VIA_C = ["NodeA", "NodeB", "NodeD"], ["NodeA", "NodeC", "NodeD"]
 
 @pytest.fixture
 def square_through_proxy(make_net):
-    """The square, NodeA dialing NodeB through a proxy; yields (net, make_proxy)."""
+    """The square, the link NodeA–NodeB through a proxy whichever end dials (a link is one
+    connection, kept from either side); yields a builder of (net, proxies)."""
     proxies: list[TcpProxy] = []
 
     def build(delay: float = 0.0):
         net = make_net(NAMES, SQUARE, SETTINGS, start=False)
-        proxy = TcpProxy(("127.0.0.1", net["NodeB"].port), delay=delay)
-        proxies.append(proxy)
-        cfg = net["NodeA"].config_path
-        text = cfg.read_text()
-        direct = f"address: 127.0.0.1:{net['NodeB'].port}\n"
-        assert text.count(direct) == 1
-        cfg.write_text(text.replace(direct, f"address: 127.0.0.1:{proxy.port}\n"))
+        pair = []
+        for dialer, target in (("NodeA", "NodeB"), ("NodeB", "NodeA")):
+            proxy = TcpProxy(("127.0.0.1", net[target].port), delay=delay)
+            proxies.append(proxy)
+            pair.append(proxy)
+            cfg = net[dialer].config_path
+            text = cfg.read_text()
+            direct = f"address: 127.0.0.1:{net[target].port}\n"
+            assert text.count(direct) == 1
+            cfg.write_text(text.replace(direct, f"address: 127.0.0.1:{proxy.port}\n"))
         net.start()
         net.wait_converged(60)
-        return net, proxy
+        return net, pair
 
     yield build
     for p in proxies:
@@ -61,6 +66,18 @@ def _model_route(node, src: str = "NodeA", dst: str = "NodeD"):
     try:
         net = elog.network
         return route(net, src, dst, excluded=elog.ledger.conflicts), net.health("NodeA", "NodeB")
+    finally:
+        elog.close()
+
+
+def _link_flapping(node) -> bool:
+    """Whether ``node``'s log counts the link A–B as flapping from either end (both ends
+    measure the one connection; the link weighs the worse of the two)."""
+    elog = EventLog(node.config().events_path, writable=False)
+    try:
+        net = elog.network
+        return any(h is not None and h.flapping
+                   for h in (net.health("NodeA", "NodeB"), net.health("NodeB", "NodeA")))
     finally:
         elog.close()
 
@@ -89,7 +106,7 @@ def _health_reports(node, peer: str = "NodeB") -> list[dict]:
 
 
 def test_of_two_equal_hop_paths_the_one_over_a_slow_link_is_avoided(square_through_proxy):
-    net, _proxy = square_through_proxy(delay=0.2)  # a round trip A→B of 0.4 s at least
+    net, _proxies = square_through_proxy(delay=0.2)  # a round trip A→B of 0.4 s at least
     a = net["NodeA"]
     reports = wait_until(lambda: [r for r in _health_reports(a) if r["data"]["rtt_ms"] >= 300],
                          40, "NodeA to report its link to NodeB slow")
@@ -105,29 +122,31 @@ def test_of_two_equal_hop_paths_the_one_over_a_slow_link_is_avoided(square_throu
     doc = json.loads(a.cli("route", "NodeB", "--json").stdout)
     assert doc["route"] == ["NodeA", "NodeC", "NodeD", "NodeB"] and doc["weights"] == [10, 10, 10]
     assert doc["weight"] == 30
-    # NodeB's own measure of the same link (it dials NodeA directly) is fast: no report.
-    assert _health_reports(net["NodeB"], "NodeA") == []
     _send(net, "slow-1.txt", via="NodeC")
 
 
 def test_a_flapping_link_is_avoided_until_it_is_calm(square_through_proxy):
-    net, proxy = square_through_proxy()
+    net, proxies = square_through_proxy()
     a = net["NodeA"]
     assert _model_route(a)[0] == VIA_B  # healthy: the tie goes to NodeB
     calm = threading.Event()
 
     def flap() -> None:  # the flapping itself: every connection through the proxy reset every 0.7 s
         while not calm.is_set():
-            proxy.drop_all()
+            for proxy in proxies:
+                proxy.drop_all()
             calm.wait(0.7)
     flapper = threading.Thread(target=flap, daemon=True)
     flapper.start()
     try:
-        wait_until(lambda: any(r["data"]["flaps"] >= 2 for r in _health_reports(a)), 40,
-                   "NodeA to report its link to NodeB flapping")
+        def flapping_reporters() -> list[tuple[str, str]]:  # either end may see it first
+            return [(n, p) for n, p in (("NodeA", "NodeB"), ("NodeB", "NodeA"))
+                    if any(r["data"]["flaps"] >= 2 for r in _health_reports(net[n], p))]
+        [(reporter, peer), *_] = wait_until(flapping_reporters, 40,
+                                           "an end of the link A–B to report it flapping")
         wait_until(lambda: _model_route(a)[0] == VIA_C, 10, "NodeA to route around the flapping link")
         _send(net, "flapping-1.txt", via="NodeC")
-        assert proxy.dropped >= 2
+        assert sum(p.dropped for p in proxies) >= 2
     finally:
         calm.set()
         flapper.join(5)
@@ -136,14 +155,15 @@ def test_a_flapping_link_is_avoided_until_it_is_calm(square_through_proxy):
     seen: list[tuple] = []  # (route, NodeA's view of A→B) at every look
 
     def calm_again() -> bool:
-        path, h = _model_route(a)
-        seen.append((path, h))
+        path, _h = _model_route(a)
+        seen.append((path, _link_flapping(a)))
         return path == VIA_B
     wait_until(calm_again, 2 * WINDOW + MIN_INTERVAL + 30, "NodeA to route via NodeB again", every=0.3)
-    # Avoided the whole time NodeA's log counted the link as flapping, and only then.
-    assert all(h is not None and (path == VIA_C) == h.flapping for path, h in seen), seen
-    assert seen[0][1].flapping and not seen[-1][1].flapping
-    reports = _health_reports(a)
+    # Avoided the whole time NodeA's log counted the link as flapping (from either end), and
+    # only then.
+    assert all((path == VIA_C) == flapping for path, flapping in seen), seen
+    assert seen[0][1] and not seen[-1][1]
+    reports = _health_reports(net[reporter], peer)
     flaps_at = [E.parse_ts(r["ts"]) for r in reports if r["data"]["flaps"] > 0]
     last = reports[-1]
     assert last["data"]["flaps"] == 0
