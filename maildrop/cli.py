@@ -358,8 +358,10 @@ def status_document(config) -> dict[str, Any]:
         if n != config.node_id:
             routes[n] = route(net, config.node_id, n, excluded=elog.ledger.conflicts)
     transfers = []
+    names = _names(config)
     for t in sorted(net.all_transfers(), key=lambda t: t.queued_ts or ""):
         d = t.as_dict()
+        d["name"] = _name_of(t, config.node_id, names)
         fl = inflight.get(t.id)
         d["hop"] = fl["peer"] if fl else None
         d["bytes"] = fl["bytes"] if fl else (t.size if t.state == "delivered" else None)
@@ -382,6 +384,28 @@ def status_document(config) -> dict[str, Any]:
     })
     elog.close()
     return doc
+
+
+def _names(config) -> Any:
+    """The names of sealed transfers as this node may read them: opened with its key (and
+    the one before its rotation) when this user can read it, else none (``seal.Names``)."""
+    from .errors import ConfigError
+    from .keys import load_key
+    from .seal import Keyring, Names
+
+    try:
+        key = load_key(config.key_path)
+    except ConfigError:
+        key = None
+    return Names(Keyring.of(key))
+
+
+def _name_of(t: Any, me: str, names: Any) -> str | None:
+    """A model transfer's file name: a plaintext one's as it is; a sealed one's opened only
+    at its origin or destination (elsewhere it cannot be, and is not tried)."""
+    if t.sealed is None:
+        return t.name
+    return names.name({"sealed": t.sealed}) if me in (t.origin, t.destination) else None
 
 
 STATUS_TRANSFERS = 50  # the newest transfers `status` shows; a line counts the others
@@ -591,6 +615,7 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
 
     deadline = time.monotonic() + timeout
     elog = EventLog(config.events_path, writable=False)
+    names = _names(config)
     tid = None
     tty = sys.stderr.isatty()
     last_line = ""
@@ -599,8 +624,9 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
         elog.refresh()
         if tid is None:
             for t in elog.network.all_transfers():
-                if (t.origin == config.node_id and t.destination == dest and t.name == name
-                        and t.queued_ts and parse_ts(t.queued_ts) >= since - 1):
+                if (t.origin == config.node_id and t.destination == dest
+                        and t.queued_ts and parse_ts(t.queued_ts) >= since - 1
+                        and _name_of(t, config.node_id, names) == name):
                     tid = t.id
         agent = _agent_state(config)
         if not (agent and agent["running"]) and not warned:
