@@ -361,7 +361,7 @@ def status_document(config) -> dict[str, Any]:
     names = _names(config)
     for t in sorted(net.all_transfers(), key=lambda t: t.queued_ts or ""):
         d = t.as_dict()
-        d["name"] = _name_of(t, config.node_id, names)
+        d.update(_file_of(t, config.node_id, names))
         fl = inflight.get(t.id)
         d["hop"] = fl["peer"] if fl else None
         d["bytes"] = fl["bytes"] if fl else (t.size if t.state == "delivered" else None)
@@ -403,9 +403,20 @@ def _names(config) -> Any:
 def _name_of(t: Any, me: str, names: Any) -> str | None:
     """A model transfer's file name: a plaintext one's as it is; a sealed one's opened only
     at its origin or destination (elsewhere it cannot be, and is not tried)."""
+    return _file_of(t, me, names)["name"]
+
+
+def _file_of(t: Any, me: str, names: Any) -> dict[str, Any]:
+    """The file of a model transfer as this node may know it: ``name``, ``file_size`` and
+    ``file_sha256`` of the plaintext (``size`` and ``sha256`` are what moves: a sealed
+    transfer's ciphertext). A sealed one's are read from its envelope at its origin or
+    destination only; elsewhere they are None."""
     if t.sealed is None:
-        return t.name
-    return names.name({"sealed": t.sealed}) if me in (t.origin, t.destination) else None
+        return {"name": t.name, "file_size": t.size, "file_sha256": t.sha256}
+    env = names.envelope(t.sealed) if me in (t.origin, t.destination) else None
+    if env is None:
+        return {"name": None, "file_size": None, "file_sha256": None}
+    return {"name": env.name, "file_size": env.size, "file_sha256": env.sha256}
 
 
 STATUS_TRANSFERS = 50  # the newest transfers `status` shows; a line counts the others

@@ -350,7 +350,9 @@ class Custody:
 
         A file for a destination whose key is not known yet (no feed of it here, no pinned
         key) is not taken: it stays in the outbox with one log line ``outbox.waiting … reason=no-key``
-        and is taken at a rescan once gossip has brought the key (``outbox.rescan_interval``).
+        and is taken at a rescan once gossip has brought the key (``outbox.rescan_interval``);
+        one that waited ``stale_after`` (the agent's ``transfers.expire_after``) goes to
+        ``failed/`` with the reason (``_wait_for_key``).
 
         Only the very file checked is taken, whatever a local user swaps meanwhile:
         ``outbox/<dest>`` is opened ``O_DIRECTORY|O_NOFOLLOW`` and the file is looked at and
@@ -391,11 +393,7 @@ class Custody:
                     log.warning("outbox.refused path=%s reason=unsafe-name moved_to=%s", path, final)
                     continue
                 if self.recipient_key(destination) is None:
-                    if self.spool.first_refusal(path, st, "no-key"):
-                        log.warning("outbox.waiting path=%s destination=%s reason=no-key: no key of %s "
-                                    "is known yet, so the file cannot be sealed to it; it stays in the "
-                                    "outbox and is taken once gossip brings the key", path, destination,
-                                    destination)
+                    self._wait_for_key(path, dir_fd, st, name, destination)
                     continue
                 tid = secrets.token_hex(16)
                 checked[tid] = st
@@ -431,6 +429,25 @@ class Custody:
         finally:
             for fd in list(fds.values()) + list(folders.values()):
                 os.close(fd)
+
+    def _wait_for_key(self, path: Path, dir_fd: int, st: os.stat_result, name: str,
+                      destination: str) -> None:
+        """Leave an outbox file whose destination has no known key where it is (logged once),
+        or, once it has waited there ``stale_after`` since it appeared (its ctime), move it
+        to ``failed/`` with the reason: a file for a node that never appears is not kept for
+        ever, just as a queued one expires."""
+        waited = time.time() - st.st_ctime
+        if waited < self.stale_after:
+            if self.spool.first_refusal(path, st, "no-key"):
+                log.warning("outbox.waiting path=%s destination=%s reason=no-key: no key of %s is "
+                            "known yet, so the file cannot be sealed to it; it stays in the outbox "
+                            "and is taken once gossip brings the key", path, destination, destination)
+            return
+        final = move_to_failed(Path(path.name), self.failed, name,
+                               f"{path} for {destination} was not sent: no key of {destination} "
+                               f"became known within {self.stale_after:.0f} s (is the node id right? "
+                               "does a route reach it?)", src_dir_fd=dir_fd)
+        log.warning("outbox.refused path=%s reason=no-key waited=%.0f moved_to=%s", path, waited, final)
 
     def _protected(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of what must never be taken: the key, its .pub, ``state/``,
