@@ -12,8 +12,10 @@ plays NodeA by hand with a ``FrameStream``. Every test runs in milliseconds.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import hashlib
 import os
 import socket
 import threading
@@ -22,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pyrage
 import pytest
 
 from maildrop import events as E
@@ -35,6 +38,7 @@ from maildrop.eventlog import EventLog
 from maildrop.events import compute_id
 from maildrop.keys import load_key
 from maildrop.protocol import MAX_BATCH, FrameStream
+from maildrop.seal import Envelope, seal_envelope
 from maildrop.spool import Spool
 from maildrop.transfers import Answer, Custody, Outgoing, offer_chunks
 from tests.factories import FeedWriter
@@ -461,3 +465,79 @@ def test_a_destination_that_cannot_deliver_answers_pending_with_the_reason_and_h
     assert (folder / "late.txt").read_bytes() == b"late"
     assert hop.spool_of(tid) == set()
     assert _words(hop.send([tid])) == [(tid, HAVE)]
+
+
+# -- sealed files at their destination (docs/encryption.md) -----------------------------------
+
+def test_a_sealed_file_cut_off_at_its_destination_resumes_on_ciphertext_and_is_opened_once(hop):
+    """The channel closes mid-file for NodeB itself: the part is ciphertext and no plaintext
+    is anywhere in NodeB's spool. The resume sends only the rest of the ciphertext; NodeB
+    opens the whole copy before its commit and delivers the plaintext once, under its name."""
+    data = b"PLAIN-" + os.urandom(30000)
+    (tid,) = hop.take("NodeB", {"resumed.txt": data})
+    sealed = hop.sealed(tid)
+    cut = 10000
+    with hop.channel() as stream:
+        assert _offer(stream, hop.items([tid])) == [ACCEPT]
+        stream.send_raw(sealed[:cut])
+    assert hop.receiver.spool.part(tid).read_bytes() == sealed[:cut]
+    assert not [p for p in hop.receiver.spool.folder.iterdir() if b"PLAIN-" in p.read_bytes()]
+    assert _words(hop.send([tid])) == [(tid, {"a": "accept", "offset": cut}), (tid, STORED)]
+    assert [(p.name, p.read_bytes()) for p in (hop.b.inbox / "NodeA").iterdir()] == [("resumed.txt", data)]
+    assert len(hop.b.events(E.TRANSFER_DELIVERED)) == 1
+    assert hop.spool_of(tid) == set()
+
+
+def _queue_by_hand(hop: Hop, data: dict[str, Any], body: bytes) -> str:
+    """Append a ``transfer.queued`` of NodeA with ``data`` (its own signed fact) and put
+    ``body`` in A's spool as that transfer's copy; its transfer id."""
+    tid = data["transfer"]
+    fd = hop.sender.spool.create(hop.sender.spool.data(tid))
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
+    hop.sender.append([(E.TRANSFER_QUEUED, {**data, "size": len(body),
+                                            "sha256": hashlib.sha256(body).hexdigest()})])
+    return tid
+
+
+def test_a_plaintext_transfer_queued_before_the_upgrade_is_still_delivered_as_before(hop):
+    """A queued event of the old shape (``data.name``, the bytes in plaintext), as a node of
+    the previous version wrote it: NodeB delivers those bytes under that name, and its
+    receipt keeps the name, as before."""
+    body = b"queued before sealing\n"
+    tid = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                               "name": "old.txt"}, body)
+    assert "sealed" not in hop.sender.queued_event(tid).data
+    assert _words(hop.send([tid])) == [(tid, ACCEPT), (tid, STORED)]
+    assert (hop.b.inbox / "NodeA" / "old.txt").read_bytes() == body
+    [receipt] = hop.b.events(E.TRANSFER_DELIVERED)
+    assert receipt["data"] == {"transfer": tid, "sha256": hashlib.sha256(body).hexdigest(), "name": "old.txt"}
+
+
+def test_a_sealed_file_that_does_not_decrypt_is_refused_for_good_and_nothing_is_delivered(hop):
+    """Two lies, each refused ``undecryptable`` (a permanent reason): an envelope NodeB
+    cannot open is refused before any byte moves; a good envelope with bytes that are not
+    its ciphertext (another age file, of the right signed size and hash) is refused after
+    the bytes, before the commit. No half-written file reaches the inbox, no receipt is
+    written, nothing is kept."""
+    other = pyrage.x25519.Identity.generate().to_public()
+    b_key, a_key = hop.sender.recipient_key("NodeB"), hop.sender.key.public_line
+    env = Envelope("lie.txt", "NodeA", 5, hashlib.sha256(b"hello").hexdigest())
+    stranger_env = base64.b64encode(pyrage.encrypt(env.to_bytes(), [other])).decode()
+    unopenable = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                                      "sealed": stranger_env}, pyrage.encrypt(b"hello", [other]))
+    wrong_bytes = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                                       "sealed": seal_envelope(env, [b_key, a_key])},
+                                 pyrage.encrypt(b"hello", [other]))
+    reports = _words(hop.send([unopenable, wrong_bytes]))
+    assert [(t, w["a"], w.get("reason")) for t, w in reports] == [
+        (unopenable, "refuse", "undecryptable"), (wrong_bytes, "accept", None),
+        (wrong_bytes, "refuse", "undecryptable")]
+    assert "does not decrypt" in reports[2][1]["detail"]
+    assert "undecryptable" in L.PERMANENT
+    assert not (hop.b.inbox / "NodeA").exists() or list((hop.b.inbox / "NodeA").iterdir()) == []
+    assert hop.b.events(E.TRANSFER_DELIVERED) == []
+    assert hop.spool_of(unopenable) == hop.spool_of(wrong_bytes) == set()
+    assert not {unopenable, wrong_bytes} & set(hop.custodian.snapshot())
