@@ -952,18 +952,19 @@ class Custody:
                         # for that link reads the whole folder, so not on every delivery.
                         found = find_link(src, folder) if tid in resuming else None
                         name = found.name if found else link_unique_at(src, fd, wanted)
+                        size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
                     except (OSError, SealError) as exc:
                         out[tid] = _why(exc)
                         continue
-                    linked.append((ev, name))
+                    linked.append((ev, name, size))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.append([(E.TRANSFER_DELIVERED, _receipt(ev, name)) for ev, name in linked])
-        for ev, name in linked:
+        self.append([(E.TRANSFER_DELIVERED, _receipt(ev, name)) for ev, name, _ in linked])
+        for ev, name, size in linked:
             tid = ev.data["transfer"]
             log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
-                     tid, ev.origin, self.inbox / ev.origin / name, ev.data["size"])
+                     tid, ev.origin, self.inbox / ev.origin / name, size)
             self.spool.discard(tid, sync=False)
             out[tid] = None
         fsync_dir(self.spool.folder)
@@ -1154,6 +1155,7 @@ class Custody:
                 except SealError as exc:
                     name, text = f"{name}.age", f"{text}\nour copy is sealed and does not open: {exc}"
             final = move_to_failed(src, self.failed, name, text)
+            data.unlink(missing_ok=True)  # at once, as the move unlinks a plaintext copy
         else:
             final = self.failed / name
         self.append([(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})])

@@ -22,6 +22,7 @@ import pytest
 from maildrop.agent import open_log
 from maildrop.config import load_config
 from maildrop.keys import load_key
+from maildrop.seal import Keyring, Names
 from maildrop.spool import Spool
 from maildrop.transfers import Custody
 from tests.harness import Node, wait_until
@@ -36,8 +37,10 @@ def log_of(node: Node) -> str:
 
 
 def queued(node: Node) -> dict[str, dict]:
-    """name -> data of every ``transfer.queued`` the node itself signed."""
-    return {e["data"]["name"]: e["data"] for e in node.events("transfer.queued")
+    """name -> data of every ``transfer.queued`` the node itself signed (the sealed name
+    opened with the node's own key, as the origin may)."""
+    names = Names(Keyring.of(load_key(load_config(node.config_path).key_path)))
+    return {names.name(e["data"]): e["data"] for e in node.events("transfer.queued")
             if e["origin"] == node.name}
 
 
@@ -126,7 +129,7 @@ class _SwappingSpool(Spool):
 
 
 def test_f3_file_swapped_for_a_symlink_during_the_intent_write_is_not_sent(make_net, tmp_path):
-    net = make_net(["NodeA"], [], start=False)
+    net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")], start=False)  # B's key: pinned
     a = net["NodeA"]
     config = load_config(a.config_path)
     secret = tmp_path / "secret"
@@ -233,10 +236,12 @@ def test_f11_unreadable_file_does_not_strand_the_rest_of_its_batch(make_net):
 
 
 def test_f11_expiry_of_a_252_byte_name_does_not_stop_the_agent(make_net):
-    net = make_net(["NodeA"], [], settings={"transfers": {"expire_after": "2s"}})
+    net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")], settings={"transfers": {"expire_after": "2s"}})
+    net.wait_converged(60)
     a = net["NodeA"]
+    net["NodeB"].stop()  # known (its key is pinned), never reached: the sealed copy expires
     data = os.urandom(2000)
-    rename_in(a, "NodeZ", EMOJI_NAME, data)
+    rename_in(a, "NodeB", EMOJI_NAME, data)
     wait_until(lambda: (a.failed / EMOJI_NAME).exists() or not a.running, 30,
                "the file in failed/ (or the agent to exit)")
     assert a.running, "the agent exited: " + a.log_tail(5)
