@@ -27,6 +27,7 @@ import binascii
 import hashlib
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ class Envelope:
             raise SealError("the envelope does not hold name, origin, size and sha256")
         name, origin, size, sha = obj["name"], obj["origin"], obj["size"], obj["sha256"]
         if not isinstance(name, str) or ids.safe_file_name(name) != name:
-            raise SealError(f"the sealed name {ascii(str(name)[:60])} is not a safe file name")
+            # Not quoted: this text goes back to the sender in a refusal, which every node reads.
+            raise SealError("the sealed name is not a safe file name")
         if not ids.is_node_id(origin):
             raise SealError("the envelope's origin is not a node id")
         if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
@@ -221,35 +223,40 @@ class Keyring:
                 raise disk from None
             raise SealError(f"the ciphertext does not decrypt with this node's key ({exc})") from None
         if (writer.n, writer.h.hexdigest()) != (env.size, env.sha256):
-            raise SealError(f"the decrypted file ({writer.n} bytes) does not match its envelope "
-                            f"({env.size} bytes, sha256 {env.sha256[:12]}…)")
+            # No hash in the text: it goes back to the sender in a refusal, which every node reads.
+            raise SealError("the decrypted file does not match the size and sha256 of its envelope")
 
 
 class Names:
     """The names of transfers as this node may show them: a plaintext transfer's
     ``data.name``; a sealed one's opened with our keys (so only at its origin and its
-    destination), else None. Opened envelopes are cached by their sealed text (bounded, and
-    guarded by nothing: a lost race opens an envelope twice, never shows a wrong name)."""
+    destination), else None. Opened envelopes (and the ones that do not open) are cached by
+    their sealed text, at most ``LIMIT``; ``_lock`` guards the cache (a leaf lock, never
+    held while an envelope is opened: two threads may open one twice, never show a wrong
+    name)."""
 
     LIMIT = 65536
 
     def __init__(self, keyring: Keyring) -> None:
         self.keyring = keyring
         self._cache: OrderedDict[str, Envelope | None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def envelope(self, sealed: str | None) -> Envelope | None:
         """The opened envelope of a ``data.sealed`` (None: none, or not ours to open)."""
         if not isinstance(sealed, str):
             return None
-        if sealed in self._cache:
-            return self._cache[sealed]
+        with self._lock:
+            if sealed in self._cache:
+                return self._cache[sealed]
         try:
             env: Envelope | None = self.keyring.open_envelope(sealed)
         except SealError:
             env = None
-        self._cache[sealed] = env
-        while len(self._cache) > self.LIMIT:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[sealed] = env
+            while len(self._cache) > self.LIMIT:
+                self._cache.popitem(last=False)
         return env
 
     def name(self, data: Mapping[str, Any]) -> str | None:

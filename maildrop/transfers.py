@@ -794,7 +794,10 @@ class Custody:
             if env is None or env.origin != queued.origin:
                 raise TransferRefused("undecryptable", "the sealed envelope does not open with this "
                                       "node's key (sealed to another key, or damaged)")
-        need = d["size"] - self.spool.part_size(tid) + self.min_free_space + reserved
+        # At the destination a sealed file needs room twice for a moment: its ciphertext and
+        # the plaintext opened beside it.
+        need = d["size"] * (2 if self._sealed_to_me(queued) else 1) - self.spool.part_size(tid) \
+            + self.min_free_space + reserved
         if self.spool.free_bytes() < need:
             raise TransferRefused("no-space", "not enough free disk space for this file")
         return queued, self._vouched(tid, queued.origin, peer, route)

@@ -89,7 +89,7 @@ def test_a_file_is_sealed_streaming_and_opens_to_the_same_bytes(tmp_path):
             if ok:
                 Keyring.of(key).open_file(src, out, wanted)
             else:  # the bytes are another plaintext than the envelope says: refused
-                with pytest.raises(SealError, match="does not match its envelope"):
+                with pytest.raises(SealError, match="does not match the size and sha256 of its envelope"):
                     Keyring.of(key).open_file(src, out, wanted)
         finally:
             os.close(src)
