@@ -951,11 +951,11 @@ class Custody:
                     tid = ev.data["transfer"]
                     try:
                         src, wanted = self._plaintext(ev)
+                        size = src.lstat().st_size  # never the inbox's: once linked, it is the reader's
                         # Only a delivery a crash interrupted can have linked already; looking
                         # for that link reads the whole folder, so not on every delivery.
                         found = find_link(src, folder) if tid in resuming else None
                         name = found.name if found else link_unique_at(src, fd, wanted)
-                        size = os.stat(name, dir_fd=fd, follow_symlinks=False).st_size
                     except (OSError, SealError) as exc:
                         out[tid] = _why(exc)
                         continue

@@ -5,6 +5,7 @@ operator opens a held spool file with the standard ``age`` tool and the node key
 Real agents over real SSH on 127.0.0.1; waiting is always for a condition with a deadline.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -52,6 +53,12 @@ def test_a_relay_holds_only_ciphertext_and_the_destination_gets_the_plaintext_on
     row = next(t for t in b.status()["transfers"] if t["id"] == tid)
     assert row["name"] is None and row["file_size"] is None
     assert row["size"] == len(held) == queued[0]["data"]["size"]
+    [qrow] = [r for r in json.loads(b.cli("queue", "--json", check=True).stdout)["transfers"]
+              if r["id"] == tid]
+    assert qrow["name"] is None and qrow["state"] in ("queued", "deferred")
+    [qrow] = [r for r in json.loads(a.cli("queue", "--json", check=True).stdout)["transfers"]
+              if r["id"] == tid]
+    assert qrow["name"] == name  # the origin opens its own envelope
 
     c.start()
     got = c.inbox / "NodeA" / name
