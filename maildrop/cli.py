@@ -477,7 +477,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             prog = t["failed"] or ""
         elif t.get("reason"):
             prog = t["reason"]
-        rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "?",
+        rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "-",
                      _size(t["size"]), t.get("state_detail") or t["state"], prog])
     if len(doc["transfers"]) > len(shown):  # the older ones, above the rows shown
         print(f"  … {len(doc['transfers']) - len(shown)} more, older (of {len(doc['transfers'])}; "
@@ -733,7 +733,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             when = _until(r["next_try"], now)
         else:
             when = "at start" if not ans.agent and r["state"] in ("queued", "handed") else "-"
-        table.append([r["id"][:12], r["origin"] or "?", r["destination"] or "?", r["name"] or "?",
+        table.append([r["id"][:12], r["origin"] or "?", r["destination"] or "?", r["name"] or "-",
                       _size(r["size"]), state, when, r["last_error"]])
     print(_table(table, ["ID", "FROM", "TO", "NAME", "SIZE", "STATE", "NEXT TRY", "LAST ERROR"], indent=""))
     if len(rows) > len(shown):
