@@ -41,7 +41,7 @@ SETTINGS = {"gossip": {"interval": "1s", "link_down_after": f"{L:g}s"}}
 def queued_tid(node: Node, name: str) -> str | None:
     """The transfer id ``node`` gave its own file ``name`` (None until it is taken)."""
     return next((e["data"]["transfer"] for e in node.events("transfer.queued")
-                 if e["origin"] == node.name and e["data"]["name"] == name), None)
+                 if e["origin"] == node.name and node.name_in(e["data"]) == name), None)
 
 
 def queue_row(node: Node, tid: str) -> dict[str, Any] | None:

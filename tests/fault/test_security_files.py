@@ -22,7 +22,6 @@ import pytest
 from maildrop.agent import open_log
 from maildrop.config import load_config
 from maildrop.keys import load_key
-from maildrop.seal import Keyring, Names
 from maildrop.spool import Spool
 from maildrop.transfers import Custody
 from tests.harness import Node, wait_until
@@ -39,8 +38,7 @@ def log_of(node: Node) -> str:
 def queued(node: Node) -> dict[str, dict]:
     """name -> data of every ``transfer.queued`` the node itself signed (the sealed name
     opened with the node's own key, as the origin may)."""
-    names = Names(Keyring.of(load_key(load_config(node.config_path).key_path)))
-    return {names.name(e["data"]): e["data"] for e in node.events("transfer.queued")
+    return {node.name_in(e["data"]): e["data"] for e in node.events("transfer.queued")
             if e["origin"] == node.name}
 
 
@@ -242,8 +240,8 @@ def test_f11_expiry_of_a_252_byte_name_does_not_stop_the_agent(make_net):
     net["NodeB"].stop()  # known (its key is pinned), never reached: the sealed copy expires
     data = os.urandom(2000)
     rename_in(a, "NodeB", EMOJI_NAME, data)
-    wait_until(lambda: (a.failed / EMOJI_NAME).exists() or not a.running, 30,
-               "the file in failed/ (or the agent to exit)")
+    wait_until(lambda: [p for p in a.failed.iterdir() if p.name.endswith(".reason")] or not a.running, 30,
+               "the file and its reason in failed/ (or the agent to exit)")
     assert a.running, "the agent exited: " + a.log_tail(5)
     assert (a.failed / EMOJI_NAME).read_bytes() == data
     reasons = [p for p in a.failed.iterdir() if p.name.endswith(".reason")]

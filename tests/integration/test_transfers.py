@@ -202,7 +202,8 @@ def test_a_file_for_a_node_whose_key_is_unknown_waits_in_the_outbox_then_fails(m
     assert (a.outbox / "NodeZ" / "lost.bin").read_bytes() == data  # not taken
     assert a.spool_files() == []
     failed = a.failed / "lost.bin"
-    wait_until(lambda: failed.exists(), 30, "lost.bin in A's failed/ after expire_after")
+    wait_until(lambda: (a.failed / "lost.bin.reason").exists() and not (a.outbox / "NodeZ" / "lost.bin").exists(),
+               30, "lost.bin moved to A's failed/ after expire_after")
     assert failed.read_bytes() == data
     assert "no key of NodeZ became known within 3 s" in (a.failed / "lost.bin.reason").read_text()
     assert list((a.outbox / "NodeZ").iterdir()) == []
