@@ -169,3 +169,40 @@ def test_a_take_cut_short_by_an_older_version_is_sealed_when_replayed(origin):
     assert "sealed" in ev.data and custody.name_of(ev) == "old.txt"
     assert {p.name for p in custody.spool.folder.iterdir()} == {f"{tid}.data"}
     assert data not in custody.spool.data(tid).read_bytes()
+
+
+def test_a_take_cut_short_while_sealing_is_sealed_again_from_the_start(origin):
+    """The state a crash in the middle of sealing leaves: the intent, the ``.plain``, a
+    partial ``.data`` and no event. The replay seals the whole file again (the partial
+    ciphertext is replaced, never vouched for) and removes the plaintext."""
+    n, custody, b_key = origin
+    tid = os.urandom(16).hex()
+    data = os.urandom(70_000)
+    custody.spool.plain(tid).write_bytes(data)
+    os.chmod(custody.spool.plain(tid), 0o640)
+    custody.spool.data(tid).write_bytes(b"age-encryption.org/v1\n-> half")  # cut off
+    src = n.outbox / "NodeB" / "big.bin"
+    (custody.spool.folder / "take-00000000000000aa.intent").write_text(json.dumps(
+        [{"transfer": tid, "src": str(src), "destination": "NodeB", "name": "big.bin",
+          "size_hint": len(data), "seal": 1}]))
+    assert custody.replay_takes()
+    ev = custody.queued_event(tid)
+    ct = custody.spool.data(tid).read_bytes()
+    assert (len(ct), hashlib.sha256(ct).hexdigest()) == (ev.data["size"], ev.data["sha256"])
+    assert pyrage.decrypt(ct, [pyrage.ssh.Identity.from_buffer(b_key.path.read_bytes())]) == data
+    assert {p.name for p in custody.spool.folder.iterdir()} == {f"{tid}.data"}
+
+
+def test_a_take_cut_short_after_its_append_only_loses_the_plaintext(origin):
+    """The crash after the append, before the plaintext went: the replay finds the event,
+    queues nothing twice and removes the ``.plain``."""
+    n, custody, _ = origin
+    tid = custody.take(n.drop("NodeB", "once.bin", b"once"), "NodeB")
+    custody.spool.plain(tid).write_bytes(b"once")  # as the crash left it
+    (custody.spool.folder / "take-00000000000000bb.intent").write_text(json.dumps(
+        [{"transfer": tid, "src": str(n.outbox / "NodeB" / "once.bin"), "destination": "NodeB",
+          "name": "once.bin", "size_hint": 4, "seal": 1}]))
+    before = len([e for e in custody.log.ledger.all_events() if e.type == E.TRANSFER_QUEUED])
+    assert custody.replay_takes()
+    assert len([e for e in custody.log.ledger.all_events() if e.type == E.TRANSFER_QUEUED]) == before
+    assert {p.name for p in custody.spool.folder.iterdir()} == {f"{tid}.data"}
