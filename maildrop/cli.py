@@ -360,8 +360,10 @@ def status_document(config) -> dict[str, Any]:
         if n != config.node_id:
             routes[n] = route(net, config.node_id, n, excluded=elog.ledger.conflicts)
     transfers = []
+    names = _names(config)
     for t in sorted(net.all_transfers(), key=lambda t: t.queued_ts or ""):
         d = t.as_dict()
+        d.update(_file_of(t, config.node_id, names))
         fl = inflight.get(t.id)
         d["hop"] = fl["peer"] if fl else None
         d["bytes"] = fl["bytes"] if fl else (t.size if t.state == "delivered" else None)
@@ -389,6 +391,41 @@ def status_document(config) -> dict[str, Any]:
 
 SYNC_FIELDS = ("fingerprint", "fingerprint_heard", "in_sync", "differs_since")
 """A peer's fingerprint fields in ``status``, from the running agent's soft state."""
+
+
+def _names(config) -> Any:
+    """The names of sealed transfers as this node may read them: opened with its key (and
+    the one before its rotation) when this user can read it, else none (``seal.Names``)."""
+    from .errors import ConfigError
+    from .keys import load_key
+    from .seal import Keyring, Names
+
+    try:
+        key = load_key(config.key_path)
+    except ConfigError:
+        key = None
+    return Names(Keyring.of(key))
+
+
+def _name_of(t: Any, me: str, names: Any) -> str | None:
+    """A model transfer's file name: a plaintext one's as it is; a sealed one's opened only
+    at its origin or destination (elsewhere it cannot be, and is not tried)."""
+    return _file_of(t, me, names)["name"]
+
+
+def _file_of(t: Any, me: str, names: Any) -> dict[str, Any]:
+    """The file of a model transfer as this node may know it: ``name``, ``file_size`` and
+    ``file_sha256`` of the plaintext (``size`` and ``sha256`` are what moves: a sealed
+    transfer's ciphertext). A sealed one's are read from its envelope at its origin or
+    destination only; elsewhere they are None."""
+    if t.sealed is None:
+        return {"name": t.name, "file_size": t.size, "file_sha256": t.sha256}
+    env = names.envelope(t.sealed) if me in (t.origin, t.destination) else None
+    if env is None:
+        return {"name": None, "file_size": None, "file_sha256": None}
+    return {"name": env.name, "file_size": env.size, "file_sha256": env.sha256}
+
+
 STATUS_TRANSFERS = 50  # the newest transfers `status` shows; a line counts the others
 LAST_ERROR_WIDTH = 60
 
@@ -477,7 +514,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             prog = t["failed"] or ""
         elif t.get("reason"):
             prog = t["reason"]
-        rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "?",
+        rows.append([t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "-",
                      _size(t["size"]), t.get("state_detail") or t["state"], prog])
     if len(doc["transfers"]) > len(shown):  # the older ones, above the rows shown
         print(f"  … {len(doc['transfers']) - len(shown)} more, older (of {len(doc['transfers'])}; "
@@ -630,6 +667,7 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
 
     deadline = time.monotonic() + timeout
     elog = EventLog(config.events_path, writable=False)
+    names = _names(config)
     tid = None
     tty = sys.stderr.isatty()
     last_line = ""
@@ -638,8 +676,9 @@ def _wait_for_receipt(config, name: str, dest: str, since: float, timeout: float
         elog.refresh()
         if tid is None:
             for t in elog.network.all_transfers():
-                if (t.origin == config.node_id and t.destination == dest and t.name == name
-                        and t.queued_ts and parse_ts(t.queued_ts) >= since - 1):
+                if (t.origin == config.node_id and t.destination == dest
+                        and t.queued_ts and parse_ts(t.queued_ts) >= since - 1
+                        and _name_of(t, config.node_id, names) == name):
                     tid = t.id
         agent = _agent_state(config)
         if not (agent and agent["running"]) and not warned:
@@ -735,7 +774,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
             when = _until(r["next_try"], now)
         else:
             when = "at start" if not ans.agent and r["state"] in ("queued", "handed") else "-"
-        table.append([r["id"][:12], r["origin"] or "?", r["destination"] or "?", r["name"] or "?",
+        table.append([r["id"][:12], r["origin"] or "?", r["destination"] or "?", r["name"] or "-",
                       _size(r["size"]), state, when, r["last_error"]])
     print(_table(table, ["ID", "FROM", "TO", "NAME", "SIZE", "STATE", "NEXT TRY", "LAST ERROR"], indent=""))
     if len(rows) > len(shown):

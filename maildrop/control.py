@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import lifecycle as L
 from .config import Config
-from .errors import MaildropError, UsageError
+from .errors import ConfigError, MaildropError, UsageError
 from .eventlog import EventLog
 from .events import Event, parse_ts
 from .model import DELIVERED, FAILED, Network
@@ -180,10 +180,12 @@ class Holds:
 
 # -- queue rows --------------------------------------------------------------------------------
 
-def _row(tid: str, queued: Event | None, state: str, **extra: Any) -> dict[str, Any]:
+def _row(tid: str, queued: Event | None, state: str, name: str | None, **extra: Any) -> dict[str, Any]:
+    """One queue row; ``name`` is the file's name as this node may know it (a sealed
+    transfer's only at its origin and destination: None elsewhere)."""
     d = queued.data if queued is not None else {}
     row = {"id": tid, "origin": queued.origin if queued is not None else None,
-           "destination": d.get("destination"), "name": d.get("name"), "size": d.get("size"),
+           "destination": d.get("destination"), "name": name, "size": d.get("size"),
            "queued": queued.ts if queued is not None else None, "state": state, "hop": None,
            "bytes": None, "next_try": None, "last_error": ""}
     row.update(extra)
@@ -198,10 +200,11 @@ def _queued_at(row: dict[str, Any]) -> float:
 
 
 def held_row(t: L.Transfer, queued: Event | None, now: float, policy: L.Policy,
-             moving: dict[str, Any] | None = None) -> dict[str, Any]:
+             moving: dict[str, Any] | None = None, name: str | None = None) -> dict[str, Any]:
     """The queue row of a transfer the custody service holds (or receives), from its state
-    ``t`` (``moving``: its bytes moving now, if any). ``next_try`` is when it is offered next:
-    now, its ``retry_at``, or (handed) when it resends; None while held or in flight."""
+    ``t`` (``moving``: its bytes moving now, if any; ``name``: as ``Custody.name_of`` says).
+    ``next_try`` is when it is offered next: now, its ``retry_at``, or (handed) when it
+    resends; None while held or in flight."""
     extra: dict[str, Any] = {"last_error": t.reason}
     if t.phase in (L.OFFERING, L.SENDING, L.RECEIVING) and moving is not None:
         extra.update(hop=moving["peer"], bytes=moving["bytes"])
@@ -226,7 +229,7 @@ def held_row(t: L.Transfer, queued: Event | None, now: float, policy: L.Policy,
     else:
         state = "queued"
         extra["next_try"] = now
-    return _row(t.id, queued, state, **extra)
+    return _row(t.id, queued, state, name, **extra)
 
 
 def spool_row(tid: str, custody: Custody, net: Network, holds: dict[str, Any],
@@ -235,25 +238,26 @@ def spool_row(tid: str, custody: Custody, net: Network, holds: dict[str, Any],
     be) in custody: from the spool, the log and the holds alone. None for a bare meta."""
     spool, me = custody.spool, custody.me
     queued = custody.queued_event(tid)
+    name = custody.name_of(queued)
     if not spool.data(tid).exists():
         if not spool.part(tid).exists():
             return None
         if receiving is not None:
-            return _row(tid, queued, "receiving", hop=receiving["peer"], bytes=receiving["bytes"])
-        return _row(tid, queued, "partial", bytes=spool.part_size(tid))
+            return _row(tid, queued, "receiving", name, hop=receiving["peer"], bytes=receiving["bytes"])
+        return _row(tid, queued, "partial", name, bytes=spool.part_size(tid))
     if queued is None:
-        return _row(tid, None, "unknown", last_error="its queued event has not arrived yet")
+        return _row(tid, None, "unknown", None, last_error="its queued event has not arrived yet")
     tr = net.transfer(tid, queued.origin)
     if tr is not None and tr.state in (DELIVERED, FAILED):
-        return _row(tid, queued, tr.state)
+        return _row(tid, queued, tr.state, name)
     if queued.data["destination"] == me:
-        return _row(tid, queued, "delivering")
+        return _row(tid, queued, "delivering", name)
     if tid in holds:
-        return _row(tid, queued, "held")
+        return _row(tid, queued, "held", name)
     hops = sorted(n for n, sender in (tr.handoffs if tr is not None else ()) if sender == me)
     if hops:
-        return _row(tid, queued, "handed", hop=hops[0])
-    return _row(tid, queued, "queued")
+        return _row(tid, queued, "handed", name, hop=hops[0])
+    return _row(tid, queued, "queued", name)
 
 
 def _sorted(rows: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
@@ -282,7 +286,7 @@ def _give_up(custody: Custody, tid: str, holds: dict[str, Any], holds_file: Hold
     custody.expire(tid, "cancelled")
     if holds.pop(tid, None) is not None:
         holds_file.save(holds)
-    return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
+    return _cancelled(tid, custody.name_of(queued) or tid, custody.failed, had_copy)
 
 
 def _cancelled(tid: str, name: str, failed: Path, had_copy: bool) -> Answer:
@@ -397,8 +401,9 @@ class Control:
         held = self.custodian.snapshot()
         with custody.progress_lock:
             moving = {(t, d): p.as_dict() for (t, d), p in custody.progress.items()}
-        rows = [held_row(t, custody.queued_event(tid), now, self.policy(),
-                         moving.get((tid, "in" if t.phase == L.RECEIVING else "out")))
+        rows = [held_row(t, q := custody.queued_event(tid), now, self.policy(),
+                         moving.get((tid, "in" if t.phase == L.RECEIVING else "out")),
+                         custody.name_of(q))
                 for tid, t in held.items() if t.phase != L.FORWARDED]
         with custody.log.lock:
             rows += [spool_row(t, custody, custody.log.network, self.holds, moving.get((t, "in")))
@@ -442,7 +447,7 @@ class Control:
             self.custodian.call(lambda: custody.expire(tid, "cancelled"))
         if self.holds.pop(tid, None) is not None:
             self._holds_file.save(self.holds)
-        return _cancelled(tid, queued.data["name"] if queued else tid, custody.failed, had_copy)
+        return _cancelled(tid, custody.name_of(queued) or tid, custody.failed, had_copy)
 
     def _hold(self, prefix: str | None) -> Answer:
         held = self._held()
@@ -597,16 +602,20 @@ def _ask(config: Config, lock: _RootLock, op: str, transfer: str | None, all_: b
 def _offline(config: Config, op: str, transfer: str | None, all_: bool) -> Answer:
     """``op`` with no agent running: the caller holds the agent's lock (or, for ``queue``
     when the agent does not answer, reads only)."""
+    from .keys import load_key
+
     elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers},
                     writable=op == "cancel", me=config.node_id)
     try:
-        key = None
         if op == "cancel":
-            from .keys import load_key
-
             key = load_key(config.key_path)
+        else:  # only to show the names of sealed transfers: without it they show none
+            try:
+                key = load_key(config.key_path)
+            except ConfigError:
+                key = None
         # The key signs only in ``expire`` (a cancel); the other ops read.
-        custody = Custody(config.node_id, key, elog, Spool(config.spool), config.inbox,  # type: ignore[arg-type]
+        custody = Custody(config.node_id, key, elog, Spool(config.spool), config.inbox,
                           config.failed, max_file_size=config.max_file_size,
                           min_free_space=config.min_free_space)
         holds_file = Holds(config.state_dir)

@@ -29,8 +29,10 @@ from pathlib import Path
 from .agent import STATUS_FILE
 from .config import load_config
 from .eventlog import EventLog
+from .keys import load_key
 from .localnet import LocalNet, wait_until
 from .model import Network
+from .seal import Keyring, Names
 
 NAMES = ["NodeA", "NodeB", "NodeC", "NodeD", "NodeE"]
 EDGES = [("NodeA", "NodeB"), ("NodeB", "NodeC"), ("NodeC", "NodeE"), ("NodeB", "NodeD"), ("NodeD", "NodeE")]
@@ -97,10 +99,12 @@ def _send_and_watch(net: LocalNet, name: str, data: bytes) -> tuple[float, list[
     if hashlib.sha256(target.read_bytes()).digest() != hashlib.sha256(data).digest():
         raise RuntimeError(f"{target} differs from what was sent")
 
+    names = Names(Keyring.of(load_key(load_config(a.config_path).key_path)))  # sealed: only A and E read them
+
     def receipt() -> list[str] | None:
         model, _ = _network(net, "NodeA")
         for tid, tr in model.transfers.items():
-            if tr.name == name and tr.state == "delivered":
+            if names.name({"name": tr.name, "sealed": tr.sealed}) == name and tr.state == "delivered":
                 return path_taken(model, tid)
         return None
     path = wait_until(receipt, 30, f"NodeA to get the receipt for {name}")

@@ -13,6 +13,10 @@ One event is one JSON object on one line::
   control or format characters (``ids.UNSAFE_CATEGORIES``); ``ts`` is a real UTC date and
   time of the years ``MIN_YEAR``..``MAX_YEAR``, so ``parse_ts`` never raises on a parsed
   event; a file name is already NFC and portable (``ids.safe_file_name``).
+- ``transfer.queued`` and ``transfer.delivered`` have two data shapes: sealed (written for
+  every new transfer: the name is inside ``data.sealed``, an age file only the origin and the
+  destination can open, docs/encryption.md) and plaintext (``data.name``, what maildrop wrote
+  before end-to-end encryption: still read, and a receipt of such a transfer keeps it).
 - Old record versions are upgraded when read (``_UPGRADES``), never rewritten.
 
 Pure: no clock (``now`` is passed in), no files, no sockets.
@@ -47,6 +51,10 @@ MAX_HOST_CHARS = 253  # a DNS name (RFC 1035), without its optional trailing dot
 MAX_ADDRESS_CHARS = 260  # HOST + "." + ":" + five port digits
 MAX_KEY_CHARS = 200
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+AGE_MAGIC = b"age-encryption.org/v1\n"
+MAX_SEALED_CHARS = 4 * 1024
+"""The longest ``data.sealed`` (base64 of the envelope's age file): a 255-byte name and two
+ssh-ed25519 recipients take about 1,000."""
 _TS = re.compile(r"^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z$")
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _ADDR = re.compile(
@@ -142,6 +150,17 @@ def _name(v: Any) -> bool:
     return isinstance(v, str) and ids.safe_file_name(v) == v
 
 
+def _sealed(v: Any) -> bool:
+    """Canonical base64 of an age file (``AGE_MAGIC`` first), at most MAX_SEALED_CHARS."""
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_SEALED_CHARS:
+        return False
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return raw.startswith(AGE_MAGIC) and base64.b64encode(raw).decode() == v
+
+
 def _addr(v: Any) -> bool:
     """``HOST:PORT`` with a DNS-like host of at most MAX_HOST_CHARS, or ``[IPv6]:PORT``."""
     if not isinstance(v, str) or len(v) > MAX_ADDRESS_CHARS:
@@ -176,11 +195,12 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     LINK_REMOVED: _LINK,
     LINK_UP: _LINK,
     LINK_DOWN: _LINK,
+    # size and sha256 are the ciphertext's (what every holder stores, checks and resumes on)
     TRANSFER_QUEUED: {
-        "transfer": _tid, "destination": _node, "name": _name, "size": _size, "sha256": _hex64,
+        "transfer": _tid, "destination": _node, "sealed": _sealed, "size": _size, "sha256": _hex64,
     },
     TRANSFER_RELAYED: {"transfer": _tid, "from": _node},
-    TRANSFER_DELIVERED: {"transfer": _tid, "sha256": _hex64, "name": _name},
+    TRANSFER_DELIVERED: {"transfer": _tid, "sha256": _hex64},
     TRANSFER_FAILED: {"transfer": _tid, "reason": _text(500)},
     # A custodian reports that ``by`` refused the transfer for good; only the origin acts on it.
     TRANSFER_REFUSED: {"transfer": _tid, "origin": _node, "by": _node, "reason": _text(64),
@@ -190,6 +210,22 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     LINK_HEALTH: {"peer": _node, "rtt_ms": _one_of(RTT_BUCKETS), "loss": _one_of(LOSS_BUCKETS),
                   "flaps": _one_of(FLAP_BUCKETS), "window": _window},
 }
+
+
+PLAINTEXT_SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    TRANSFER_QUEUED: {
+        "transfer": _tid, "destination": _node, "name": _name, "size": _size, "sha256": _hex64,
+    },
+    TRANSFER_DELIVERED: {"transfer": _tid, "sha256": _hex64, "name": _name},
+}
+"""The shapes, with ``data.name``, that maildrop wrote before end-to-end encryption: a data
+object with ``name`` is checked against these. Read for ever (a transfer queued before an
+upgrade is still delivered, in plaintext); a receipt of such a transfer is written this way."""
+
+
+def is_sealed(data: Mapping[str, Any]) -> bool:
+    """True for the data of a sealed ``transfer.queued`` (its bytes are age ciphertext)."""
+    return "sealed" in data
 
 
 # --- the event --------------------------------------------------------------------------------
@@ -270,6 +306,8 @@ def _check_data(type: str, data: Any) -> None:
         raise InvalidEvent(f"unknown event type {brief(type, 40)}")
     if not isinstance(data, dict):
         raise InvalidEvent(f"{type}: data is not an object")
+    if "name" in data and type in PLAINTEXT_SCHEMAS:
+        schema = PLAINTEXT_SCHEMAS[type]
     extra = set(data) - set(schema)
     if extra:
         raise InvalidEvent(f"{type}: unexpected data field(s) {sorted(extra)}")

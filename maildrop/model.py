@@ -94,10 +94,14 @@ class TransferInfo:
     queued_seq: int | None = None  # the seq of the origin's queued fact that won
     custody: dict[str, str] = field(default_factory=dict)  # node that took custody -> from whom (least)
     handoffs: set[tuple[str, str]] = field(default_factory=set)  # (node that took custody, from whom)
-    receipts: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (by, sha256): (ts, name)
+    receipts: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (by, sha256): (ts, name or "")
     failures: dict[str, str] = field(default_factory=dict)  # by who: reason
     # (claim's origin, reporting custodian) -> (refusing node, reason, detail): the least one
     refusals: dict[tuple[str, str], tuple[str, str, str]] = field(default_factory=dict)
+    # A sealed transfer's envelope (``data.sealed``): ``name`` is then None, and only the
+    # origin and the destination can open it (``seal.Names``). size and sha256 are the
+    # ciphertext's.
+    sealed: str | None = None
 
     @property
     def delivered(self) -> tuple[str, str] | None:
@@ -180,9 +184,9 @@ class Network:
             cur = mine.get(ev.origin)
             if cur is None or ev.seq < cur.queued_seq:  # type: ignore[operator]
                 mine[ev.origin] = TransferInfo(
-                    d["transfer"], ev.origin, d["destination"], d["name"], d["size"], d["sha256"],
+                    d["transfer"], ev.origin, d["destination"], d.get("name"), d["size"], d["sha256"],
                     ev.ts, ev.seq, facts.custody, facts.handoffs, facts.receipts, facts.failures,
-                    facts.refusals)
+                    facts.refusals, d.get("sealed"))
         elif t == E.TRANSFER_RELAYED:
             facts = self._facts_of(d["transfer"])
             cur = facts.custody.get(ev.origin)
@@ -191,7 +195,7 @@ class Network:
             facts.handoffs.add((ev.origin, d["from"]))
         elif t == E.TRANSFER_DELIVERED:
             receipts = self._facts_of(d["transfer"]).receipts
-            key, mine = (ev.origin, d["sha256"]), (ev.ts, d["name"])
+            key, mine = (ev.origin, d["sha256"]), (ev.ts, d.get("name", ""))
             if key not in receipts or mine < receipts[key]:
                 receipts[key] = mine
         elif t == E.TRANSFER_FAILED:

@@ -5,7 +5,11 @@ Layout under the root: ``outbox/<NodeId>/`` (drop files here), ``inbox/<Origin>/
 
 A transfer in the spool is ``<tid>.json`` (its meta, written durably first) plus either
 ``<tid>.part`` (bytes still arriving; its size is the resume offset) or ``<tid>.data`` (a
-whole, verified, fsynced copy). Crash semantics, step by step, are in each method.
+whole, verified, fsynced copy: for a sealed transfer the age ciphertext). Two more files
+live only for a moment, next to it: ``<tid>.plain`` (at the origin, a taken file before it
+is sealed into ``<tid>.data``) and ``<tid>.open`` (at the destination, or at the origin
+giving up, the decrypted file before it is linked into ``inbox/`` or ``failed/``). Crash
+semantics, step by step, are in each method.
 
 Nothing here follows a symlink that someone else could have planted: outbox, inbox and
 failed folders are opened ``O_DIRECTORY|O_NOFOLLOW`` and files are linked, renamed and
@@ -345,6 +349,19 @@ class Spool:
     def part(self, tid: str) -> Path:
         return self.folder / f"{tid}.part"
 
+    def plain(self, tid: str) -> Path:
+        """A taken outbox file, not sealed yet (``Custody.take_batch``)."""
+        return self.folder / f"{tid}.plain"
+
+    def opened(self, tid: str) -> Path:
+        """The decrypted copy of ``<tid>.data``, before it is linked out of the spool."""
+        return self.folder / f"{tid}.open"
+
+    def create(self, path: Path) -> int:
+        """A write descriptor on a new (or emptied) file ``path`` in the spool, mode 0640,
+        never through a symlink. The caller syncs and closes it."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+
     def meta_path(self, tid: str) -> Path:
         return self.folder / f"{tid}.json"
 
@@ -377,7 +394,7 @@ class Spool:
 
     def move_in_at(self, dir_fd: int, name: str, tid: str, checked: os.stat_result,
                    protected: set[tuple[int, int]]) -> int:
-        """Rename ``name`` from the outbox folder open as ``dir_fd`` to ``<tid>.data`` and
+        """Rename ``name`` from the outbox folder open as ``dir_fd`` to ``<tid>.plain`` and
         return a read descriptor on what arrived, once it is known to be the very file
         ``checked`` was taken of (same st_dev/st_ino, still regular with one link), made
         private (:func:`make_private`). The caller fsyncs the folders and closes the fd.
@@ -391,7 +408,7 @@ class Spool:
         """
         spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.rename(name, self.data(tid).name, src_dir_fd=dir_fd, dst_dir_fd=spool_fd)
+            os.rename(name, self.plain(tid).name, src_dir_fd=dir_fd, dst_dir_fd=spool_fd)
             try:
                 try:
                     fd = self._open_checked(spool_fd, tid, protected)
@@ -404,8 +421,8 @@ class Spool:
                     os.close(fd)
                     raise Refused("changed", "it was replaced while it was being taken")
             except Refused:
-                back = link_unique_at(self.data(tid).name, dir_fd, name, src_dir_fd=spool_fd)
-                os.unlink(self.data(tid).name, dir_fd=spool_fd)
+                back = link_unique_at(self.plain(tid).name, dir_fd, name, src_dir_fd=spool_fd)
+                os.unlink(self.plain(tid).name, dir_fd=spool_fd)
                 os.fsync(dir_fd)
                 if back != name:
                     log.warning("outbox.put-back name=%s as=%s", name, back)
@@ -417,7 +434,7 @@ class Spool:
 
     def _open_checked(self, spool_fd: int, tid: str, protected: set[tuple[int, int]]) -> int:
         try:
-            fd = os.open(self.data(tid).name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+            fd = os.open(self.plain(tid).name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
                          os.O_NOCTTY | os.O_CLOEXEC, dir_fd=spool_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
@@ -431,7 +448,7 @@ class Spool:
         return fd
 
     def open_taken(self, tid: str, protected: set[tuple[int, int]]) -> int:
-        """A read descriptor on ``<tid>.data`` after :func:`check_takeable` (recovery of a
+        """A read descriptor on ``<tid>.plain`` after :func:`check_takeable` (recovery of a
         take a crash cut short between the rename and its check). Raises Refused."""
         spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -442,15 +459,15 @@ class Spool:
         return fd
 
     def put_back(self, tid: str, folder: Path, name: str) -> Path:
-        """Move ``<tid>.data`` (never followed) back to ``folder`` as ``name`` (or a clash
+        """Move ``<tid>.plain`` (never followed) back to ``folder`` as ``name`` (or a clash
         name): a refused entry is returned to its owner, not lost. Raises FolderRefused
         if ``folder`` is now a symlink (the entry then stays here)."""
         dir_fd = open_folder(folder)
         spool_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            back = link_unique_at(self.data(tid).name, dir_fd, name, src_dir_fd=spool_fd)
+            back = link_unique_at(self.plain(tid).name, dir_fd, name, src_dir_fd=spool_fd)
             os.fsync(dir_fd)
-            os.unlink(self.data(tid).name, dir_fd=spool_fd)
+            os.unlink(self.plain(tid).name, dir_fd=spool_fd)
         finally:
             os.close(spool_fd)
             os.close(dir_fd)
@@ -470,9 +487,11 @@ class Spool:
         return fd
 
     def discard(self, tid: str, keep_meta: bool = False, sync: bool = True) -> None:
-        """Forget a transfer: data, part, and meta (meta last, so a crash leaves a record).
-        ``sync=False`` leaves the folder fsync to the caller (one for a whole batch)."""
-        for p in (self.data(tid), self.part(tid)) + (() if keep_meta else (self.meta_path(tid),)):
+        """Forget a transfer: data, part, a decrypted copy, and meta (meta last, so a crash
+        leaves a record). ``sync=False`` leaves the folder fsync to the caller (one for a
+        whole batch)."""
+        for p in (self.data(tid), self.part(tid), self.opened(tid)) + \
+                (() if keep_meta else (self.meta_path(tid),)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if sync:

@@ -4,19 +4,24 @@ Part of the imperative shell. It owns no transfer state: the custody service
 (``custodian.Custodian``) owns that and calls the durable steps here, which drive ``spool``
 (files) and ``eventlog`` (facts) in the order that makes every crash safe. Record before acting:
 
-- take:    intent -> rename into the spool -> fsync the folders -> hash -> the files' data
-           synced (one fsync each, or one syncfs for a batch) -> one append of every
-           ``transfer.queued`` -> the service is told.
+- take:    intent -> rename into the spool (``<tid>.plain``) -> fsync the folders -> seal
+           into ``<tid>.data`` (age, to the destination's key and ours; hashed as written)
+           -> the files' data synced (one fsync each, or one syncfs for a batch) -> one
+           append of every ``transfer.queued`` -> the plaintext copies removed -> the
+           service is told.
 - receive: bytes into ``<tid>.part`` -> verify size+sha256 -> (the receiving thread) the
            batch's data synced -> the service commits the batch: every part renamed to
            ``<tid>.data``, one spool-folder fsync, ONE append of the batch's
            ``transfer.relayed`` facts (or, at the destination, delivery) -> answer ``stored``.
-- deliver: hard-link into ``inbox/<origin>/`` (never overwriting) -> one fsync per inbox
-           folder -> one append of the batch's ``transfer.delivered`` -> drop the spool copies.
+- deliver: (sealed, on the receiving thread, before the commit) decrypt into
+           ``<tid>.open``, fsync, check it against the envelope -> hard-link into
+           ``inbox/<origin>/`` (never overwriting) -> one fsync per inbox folder -> one
+           append of the batch's ``transfer.delivered`` -> drop the spool copies.
 - send:    nobody lets go on the receiver's ``stored`` (or ``have``) alone: the origin waits
            for the receipt, a relay for the hop's signed ``transfer.relayed``.
-- give up: the reason into the spool meta -> the file to ``failed/`` -> ``transfer.failed``
-           (``expire``; a crash in between is finished by ``recover``).
+- give up: the reason into the spool meta -> (sealed) our own copy decrypted -> the file
+           to ``failed/`` -> ``transfer.failed`` (``expire``; a crash in between is finished
+           by ``recover``).
 - offers:  a transfer is ``(origin, id)``; while bytes of an id are here, an offer of another
            queued event for it is refused (``conflicting-offer``), never taken in its place;
            an offer of a transfer its origin gave up on (``transfer.failed``: cancelled or
@@ -55,6 +60,7 @@ from .keys import NodeKey
 from .metrics import Metrics
 from .model import DELIVERED, FAILED
 from .protocol import ANSWERS, MAX_BATCH, OFFER_BUDGET, RESULTS, Frame, FrameStream, check_list
+from .seal import Envelope, Keyring, Names, SealError, WriteFailed, seal_envelope, seal_file
 from .spool import (
     FolderRefused,
     Refused,
@@ -62,7 +68,6 @@ from .spool import (
     check_outbox_file,
     find_link,
     fsync_dir,
-    hash_fd,
     hash_file,
     link_unique_at,
     move_to_failed,
@@ -187,18 +192,21 @@ class Outgoing:
 
 
 class Custody:
-    """The durable steps of custody. Holds no transfer state of its own except two caches:
+    """The durable steps of custody. Holds no transfer state of its own except caches:
     ``_queued`` (transfer id -> the claim this node deals with, read from any thread; only
-    the custody service replaces one, and only a rival's that had no bytes here but a part)
-    and ``_resume_failed``. ``progress`` is guarded by
-    ``progress_lock`` (a leaf: nothing else is taken while it is held)."""
+    the custody service replaces one, and only a rival's that had no bytes here but a part),
+    ``_resume_failed`` and ``names`` (opened envelopes). ``progress`` is guarded by
+    ``progress_lock`` (a leaf: nothing else is taken while it is held). ``key`` may be None
+    for a command that only reads (it then opens no envelope)."""
 
-    def __init__(self, node_id: str, key: NodeKey, log_: EventLog, spool: Spool, inbox: Path,
+    def __init__(self, node_id: str, key: NodeKey | None, log_: EventLog, spool: Spool, inbox: Path,
                  failed: Path, *, max_file_size: int, min_free_space: int,
                  stale_after: float = 7 * 86400.0,
                  on_change: Callable[[], None] = lambda: None) -> None:
         self.me = node_id
         self.key = key
+        self.keyring = Keyring.of(key)  # our key and the one before its rotation
+        self.names = Names(self.keyring)  # names of sealed transfers, for logs and listings
         self.log = log_
         self.spool = spool
         self.inbox = inbox
@@ -308,6 +316,17 @@ class Custody:
             return at
         return min(max(at, now - self.stale_after), now + CLOCK_SKEW)
 
+    def recipient_key(self, destination: str) -> str | None:
+        """The key a file for ``destination`` is sealed to: its feed's current key (which
+        follows its signed rotations), else its pinned key from our config; None when no
+        key is known yet."""
+        with self.log.lock:
+            return self.log.ledger.key_of(destination) or self.log.ledger.pinned.get(destination)
+
+    def name_of(self, queued: Event | None) -> str | None:
+        """The file name of a claim as this node may know it (None: sealed, not ours)."""
+        return self.names.name(queued.data) if queued is not None else None
+
 
     # -- take (origin) -------------------------------------------------------------------------
     def take(self, path: Path, destination: str) -> str | None:
@@ -319,12 +338,21 @@ class Custody:
         """Take custody of several complete outbox files with a handful of syncs in all.
 
         Crash: (1) an intent listing (transfer id, source, destination, name) is written
-        durably; (2) each file is renamed into the spool; (3) the spool and outbox folders are
-        fsynced; (4) the files are hashed and one write appends every ``transfer.queued``;
-        (5) the intent is removed. Recovery replays an intent: a file still in the outbox was
-        never taken (it will be taken again); a file in the spool without its queued event is
-        checked again, hashed and queued; a file with its event is done. Nothing is lost or
-        queued twice.
+        durably; (2) each file is renamed into the spool as ``<tid>.plain``; (3) the spool
+        and outbox folders are fsynced; (4) each file is sealed into ``<tid>.data`` (age, to
+        the destination's key and ours: ``_queue``), the data synced, and one write appends
+        every ``transfer.queued``; (5) the plaintext copies are removed (one spool fsync);
+        (6) the intent is removed. Recovery replays an intent: a file still in the outbox was
+        never taken (it will be taken again); a ``.plain`` without its queued event is checked
+        again and sealed again from the start (a half-written ``.data`` is replaced); a
+        ``.plain`` with its event is removed; a file with its event is done. Nothing is lost
+        or queued twice, and a ``.data`` is vouched for only once it is whole and synced.
+
+        A file for a destination whose key is not known yet (no feed of it here, no pinned
+        key) is not taken: it stays in the outbox with one log line ``outbox.waiting … reason=no-key``
+        and is taken at a rescan once gossip has brought the key (``outbox.rescan_interval``);
+        one that waited ``stale_after`` (the agent's ``transfers.expire_after``) goes to
+        ``failed/`` with the reason (``_wait_for_key``).
 
         Only the very file checked is taken, whatever a local user swaps meanwhile:
         ``outbox/<dest>`` is opened ``O_DIRECTORY|O_NOFOLLOW`` and the file is looked at and
@@ -364,10 +392,13 @@ class Custody:
                                            src_dir_fd=dir_fd)
                     log.warning("outbox.refused path=%s reason=unsafe-name moved_to=%s", path, final)
                     continue
+                if self.recipient_key(destination) is None:
+                    self._wait_for_key(path, dir_fd, st, name, destination)
+                    continue
                 tid = secrets.token_hex(16)
                 checked[tid] = st
                 entries.append({"transfer": tid, "src": str(path), "destination": destination,
-                                "name": name, "size_hint": st.st_size})
+                                "name": name, "size_hint": st.st_size, "seal": 1})
             if not entries:
                 return []
             intent = self.spool.write_intent(entries)
@@ -398,6 +429,25 @@ class Custody:
         finally:
             for fd in list(fds.values()) + list(folders.values()):
                 os.close(fd)
+
+    def _wait_for_key(self, path: Path, dir_fd: int, st: os.stat_result, name: str,
+                      destination: str) -> None:
+        """Leave an outbox file whose destination has no known key where it is (logged once),
+        or, once it has waited there ``stale_after`` since it appeared (its ctime), move it
+        to ``failed/`` with the reason: a file for a node that never appears is not kept for
+        ever, just as a queued one expires."""
+        waited = time.time() - st.st_ctime
+        if waited < self.stale_after:
+            if self.spool.first_refusal(path, st, "no-key"):
+                log.warning("outbox.waiting path=%s destination=%s reason=no-key: no key of %s is "
+                            "known yet, so the file cannot be sealed to it; it stays in the outbox "
+                            "and is taken once gossip brings the key", path, destination, destination)
+            return
+        final = move_to_failed(Path(path.name), self.failed, name,
+                               f"{path} for {destination} was not sent: no key of {destination} "
+                               f"became known within {self.stale_after:.0f} s (is the node id right? "
+                               "does a route reach it?)", src_dir_fd=dir_fd)
+        log.warning("outbox.refused path=%s reason=no-key waited=%.0f moved_to=%s", path, waited, final)
 
     def _protected(self) -> set[tuple[int, int]]:
         """(st_dev, st_ino) of what must never be taken: the key, its .pub, ``state/``,
@@ -431,51 +481,76 @@ class Custody:
             log.warning("outbox.refused path=%s reason=%s: left where it is", path, reason)
 
     def _queue(self, entries: list[dict[str, Any]], fds: dict[str, int]) -> list[str]:
-        """Make taken files durable, hash them and append their ``transfer.queued`` events in
-        one write; returns the transfer ids queued. A file is hashed from its descriptor in
+        """Seal taken files, make them durable and append their ``transfer.queued`` events in
+        one write; returns the transfer ids queued. A file is read from its descriptor in
         ``fds`` (closed here), else (recovery) opened and checked again: a refused one is put
-        back into its outbox folder. One that cannot be read goes to ``failed/``; the others
-        are made durable together (``sync_files``: one fsync each, or one syncfs for a batch)
-        and then queued. The sync comes before the event: a queued event never vouches for
-        bytes that are only in the page cache."""
+        back into its outbox folder. Each is read once, sealed into ``<tid>.data`` (to the
+        destination's key and ours) and hashed as it is written; its envelope (name, origin,
+        plaintext size and sha256) is sealed to the same keys. One that cannot be read goes
+        to ``failed/``; a write that fails (a full disk) raises, and the intent replays the
+        take later. The sealed copies are made durable together (``sync_files``: one fsync
+        each, or one syncfs for a batch) before the event: a queued event never vouches for
+        bytes that are only in the page cache. Only after the append do the plaintext copies
+        go (one spool fsync)."""
         items = []
+        plain_size: dict[str, int] = {}
         protected: set[tuple[int, int]] | None = None
         for e in entries:
             tid = e["transfer"]
+            dest_key = self.recipient_key(e["destination"])
+            if dest_key is None:  # a pinned key a reload removed before a replay: wait for it
+                self._put_back(e, "no-key")
+                continue
+            keys = [dest_key, self.key.public_line]
             try:
                 fd = fds.pop(tid, None)
                 if fd is None:
                     protected = protected if protected is not None else self._protected()
                     fd = self.spool.open_taken(tid, protected)
                 try:
-                    size, sha = hash_fd(fd)
+                    out = self.spool.create(self.spool.data(tid))
+                    try:
+                        sealed = seal_file(fd, out, keys)
+                    finally:
+                        os.close(out)
                 finally:
                     os.close(fd)
             except Refused as exc:
                 self._put_back(e, exc.reason)
                 continue
+            except WriteFailed:
+                raise
             except OSError as exc:
+                self.spool.discard(tid, sync=False)  # a partial ciphertext
                 try:
-                    final = move_to_failed(self.spool.data(tid), self.failed, e["name"],
+                    final = move_to_failed(self.spool.plain(tid), self.failed, e["name"],
                                            f"{e['src']} could not be read once taken: {exc}")
                 except OSError as exc2:
                     log.error("outbox.take.failed path=%s error=%s: kept as %s (not queued)",
-                              e["src"], exc2, self.spool.data(tid))
+                              e["src"], exc2, self.spool.plain(tid))
                     continue
                 log.warning("outbox.refused path=%s reason=unreadable error=%s moved_to=%s",
                             e["src"], exc, final)
                 continue
+            env = Envelope(e["name"], self.me, sealed.plain_size, sealed.plain_sha256)
+            plain_size[tid] = sealed.plain_size
             items.append((E.TRANSFER_QUEUED, {"transfer": tid, "destination": e["destination"],
-                                              "name": e["name"], "size": size, "sha256": sha}))
+                                              "sealed": seal_envelope(env, keys),
+                                              "size": sealed.size, "sha256": sealed.sha256}))
         if not items:
             return []
         sync_files([self.spool.data(d["transfer"]) for _, d in items], self.spool.folder)
         evs = self.append(items)
         for ev in evs:
+            self._queued[ev.data["transfer"]] = ev
+            self.spool.plain(ev.data["transfer"]).unlink(missing_ok=True)
+        fsync_dir(self.spool.folder)
+        by_tid = {e["transfer"]: e["name"] for e in entries}
+        for ev in evs:
             d = ev.data
-            self._queued[d["transfer"]] = ev
-            log.info("transfer.queued transfer=%s destination=%s name=%s size=%d",
-                     d["transfer"], d["destination"], d["name"], d["size"])
+            log.info("transfer.queued transfer=%s destination=%s name=%s size=%d sealed_size=%d",
+                     d["transfer"], d["destination"], by_tid[d["transfer"]], plain_size[d["transfer"]],
+                     d["size"])
         self.on_taken(evs)
         return [ev.data["transfer"] for ev in evs]
 
@@ -486,7 +561,7 @@ class Custody:
         try:
             where = self.spool.put_back(tid, src.parent, src.name)
         except FolderRefused:
-            where = move_to_failed(self.spool.data(tid), self.failed, entry["name"],
+            where = move_to_failed(self.spool.plain(tid), self.failed, entry["name"],
                                    f"{src} was refused ({reason}) and its folder is a symlink now")
         log.warning("outbox.refused path=%s reason=%s: put back as %s", src, reason, where)
 
@@ -590,10 +665,18 @@ class Custody:
         if results:
             owner.receive_failed(list(results), "hash-mismatch")
         try:
-            # The data of the good ones is made durable here, on this thread (one syncfs for
-            # a batch), so the service never waits for the disk on anyone's behalf.
+            # Our own sealed files are decrypted here, and the data of the good ones is made
+            # durable here, on this thread (one syncfs for a batch), so the service never
+            # waits for the disk (or for decryption) on anyone's behalf.
             if good:
-                sync_files([self.spool.part(o.transfer) for o in good], self.spool.folder)
+                opened = self._open_arrived(peer, good, results)
+                if len(opened) < len(good):
+                    owner.receive_failed([o.transfer for o in good if o not in opened], "undecryptable")
+                good = opened
+            if good:
+                sync_files([self.spool.part(o.transfer) for o in good]
+                           + [self.spool.opened(o.transfer) for o in good if self._sealed_to_me(o.queued)],
+                           self.spool.folder)
             stored = owner.commit(peer, good) if good else []
         except BaseException:
             owner.receive_failed([o.transfer for o in good], "the commit did not finish")
@@ -607,6 +690,51 @@ class Custody:
         size = sum(o.queued.data["size"] - off for o, off in accepted)
         self.metrics.received(peer, size)
         stream.send("stored", results=[results[o.transfer].wire() for o, _ in accepted])
+
+    def _sealed_to_me(self, queued: Event) -> bool:
+        return queued.data["destination"] == self.me and E.is_sealed(queued.data)
+
+    def _open_arrived(self, peer: str, good: list[Offered], results: dict[str, Answer]) -> list[Offered]:
+        """At the destination: decrypt each verified sealed part into ``<tid>.open`` (not
+        synced yet) and check it against its envelope. One that does not open is refused
+        for good (``undecryptable``: a result in ``results``) and its bytes discarded;
+        returns the others. OSError (the disk) ends the offer (the parts stay)."""
+        out = []
+        for o in good:
+            if not self._sealed_to_me(o.queued):
+                out.append(o)
+                continue
+            try:
+                self._decrypt(o.queued, self.spool.part(o.transfer), self.spool.opened(o.transfer))
+            except SealError as exc:
+                self.spool.discard(o.transfer, sync=False)
+                self._log_refusal(peer, o.transfer, TransferRefused("undecryptable", str(exc)))
+                results[o.transfer] = Answer("refuse", reason="undecryptable", detail=str(exc)[:300])
+                continue
+            out.append(o)
+        return out
+
+    def _decrypt(self, queued: Event, src: Path, dst: Path) -> Envelope:
+        """Decrypt the sealed copy ``src`` of ``queued`` into the spool file ``dst`` (mode
+        0640, not synced) and check it against its envelope, which must name ``queued``'s
+        origin. SealError when it does not open or match (``dst`` is left for the caller to
+        discard); OSError from the disk."""
+        env = self.names.envelope(queued.data["sealed"])
+        if env is None:
+            raise SealError("the sealed envelope does not open with this node's key "
+                            "(sealed to another key, or damaged)")
+        if env.origin != queued.origin:
+            raise SealError(f"the envelope names {env.origin} as its origin, not {queued.origin}")
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            out = self.spool.create(dst)
+            try:
+                self.keyring.open_file(src_fd, out, env)
+            finally:
+                os.close(out)
+        finally:
+            os.close(src_fd)
+        return env
 
     def _refusal(self, answers: list[Answer], i: int, peer: str, item: Any, exc: TransferRefused) -> None:
         self._log_refusal(peer, item.get("transfer") if isinstance(item, dict) else None, exc)
@@ -661,7 +789,15 @@ class Custody:
             raise TransferRefused("unknown-destination", f"{d['destination']} is not known here")
         if d["size"] > self.max_file_size:
             raise TransferRefused("too-large", f"{d['size']} bytes is over the limit of {self.max_file_size}")
-        need = d["size"] - self.spool.part_size(tid) + self.min_free_space + reserved
+        if self._sealed_to_me(queued):  # before any byte moves: can we open it at all?
+            env = self.names.envelope(d["sealed"])
+            if env is None or env.origin != queued.origin:
+                raise TransferRefused("undecryptable", "the sealed envelope does not open with this "
+                                      "node's key (sealed to another key, or damaged)")
+        # At the destination a sealed file needs room twice for a moment: its ciphertext and
+        # the plaintext opened beside it.
+        need = d["size"] * (2 if self._sealed_to_me(queued) else 1) - self.spool.part_size(tid) \
+            + self.min_free_space + reserved
         if self.spool.free_bytes() < need:
             raise TransferRefused("no-space", "not enough free disk space for this file")
         return queued, self._vouched(tid, queued.origin, peer, route)
@@ -777,6 +913,11 @@ class Custody:
         append), then drop the spool copies. Returns transfer id -> None (delivered) or the
         error that kept it here (the copy stays; the caller retries).
 
+        A sealed copy is delivered from its decrypted ``<tid>.open`` (made and synced on the
+        receiving thread; made again here, on this thread, only when a crash lost it) under
+        the name in its envelope; a plaintext one (queued before sealing) from ``<tid>.data``
+        under ``data.name``, as before. The receipt of a sealed transfer names no file.
+
         Crash: the inbox link comes first (one fsync per inbox folder), then the receipts,
         then the spool copies go. A crash before the receipt leaves the spool copy: a
         delivery in ``resuming`` (recovered at start) looks for the link it made (same
@@ -808,29 +949,53 @@ class Custody:
             try:
                 for ev in evs:
                     tid = ev.data["transfer"]
-                    data = self.spool.data(tid)
                     try:
+                        src, wanted = self._plaintext(ev)
+                        size = src.lstat().st_size  # never the inbox's: once linked, it is the reader's
                         # Only a delivery a crash interrupted can have linked already; looking
                         # for that link reads the whole folder, so not on every delivery.
-                        found = find_link(data, folder) if tid in resuming else None
-                        name = found.name if found else link_unique_at(data, fd, ev.data["name"])
-                    except OSError as exc:
+                        found = find_link(src, folder) if tid in resuming else None
+                        name = found.name if found else link_unique_at(src, fd, wanted)
+                    except (OSError, SealError) as exc:
                         out[tid] = _why(exc)
                         continue
-                    linked.append((ev, name))
+                    linked.append((ev, name, size))
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.append([(E.TRANSFER_DELIVERED, {"transfer": ev.data["transfer"], "sha256": ev.data["sha256"],
-                                             "name": name}) for ev, name in linked])
-        for ev, name in linked:
+        self.append([(E.TRANSFER_DELIVERED, _receipt(ev, name)) for ev, name, _ in linked])
+        for ev, name, size in linked:
             tid = ev.data["transfer"]
             log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
-                     tid, ev.origin, self.inbox / ev.origin / name, ev.data["size"])
+                     tid, ev.origin, self.inbox / ev.origin / name, size)
             self.spool.discard(tid, sync=False)
             out[tid] = None
         fsync_dir(self.spool.folder)
         return out
+
+    def _plaintext(self, ev: Event) -> tuple[Path, str]:
+        """The spool file holding ``ev``'s plaintext and the name to deliver it under.
+
+        A sealed copy's ``<tid>.open`` is whole whenever it exists beside ``<tid>.data``
+        (it was synced before the commit renamed the part). Should it be missing (the copy
+        came another way: adopted, or recovered from an older version), it is decrypted
+        again into a temp file, synced and renamed into place, so a crash meanwhile never
+        leaves a partial ``.open``."""
+        tid = ev.data["transfer"]
+        if not E.is_sealed(ev.data):
+            return self.spool.data(tid), ev.data["name"]
+        opened = self.spool.opened(tid)
+        env = self.names.envelope(ev.data["sealed"])
+        if env is None or not opened.exists():
+            tmp = opened.with_name(f".{opened.name}.tmp")
+            try:
+                env = self._decrypt(ev, self.spool.data(tid), tmp)
+                sync_files([tmp], self.spool.folder)
+                os.rename(tmp, opened)
+                fsync_dir(self.spool.folder)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return opened, env.name
 
     # -- send (origin or relay) ----------------------------------------------------------------
     def outgoing(self, tid: str, passed: Sequence[str]) -> Outgoing:
@@ -960,10 +1125,17 @@ class Custody:
     def expire(self, tid: str, reason: str) -> None:
         """Give up as the origin: the file to ``failed/`` with the reason, then the event.
 
+        A sealed copy is decrypted with our own key (we are one of its recipients) into
+        ``<tid>.open``, and that plaintext goes to ``failed/<name>``; should it not open (our
+        key was rotated twice since), the ciphertext goes there as ``<name>.age`` with the
+        reason saying so. Runs on the custody service's thread: a big file costs its
+        decryption there (about 0.5 GB/s).
+
         A transfer already failed is left alone. Crash: the reason is written into the spool
         meta (durably) before the file moves, so a crash between the move and the event
         leaves a meta without a copy, and ``recover`` appends the missing
-        ``transfer.failed``. (The event cannot come first: every holder drops the copy of a
+        ``transfer.failed``; a crash while decrypting leaves the ciphertext, decrypted again
+        by that ``recover``. (The event cannot come first: every holder drops the copy of a
         transfer its origin failed.)
         """
         with self.log.lock:
@@ -971,13 +1143,22 @@ class Custody:
             if tr is not None and tr.failed is not None:
                 return
         queued = self.queued_event(tid)
-        name = queued.data["name"] if queued else tid
+        name = self.name_of(queued) or tid
         dest = queued.data["destination"] if queued else "?"
         data = self.spool.data(tid)
         text = f"transfer {tid} to {dest} failed: {reason}"
         if data.exists():
             self.spool.write_meta(tid, {**(self.spool.read_meta(tid) or {}), "failing": reason[:500]})
-            final = move_to_failed(data, self.failed, name, text)
+            src = data
+            if queued is not None and E.is_sealed(queued.data):
+                try:
+                    self._decrypt(queued, data, self.spool.opened(tid))
+                    sync_files([self.spool.opened(tid)], self.spool.folder)
+                    src = self.spool.opened(tid)
+                except SealError as exc:
+                    name, text = f"{name}.age", f"{text}\nour copy is sealed and does not open: {exc}"
+            final = move_to_failed(src, self.failed, name, text)
+            data.unlink(missing_ok=True)  # at once, as the move unlinks a plaintext copy
         else:
             final = self.failed / name
         self.append([(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})])
@@ -1017,14 +1198,24 @@ class Custody:
         return done
 
     def _replay_intent(self, intent: Path) -> None:
-        """A batch take that a crash cut short: queue what moved in and has no event yet,
-        after checking it again (the crash may have come between its rename and its check)."""
+        """A batch take that a crash cut short: seal and queue what moved in and has no event
+        yet, after checking it again (the crash may have come between its rename and its
+        check); remove the plaintext of what was queued. An intent of a maildrop from before
+        sealing (entries without ``seal``) left its files as ``<tid>.data`` in plaintext:
+        they become ``<tid>.plain`` and are sealed like the others."""
         entries = json.loads(intent.read_bytes())
+        for e in entries:
+            tid = e["transfer"]
+            if tid in self._queued:
+                self.spool.plain(tid).unlink(missing_ok=True)
+            elif not e.get("seal") and os.path.lexists(self.spool.data(tid)):
+                os.rename(self.spool.data(tid), self.spool.plain(tid))
+                e["seal"] = 1
         todo = [e for e in entries
                 if e["transfer"] not in self._queued
-                and os.path.lexists(self.spool.data(e["transfer"]))]
+                and os.path.lexists(self.spool.plain(e["transfer"]))]
+        fsync_dir(self.spool.folder)
         if todo:
-            fsync_dir(self.spool.folder)
             log.info("spool.recover intent=%s queue=%d", intent.name, len(todo))
             self._queue(todo, {})
         intent.unlink()
@@ -1147,6 +1338,15 @@ class Recovered:
 
     queued: Event
     passed: tuple[str, ...]
+
+
+def _receipt(queued: Event, name: str) -> dict[str, Any]:
+    """``transfer.delivered`` of a delivery under ``name``: a sealed transfer's receipt says
+    only which bytes arrived (the name stays between origin and destination)."""
+    d = queued.data
+    if E.is_sealed(d):
+        return {"transfer": d["transfer"], "sha256": d["sha256"]}
+    return {"transfer": d["transfer"], "sha256": d["sha256"], "name": name}
 
 
 def _answer(w: dict[str, Any]) -> Answer:

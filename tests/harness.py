@@ -24,7 +24,9 @@ from maildrop.cli import status_document
 from maildrop.config import load_config
 from maildrop.custodian import Custodian, Job
 from maildrop.eventlog import EventLog
+from maildrop.keys import load_key
 from maildrop.localnet import LocalNet, LocalNode, free_port
+from maildrop.seal import Keyring, Names
 from maildrop.transfers import Custody
 
 __all__ = ["FAST", "NO_DAC_OVERRIDE", "Net", "Node", "Word", "custody_service", "free_port", "gossip_as_outsider", "introduce_outsider", "offer_as_outsider",
@@ -149,6 +151,20 @@ class Node(LocalNode):
             return []
         return sorted(p for p in self.spool.iterdir()
                       if transfer is None or p.name.startswith(transfer))
+
+    def name_in(self, data: Mapping[str, Any]) -> str | None:
+        """The file name of a ``transfer.queued``'s data as this node reads it: a sealed
+        one's opened with its key (only its origin and destination can), else None."""
+        if self._names is None:
+            self._names = Names(Keyring.of(load_key(self.config().key_path)))
+        return self._names.name(data)
+
+    _names: Names | None = None
+
+    def queued_tid(self, name: str) -> str | None:
+        """The transfer id this node gave its own file ``name`` (None until it is taken)."""
+        return next((e["data"]["transfer"] for e in self.events("transfer.queued")
+                     if e["origin"] == self.name and self.name_in(e["data"]) == name), None)
 
     def events(self, type_: str | None = None) -> list[dict[str, Any]]:
         """Every line of the node's event log (as written, own and gossiped), oldest first."""

@@ -84,11 +84,6 @@ def own_link_events(node: NsNode, type_: str, peer: str) -> list[dict[str, Any]]
     return [e for e in node.events(type_) if e["origin"] == node.name and e["data"].get("peer") == peer]
 
 
-def queued_tid(node: NsNode, name: str) -> str | None:
-    return next((e["data"]["transfer"] for e in node.events("transfer.queued")
-                 if e["origin"] == node.name and e["data"]["name"] == name), None)
-
-
 def part_size(node: NsNode, tid: str) -> int:
     try:
         return (node.spool / f"{tid}.part").stat().st_size
@@ -121,7 +116,7 @@ def test_black_hole_mid_transfer_reroutes_and_heals(ns_net):
     folder.mkdir(parents=True, exist_ok=True)
     want = write_random_file(folder / f".{name}.tmp", BIG)
     os.rename(folder / f".{name}.tmp", folder / name)
-    tid = wait_until(lambda: queued_tid(a, name), 20, "A to take the file")
+    tid = wait_until(lambda: a.queued_tid(name), 20, "A to take the file")
     wait_until(lambda: part_size(b, tid) >= 8 * MiB, 30, "B to be receiving the file from A", every=0.005)
     downs = {n: len(own_link_events(net[n], "link.down", p)) for n, p in (("NodeA", "NodeB"), ("NodeB", "NodeA"))}
     net.cut("NodeA", "NodeB")

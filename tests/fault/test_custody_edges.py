@@ -4,21 +4,24 @@ delivered, or in ``failed/`` with its ``transfer.failed``, exactly once."""
 
 from __future__ import annotations
 
-import os
 import time
 
 from maildrop import lifecycle as L
-from maildrop.agent import open_log
 from maildrop.config import load_config
+from maildrop.eventlog import EventLog
 from maildrop.keys import load_key
 from maildrop.spool import Spool
 from maildrop.transfers import Custody
+from tests.factories import node_key
 from tests.harness import custody_service, wait_until
 
 
 def _custody(node):
+    """The node's log and Custody; NodeZ's and NodeB's keys pinned (as configured peers'
+    are), so files for them can be sealed; neither ever runs."""
     config = load_config(node.config_path)
-    elog = open_log(config)
+    elog = EventLog(config.events_path, pinned={n: node_key(n).public_line for n in ("NodeZ", "NodeB")},
+                    me=config.node_id)
     return elog, Custody(node.name, load_key(config.key_path), elog, Spool(config.spool),
                          config.inbox, config.failed, max_file_size=2**30, min_free_space=0)
 
@@ -37,7 +40,10 @@ def test_a_give_up_cut_short_between_the_move_and_the_event_is_finished_at_start
         path = a.drop("NodeZ", "late.bin", b"x" * 100)
         (tid,) = custody.take_batch([(path, "NodeZ")])
         custody.spool.write_meta(tid, {"failing": "cancelled"})
-        os.rename(custody.spool.data(tid), a.failed / "late.bin")  # the move, then the crash
+        # expire's steps up to the crash: the copy opened, the plaintext in failed/, the
+        # sealed copy gone; then the crash, before the event
+        (a.failed / "late.bin").write_bytes(b"x" * 100)
+        custody.spool.data(tid).unlink()
     finally:
         elog.close()
     assert _failed_events(a, tid) == []

@@ -38,12 +38,6 @@ SETTINGS = {"gossip": {"interval": "1s", "link_down_after": f"{L:g}s"}}
 
 # ------------------------------------------------------------------------------ helpers
 
-def queued_tid(node: Node, name: str) -> str | None:
-    """The transfer id ``node`` gave its own file ``name`` (None until it is taken)."""
-    return next((e["data"]["transfer"] for e in node.events("transfer.queued")
-                 if e["origin"] == node.name and e["data"]["name"] == name), None)
-
-
 def queue_row(node: Node, tid: str) -> dict[str, Any] | None:
     """``tid``'s row in ``maildrop queue --json`` (a real CLI call to the running agent)."""
     cp = node.cli("queue", "--json", timeout=30)
@@ -137,7 +131,7 @@ def test_stalled_delivery_heals(make_net):
     data = os.urandom(100_000)
     name = "stalled.bin"
     a.drop("NodeB", name, data)
-    tid = wait_until(lambda: queued_tid(a, name), 10, "A to take the file")
+    tid = wait_until(lambda: a.queued_tid(name), 10, "A to take the file")
     wait_until((b.spool / f"{tid}.data").exists, 20, "B to hold the whole file in its spool")
     assert inbox_of(b, "NodeA") == {}
 
@@ -206,7 +200,7 @@ def test_too_large_fails_at_origin(make_net, where):
     assert failed.read_bytes() == data
     text = reason.read_text()
     assert "too-large" in text and refuser in text, text  # the refusal and who refused
-    tid = queued_tid(a, name)
+    tid = a.queued_tid(name)
 
     def fails() -> list[dict]:
         return [e for e in a.events("transfer.failed") if e["origin"] == "NodeA" and e["data"]["transfer"] == tid]
@@ -249,7 +243,7 @@ def _reroute_when_next_hop_goes(make_net, cut: Callable[[Node], None], revive: C
     t_cut = time.monotonic()
     try:
         at_e = set(inbox_of(e, "NodeA"))
-        tids = wait_until(lambda: (m := {n: queued_tid(a, n) for n in files}) and all(m.values()) and m, 10,
+        tids = wait_until(lambda: (m := {n: a.queued_tid(n) for n in files}) and all(m.values()) and m, 10,
                           "A's queued events")
         with_c = relayed_by(c)  # C's custody, as its log says at the cut (C is dead or frozen)
         around = {n for n, t in tids.items() if t not in with_c}
@@ -307,7 +301,7 @@ def test_batch_kill_between_fsync_and_append(make_net):
     wait_until(lambda: not b.running, 20, "B's agent to kill itself at the failpoint")
     assert b.proc is not None and b.proc.returncode == -signal.SIGKILL, b.proc.returncode
     # It died where the failpoint is: files of the batch in the spool, none recorded, none delivered.
-    ours = {t for n in files if (t := queued_tid(a, n))}
+    ours = {t for n in files if (t := a.queued_tid(n))}
     stored = {p.name.split(".")[0] for p in b.spool_files() if p.suffix == ".data"} & ours
     assert stored, "B died with no file of the batch in its spool: not at receive.before_append"
     recorded = {e["data"]["transfer"] for e in b.events() if e["origin"] == "NodeB"
@@ -319,7 +313,7 @@ def test_batch_kill_between_fsync_and_append(make_net):
     b.wait_listening()
     wait_until(lambda: len(inbox_of(b, "NodeA")) >= len(files), 30, "all 50 in B's inbox after the restart")
     assert inbox_of(b, "NodeA") == want  # each once, whole
-    tids = {queued_tid(a, n) for n in files}
+    tids = {a.queued_tid(n) for n in files}
     assert delivered_at(b) == dict.fromkeys(tids, 1)
     wait_until(lambda: not transfer_files(a), 30, "A's spool to let go of every file")
     assert not a.failed.exists() or list(a.failed.iterdir()) == []

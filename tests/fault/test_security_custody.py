@@ -166,9 +166,10 @@ def test_f1_a_minted_node_cannot_end_anothers_transfer(outsider, end):
     minted.configured()
     minted.link("NodeX")
     x.link("-")
-    gossip_as_outsider(client, x.events + minted.events)
-    wait_until(lambda: "-" in a.known_nodes(), 15, "A to admit the minted node")
-    a.drop("NodeZ", "keep.bin", b"the only copy\n")  # NodeZ is unknown: A holds it
+    zed = _linked(x, "NodeZ", down=True)  # known by its key (A can seal to it), no route
+    gossip_as_outsider(client, x.events + minted.events + zed)
+    wait_until(lambda: {"-", "NodeZ"} <= a.known_nodes(), 15, "A to admit the minted node and NodeZ")
+    a.drop("NodeZ", "keep.bin", b"the only copy\n")  # NodeZ is unreachable: A holds it
     tid = wait_until(lambda: next((t["id"] for t in a.status()["transfers"]
                                    if t["origin"] == "NodeA"), None), 15, "A to queue keep.bin")
     assert _spool_data(a, tid).exists()
@@ -387,6 +388,9 @@ def test_f9_busy_answers_lead_to_a_reroute(make_net, tmp_path):
 
 def test_f11_the_relay_loop_survives_one_transfer_that_cannot_expire(outsider):
     a, client, x = outsider({"transfers": {"expire_after": "2s"}})
+    zed = _linked(x, "NodeZ", down=True)  # known by its key (A can seal to it), no route
+    gossip_as_outsider(client, x.events + zed)
+    wait_until(lambda: "NodeZ" in a.known_nodes(), 15, "A to admit NodeZ")
     blocker = a.failed / "stuck.bin.reason"
     blocker.mkdir(parents=True)  # its reason file cannot be written: that expiry raises
     (blocker / "keep").write_text("x")

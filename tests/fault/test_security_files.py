@@ -36,8 +36,9 @@ def log_of(node: Node) -> str:
 
 
 def queued(node: Node) -> dict[str, dict]:
-    """name -> data of every ``transfer.queued`` the node itself signed."""
-    return {e["data"]["name"]: e["data"] for e in node.events("transfer.queued")
+    """name -> data of every ``transfer.queued`` the node itself signed (the sealed name
+    opened with the node's own key, as the origin may)."""
+    return {node.name_in(e["data"]): e["data"] for e in node.events("transfer.queued")
             if e["origin"] == node.name}
 
 
@@ -126,7 +127,7 @@ class _SwappingSpool(Spool):
 
 
 def test_f3_file_swapped_for_a_symlink_during_the_intent_write_is_not_sent(make_net, tmp_path):
-    net = make_net(["NodeA"], [], start=False)
+    net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")], start=False)  # B's key: pinned
     a = net["NodeA"]
     config = load_config(a.config_path)
     secret = tmp_path / "secret"
@@ -233,13 +234,14 @@ def test_f11_unreadable_file_does_not_strand_the_rest_of_its_batch(make_net):
 
 
 def test_f11_expiry_of_a_252_byte_name_does_not_stop_the_agent(make_net):
-    net = make_net(["NodeA"], [], settings={"transfers": {"expire_after": "2s"}})
+    net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")], settings={"transfers": {"expire_after": "2s"}})
+    net.wait_converged(60)
     a = net["NodeA"]
+    net["NodeB"].stop()  # known (its key is pinned), never reached: the sealed copy expires
     data = os.urandom(2000)
-    rename_in(a, "NodeZ", EMOJI_NAME, data)
-    # The file is linked into failed/ first and its reason written next: wait for both.
-    wait_until(lambda: any(p.name.endswith(".reason") for p in a.failed.iterdir())
-               or not a.running, 30, "the file and its reason in failed/ (or the agent to exit)")
+    rename_in(a, "NodeB", EMOJI_NAME, data)
+    wait_until(lambda: [p for p in a.failed.iterdir() if p.name.endswith(".reason")] or not a.running, 30,
+               "the file and its reason in failed/ (or the agent to exit)")
     assert a.running, "the agent exited: " + a.log_tail(5)
     assert (a.failed / EMOJI_NAME).read_bytes() == data
     reasons = [p for p in a.failed.iterdir() if p.name.endswith(".reason")]

@@ -41,11 +41,6 @@ def add_yaml(node: Node, text: str) -> None:
     node.config_path.write_text(node.config_path.read_text() + text)
 
 
-def queued_tid(node: Node, name: str) -> str | None:
-    return next((e["data"]["transfer"] for e in node.events("transfer.queued")
-                 if e["origin"] == node.name and e["data"]["name"] == name), None)
-
-
 def log_lines(node: Node, *needles: str) -> list[str]:
     return [ln for ln in node.log_path.read_text(errors="replace").splitlines()
             if " DEBUG " not in ln and all(n in ln for n in needles)]
@@ -83,7 +78,7 @@ def test_a_full_quota_at_b_sends_the_file_through_c_and_b_still_takes_its_own_ma
         a.drop("NodeB", name, body)
     wait_until(lambda: inbox(d, "NodeA"), 60, "the file in D's inbox")
     assert inbox(d, "NodeA") == {"through-c.bin": hashlib.sha256(data).hexdigest()}
-    tid = queued_tid(a, "through-c.bin")
+    tid = a.queued_tid("through-c.bin")
     assert log_lines(b, "relay.offer.refused", "peer=NodeA", f"transfer={tid}", "reason=quota")
     assert log_lines(a, "relay.hop.refused", f"transfer={tid}", "NodeB refused: quota:")
     wait_until(lambda: "NodeC" in custodians(d, tid), 20, "C's custody of it to reach D")
@@ -108,14 +103,14 @@ def test_a_relay_at_its_transfer_limit_refuses_the_next_one_and_takes_it_once_th
     net.wait_converged(60)
     first, second = os.urandom(5000), os.urandom(6000)
     a.drop("NodeX", "first.bin", first)
-    wait_until(lambda: queued_tid(a, "first.bin"), 20, "A to take first.bin")
-    t1 = queued_tid(a, "first.bin")
+    wait_until(lambda: a.queued_tid("first.bin"), 20, "A to take first.bin")
+    t1 = a.queued_tid("first.bin")
     wait_until(lambda: "NodeB" in custodians(b, t1), 30, "B to hold first.bin")
     wait_until(lambda: log_lines(b, "relay.hop.refused", f"transfer={t1}", "no-space"), 30,
                "X to refuse first.bin (no-space)")
     a.drop("NodeX", "second.bin", second)
-    wait_until(lambda: queued_tid(a, "second.bin"), 20, "A to take second.bin")
-    t2 = queued_tid(a, "second.bin")
+    wait_until(lambda: a.queued_tid("second.bin"), 20, "A to take second.bin")
+    t2 = a.queued_tid("second.bin")
     wait_until(lambda: log_lines(b, "relay.offer.refused", f"transfer={t2}", "reason=quota",
                                  "NodeA has 1 transfers held here, at most 1"), 30, "B to refuse second.bin")
     row = wait_until(lambda: (r := queue_row(a, t2)) and "quota" in r["last_error"] and r, 20,
@@ -160,7 +155,7 @@ def test_accept_from_at_the_destination_fails_the_file_at_its_origin_naming_the_
     assert failed.read_bytes() == data
     text = reason.read_text()
     assert "refused by NodeD: not-accepted: NodeD takes no files from NodeA (accept_from)" in text, text
-    tid = queued_tid(a, "not-for-d.txt")
+    tid = a.queued_tid("not-for-d.txt")
     assert [e["data"]["by"] for e in b.events("transfer.refused") if e["data"]["transfer"] == tid] == ["NodeD"]
     wait_until(lambda: not b.spool_files(tid), 30, "B to let its copy go")
     wait_until(lambda: inbox(d, "NodeB"), 30, "B's file in D's inbox")
@@ -181,7 +176,7 @@ def test_relay_for_routes_around_a_relay_that_will_not_carry_and_fails_when_no_p
     a.drop("NodeD", "one.bin", one)
     wait_until(lambda: inbox(d, "NodeA"), 60, "one.bin in D's inbox")
     assert inbox(d, "NodeA") == {"one.bin": hashlib.sha256(one).hexdigest()}
-    t1 = queued_tid(a, "one.bin")
+    t1 = a.queued_tid("one.bin")
     assert len(log_lines(b, "relay.offer.refused", f"transfer={t1}", "reason=not-accepted")) == 1
     assert log_lines(a, "relay.hop.refused", f"transfer={t1}", "refused by NodeB: not-accepted")
     wait_until(lambda: "NodeC" in custodians(d, t1), 20, "C's custody to reach D")
@@ -197,7 +192,7 @@ def test_relay_for_routes_around_a_relay_that_will_not_carry_and_fails_when_no_p
     text = reason.read_text()
     assert "not-accepted" in text and re.search(r"refused by Node[BC]: not-accepted: Node[BC] does not relay "
                                                 r"for NodeA \(relay_for\)", text), text
-    t2 = queued_tid(a, "two.bin")
+    t2 = a.queued_tid("two.bin")
     for relay in (b, c):  # each asked once: a refusal for good is not asked again
         assert len(log_lines(relay, "relay.offer.refused", f"transfer={t2}", "reason=not-accepted")) == 1
     assert failed.read_bytes() == two and set(inbox(d, "NodeA")) == {"one.bin"}
@@ -245,7 +240,7 @@ def test_a_refusal_past_the_first_relay_comes_back_and_the_origin_goes_another_w
     a.drop("NodeE", "long-way.bin", data)
     wait_until(lambda: inbox(e, "NodeA"), 90, "the file in E's inbox")
     assert inbox(e, "NodeA") == {"long-way.bin": hashlib.sha256(data).hexdigest()}
-    tid = queued_tid(a, "long-way.bin")
+    tid = a.queued_tid("long-way.bin")
     assert [(ev["data"]["by"], ev["data"]["reason"]) for ev in b.events("transfer.refused")
             if ev["data"]["transfer"] == tid] == [("NodeC", "not-accepted")]
     assert log_lines(a, "relay.refused.downstream", f"transfer={tid}", "refused by NodeC: not-accepted")

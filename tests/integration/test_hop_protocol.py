@@ -12,8 +12,10 @@ plays NodeA by hand with a ``FrameStream``. Every test runs in milliseconds.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import hashlib
 import os
 import socket
 import threading
@@ -22,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pyrage
 import pytest
 
 from maildrop import events as E
@@ -35,6 +38,7 @@ from maildrop.eventlog import EventLog
 from maildrop.events import compute_id
 from maildrop.keys import load_key
 from maildrop.protocol import MAX_BATCH, FrameStream
+from maildrop.seal import Envelope, seal_envelope
 from maildrop.spool import Spool
 from maildrop.transfers import Answer, Custody, Outgoing, offer_chunks
 from tests.factories import FeedWriter
@@ -130,7 +134,7 @@ class Hop:
         """Drop ``files`` into NodeA's outbox for ``dest`` and take them in one batch; the
         transfer ids in the order of ``files``."""
         tids = self.sender.take_batch([(self.a.drop(dest, name, data), dest) for name, data in files.items()])
-        by_name = {self.sender.queued_event(t).data["name"]: t for t in tids}
+        by_name = {self.sender.name_of(self.sender.queued_event(t)): t for t in tids}
         assert sorted(by_name) == sorted(files)
         return [by_name[name] for name in files]
 
@@ -168,6 +172,10 @@ class Hop:
             self.sender.send_batch("NodeB", stream, self.items(tids),
                                    lambda tid, ans: reports.append((tid, ans)))
         return reports
+
+    def sealed(self, tid: str) -> bytes:
+        """NodeA's spool copy of ``tid``: the age ciphertext every holder stores and sends."""
+        return self.sender.spool.data(tid).read_bytes()
 
     def spool_of(self, tid: str) -> set[str]:
         """B's spool entries of ``tid`` besides a meta (``.data`` whole, ``.part`` arriving)."""
@@ -214,7 +222,9 @@ def test_a_batch_of_small_files_is_stored_at_a_relay_with_one_append(hop):
     assert _words(reports) == [(t, ACCEPT) for t in tids] + [(t, STORED) for t in tids]
     for tid, data in zip(tids, files.values(), strict=True):
         assert hop.spool_of(tid) == {".data"}
-        assert hop.receiver.spool.data(tid).read_bytes() == data
+        held = hop.receiver.spool.data(tid).read_bytes()
+        assert held == hop.sealed(tid) and held.startswith(b"age-encryption.org/v1\n")
+        assert data not in held  # the relay holds the ciphertext only
     added = hop.added(before)
     assert [(e["origin"], e["type"], e["data"]) for e in added] == \
         [("NodeB", E.TRANSFER_RELAYED, {"transfer": t, "from": "NodeA"}) for t in tids]
@@ -241,7 +251,9 @@ def test_a_batch_for_the_receiver_lands_in_its_inbox_with_one_receipt_each(hop):
     assert [(e["origin"], e["type"], e["data"]["transfer"]) for e in added] == \
         [("NodeA", E.TRANSFER_QUEUED, t) for t in tids] + [("NodeB", E.TRANSFER_DELIVERED, t) for t in tids]
     receipts = added[len(tids):]
-    assert [e["data"]["name"] for e in receipts] == list(files)
+    # A sealed transfer's receipt names the bytes, not the file (its name stays sealed).
+    assert [e["data"] for e in receipts] == \
+        [{"transfer": t, "sha256": hop.sender.queued_event(t).data["sha256"]} for t in tids]
     assert len({e["ts"] for e in receipts}) == 1  # the batch's receipts: one append
     assert all(hop.spool_of(t) == set() for t in tids)
     assert not set(tids) & set(hop.custodian.snapshot())  # ended: the service forgot them
@@ -260,14 +272,16 @@ def test_offering_again_what_the_receiver_holds_or_delivered_answers_have(hop, d
 def test_a_file_over_the_receivers_limit_is_refused_and_the_rest_of_the_batch_goes(hop):
     big, small = hop.take("NodeC", {"big.bin": b"x" * (MAX_FILE + 1), "small.txt": b"small"})
     reports = hop.send([big, small])
+    sealed_size = hop.sender.queued_event(big).data["size"]  # the limit is on what is stored
+    assert sealed_size > MAX_FILE + 1
     assert _words(reports) == [
         (big, {"a": "refuse", "reason": "too-large",
-               "detail": f"{MAX_FILE + 1} bytes is over the limit of {MAX_FILE}"}),
+               "detail": f"{sealed_size} bytes is over the limit of {MAX_FILE}"}),
         (small, ACCEPT),
         (small, STORED),  # "stored" answers for the accepted files only
     ]
     assert hop.spool_of(big) == set()
-    assert hop.receiver.spool.data(small).read_bytes() == b"small"
+    assert hop.receiver.spool.data(small).read_bytes() == hop.sealed(small)
     assert big not in hop.custodian.snapshot()
 
 
@@ -278,10 +292,11 @@ def test_forged_and_unknown_queued_events_are_refused_file_by_file(hop):
     one is accepted, and no forged fact joins NodeB's log."""
     good, edited, resealed = hop.take("NodeC", {"good.txt": b"good", "e.txt": b"eee", "r.txt": b"rrr"})
     items = hop.items([good, edited, resealed])
+    evil = items[0].queued.data["sealed"]  # another transfer's envelope: a well-formed lie
     ev = items[1].queued
-    items[1] = replace(items[1], queued=replace(ev, data={**ev.data, "name": "evil.txt"}))
+    items[1] = replace(items[1], queued=replace(ev, data={**ev.data, "sealed": evil}))
     ev = items[2].queued
-    body = {**ev.body(), "data": {**ev.data, "name": "evil.txt"}}
+    body = {**ev.body(), "data": {**ev.data, "sealed": evil}}
     items[2] = replace(items[2], queued=replace(ev, data=body["data"], id=compute_id(body)))
     x = FeedWriter("NodeX")
     x.configured()
@@ -302,35 +317,33 @@ def test_forged_and_unknown_queued_events_are_refused_file_by_file(hop):
     ]
     assert [hop.spool_of(t) for t in (good, edited, resealed, stranger)] == [{".data"}, set(), set(), set()]
     events = hop.b.events()
-    assert not [e for e in events if e["origin"] == "NodeX" or e["data"].get("name") == "evil.txt"]
+    assert not [e for e in events if e["origin"] == "NodeX"
+                or (e["data"].get("sealed") == evil and e["data"]["transfer"] != good)]
 
 
 def test_an_offer_of_more_than_max_batch_files_is_refused_whole(hop):
     """65 files in one offer break the protocol: NodeB answers ``error`` and ends the
-    channel, so the sender raises ProtocolError with NodeB's reason and nothing was taken.
-    Split as a hop worker splits them (``offer_chunks``), two offers on one channel carry
+    channel before it looks at any file (an offer by hand: 65 sealed queued events would not
+    even fit one header). Split as a hop worker splits them (``offer_chunks``: at most
+    MAX_BATCH files and OFFER_BUDGET bytes of header each), offers on one channel carry
     them all."""
     files = {f"m{i:02d}.txt": b"%d" % i for i in range(MAX_BATCH + 1)}
     tids = hop.take("NodeC", files)
-    reports: list[tuple[str, Answer]] = []
-
-    def report(tid: str, ans: Answer) -> None:
-        reports.append((tid, ans))
-
-    with hop.channel() as stream, \
-            pytest.raises(ProtocolError, match=rf"^peer said: offer: 1 to {MAX_BATCH} files$"):
-        hop.sender.send_batch("NodeB", stream, hop.items(tids), report)
-    assert reports == []
+    with hop.channel() as stream:
+        stream.send("offer", files=[{"transfer": t, "queued": {}, "route": ["NodeA"]} for t in tids])
+        with pytest.raises(ProtocolError, match=rf"^peer said: offer: 1 to {MAX_BATCH} files$"):
+            stream.recv(expect={"answers"})
     assert [t for t in tids if hop.spool_of(t)] == []
     chunks = list(offer_chunks(hop.items(tids)))
-    assert [len(c) for c in chunks] == [MAX_BATCH, 1]
+    assert len(chunks) >= 2 and all(len(c) <= MAX_BATCH for c in chunks)
+    assert [t for c in chunks for t in (it.transfer for it in c)] == tids
+    reports: list[tuple[str, Answer]] = []
     with hop.channel() as stream:
         for chunk in chunks:
-            hop.sender.send_batch("NodeB", stream, chunk, report)
-    first, last = tids[:MAX_BATCH], tids[MAX_BATCH]
-    assert _words(reports) == [(t, ACCEPT) for t in first] + [(t, STORED) for t in first] + \
-        [(last, ACCEPT), (last, STORED)]
-    assert [hop.receiver.spool.data(t).read_bytes() for t in tids] == list(files.values())
+            hop.sender.send_batch("NodeB", stream, chunk, lambda tid, ans: reports.append((tid, ans)))
+    assert _words(reports) == [w for c in chunks for w in
+                               [(it.transfer, ACCEPT) for it in c] + [(it.transfer, STORED) for it in c]]
+    assert [hop.receiver.spool.data(t).read_bytes() for t in tids] == [hop.sealed(t) for t in tids]
 
 
 def test_bytes_that_do_not_match_the_signed_hash_are_refused_after_the_batch(hop):
@@ -342,13 +355,13 @@ def test_bytes_that_do_not_match_the_signed_hash_are_refused_after_the_batch(hop
     before = len(hop.b.events())
     with hop.channel() as stream:
         assert _offer(stream, hop.items([bad, good])) == [ACCEPT, ACCEPT]
-        stream.send_raw(b"X" * 1000)
-        stream.send_raw(b"G" * 1000)
+        stream.send_raw(b"X" * len(hop.sealed(bad)))
+        stream.send_raw(hop.sealed(good))
         results = stream.recv(expect={"stored"})["results"]
     assert results == [{"a": "refuse", "reason": "hash-mismatch",
                         "detail": "bytes do not match the sha256 of the queued event"}, STORED]
     assert hop.spool_of(bad) == set()
-    assert hop.receiver.spool.data(good).read_bytes() == b"G" * 1000
+    assert hop.receiver.spool.data(good).read_bytes() == hop.sealed(good)
     assert [(e["type"], e["data"]["transfer"]) for e in hop.added(before)] == [(E.TRANSFER_RELAYED, good)]
     held = hop.custodian.snapshot()
     assert bad not in held and good in held
@@ -358,8 +371,8 @@ def test_a_batch_cut_off_mid_file_resumes_from_the_parts_kept(hop):
     """The channel closes after the first file of two and 15,000 bytes of the second:
     nothing is committed, both parts stay. The next offer, on a new channel, is accepted
     from each part's size (the first: all of it, so no byte is sent again) and completes."""
-    one, two = os.urandom(3000), os.urandom(40000)
-    t1, t2 = hop.take("NodeC", {"one.bin": one, "two.bin": two})
+    t1, t2 = hop.take("NodeC", {"one.bin": os.urandom(3000), "two.bin": os.urandom(40000)})
+    one, two = hop.sealed(t1), hop.sealed(t2)  # what moves: the ciphertext, resumed as such
     hop.sync()
     before = len(hop.b.events())
     cut = 15000
@@ -373,7 +386,7 @@ def test_a_batch_cut_off_mid_file_resumes_from_the_parts_kept(hop):
     assert hop.added(before) == []
     assert not {t1, t2} & set(hop.custodian.snapshot())
     reports = hop.send([t1, t2])
-    assert _words(reports) == [(t1, {"a": "accept", "offset": 3000}), (t2, {"a": "accept", "offset": cut}),
+    assert _words(reports) == [(t1, {"a": "accept", "offset": len(one)}), (t2, {"a": "accept", "offset": cut}),
                                (t1, STORED), (t2, STORED)]
     assert hop.receiver.spool.data(t1).read_bytes() == one
     assert hop.receiver.spool.data(t2).read_bytes() == two
@@ -388,8 +401,8 @@ def test_a_resume_onto_a_bad_part_is_cut_back_once_then_started_afresh(hop):
     channel closed). The honest resume from 5,000 fails its hash: the part is cut back to
     5,000 (those bytes may be honest). The next resume fails again: the part is dropped.
     The offer after that starts from 0 and is stored."""
-    data = os.urandom(12000)
-    (tid,) = hop.take("NodeC", {"resumed.bin": data})
+    (tid,) = hop.take("NodeC", {"resumed.bin": os.urandom(12000)})
+    data = hop.sealed(tid)
     with hop.channel() as stream:
         assert _offer(stream, hop.items([tid])) == [ACCEPT]
         stream.send_raw(b"X" * 5000)
@@ -409,15 +422,15 @@ def test_a_sender_that_stops_mid_file_leaves_a_part_and_no_fact(hop):
     """While the bytes arrive, the service shows the transfer receiving from NodeA; when the
     channel closes mid-file the handler tells it (``receive_failed``): nothing is committed,
     no event is written, the part is kept, and the service no longer has the transfer."""
-    data = os.urandom(20000)
-    (tid,) = hop.take("NodeC", {"half.bin": data})
+    (tid,) = hop.take("NodeC", {"half.bin": os.urandom(20000)})
+    data = hop.sealed(tid)
     hop.sync()
     log_before = hop.b.events()
     with hop.channel() as stream:
         assert _offer(stream, hop.items([tid])) == [ACCEPT]
         stream.send_raw(data[:5000])
         wait_until(lambda: hop.receiver.snapshot() == [
-            {"transfer": tid, "direction": "in", "peer": "NodeA", "size": 20000, "bytes": 5000}],
+            {"transfer": tid, "direction": "in", "peer": "NodeA", "size": len(data), "bytes": 5000}],
             TIMEOUT, "NodeB to have the first 5000 bytes")
         arriving = hop.custodian.snapshot()[tid]
         assert (arriving.phase, arriving.hop, arriving.offset, arriving.role) == \
@@ -442,7 +455,8 @@ def test_a_destination_that_cannot_deliver_answers_pending_with_the_reason_and_h
     pending = {"a": "pending",
                "detail": f"delivery into inbox/NodeA/ failed: [Errno {errno.ELOOP}] {folder} is a symlink"}
     assert _words(hop.send([tid])) == [(tid, ACCEPT), (tid, pending)]
-    assert hop.receiver.spool.data(tid).read_bytes() == b"late"
+    assert hop.receiver.spool.data(tid).read_bytes() == hop.sealed(tid)
+    assert hop.receiver.spool.opened(tid).read_bytes() == b"late"  # opened before the commit
     assert list(elsewhere.iterdir()) == []  # never written through the symlink
     assert _words(hop.send([tid])) == [(tid, pending)]  # not "have": the reason, again
     assert not hop.b.events(E.TRANSFER_DELIVERED)
@@ -451,3 +465,79 @@ def test_a_destination_that_cannot_deliver_answers_pending_with_the_reason_and_h
     assert (folder / "late.txt").read_bytes() == b"late"
     assert hop.spool_of(tid) == set()
     assert _words(hop.send([tid])) == [(tid, HAVE)]
+
+
+# -- sealed files at their destination (docs/encryption.md) -----------------------------------
+
+def test_a_sealed_file_cut_off_at_its_destination_resumes_on_ciphertext_and_is_opened_once(hop):
+    """The channel closes mid-file for NodeB itself: the part is ciphertext and no plaintext
+    is anywhere in NodeB's spool. The resume sends only the rest of the ciphertext; NodeB
+    opens the whole copy before its commit and delivers the plaintext once, under its name."""
+    data = b"PLAIN-" + os.urandom(30000)
+    (tid,) = hop.take("NodeB", {"resumed.txt": data})
+    sealed = hop.sealed(tid)
+    cut = 10000
+    with hop.channel() as stream:
+        assert _offer(stream, hop.items([tid])) == [ACCEPT]
+        stream.send_raw(sealed[:cut])
+    assert hop.receiver.spool.part(tid).read_bytes() == sealed[:cut]
+    assert not [p for p in hop.receiver.spool.folder.iterdir() if b"PLAIN-" in p.read_bytes()]
+    assert _words(hop.send([tid])) == [(tid, {"a": "accept", "offset": cut}), (tid, STORED)]
+    assert [(p.name, p.read_bytes()) for p in (hop.b.inbox / "NodeA").iterdir()] == [("resumed.txt", data)]
+    assert len(hop.b.events(E.TRANSFER_DELIVERED)) == 1
+    assert hop.spool_of(tid) == set()
+
+
+def _queue_by_hand(hop: Hop, data: dict[str, Any], body: bytes) -> str:
+    """Append a ``transfer.queued`` of NodeA with ``data`` (its own signed fact) and put
+    ``body`` in A's spool as that transfer's copy; its transfer id."""
+    tid = data["transfer"]
+    fd = hop.sender.spool.create(hop.sender.spool.data(tid))
+    try:
+        os.write(fd, body)
+    finally:
+        os.close(fd)
+    hop.sender.append([(E.TRANSFER_QUEUED, {**data, "size": len(body),
+                                            "sha256": hashlib.sha256(body).hexdigest()})])
+    return tid
+
+
+def test_a_plaintext_transfer_queued_before_the_upgrade_is_still_delivered_as_before(hop):
+    """A queued event of the old shape (``data.name``, the bytes in plaintext), as a node of
+    the previous version wrote it: NodeB delivers those bytes under that name, and its
+    receipt keeps the name, as before."""
+    body = b"queued before sealing\n"
+    tid = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                               "name": "old.txt"}, body)
+    assert "sealed" not in hop.sender.queued_event(tid).data
+    assert _words(hop.send([tid])) == [(tid, ACCEPT), (tid, STORED)]
+    assert (hop.b.inbox / "NodeA" / "old.txt").read_bytes() == body
+    [receipt] = hop.b.events(E.TRANSFER_DELIVERED)
+    assert receipt["data"] == {"transfer": tid, "sha256": hashlib.sha256(body).hexdigest(), "name": "old.txt"}
+
+
+def test_a_sealed_file_that_does_not_decrypt_is_refused_for_good_and_nothing_is_delivered(hop):
+    """Two lies, each refused ``undecryptable`` (a permanent reason): an envelope NodeB
+    cannot open is refused before any byte moves; a good envelope with bytes that are not
+    its ciphertext (another age file, of the right signed size and hash) is refused after
+    the bytes, before the commit. No half-written file reaches the inbox, no receipt is
+    written, nothing is kept."""
+    other = pyrage.x25519.Identity.generate().to_public()
+    b_key, a_key = hop.sender.recipient_key("NodeB"), hop.sender.key.public_line
+    env = Envelope("lie.txt", "NodeA", 5, hashlib.sha256(b"hello").hexdigest())
+    stranger_env = base64.b64encode(pyrage.encrypt(env.to_bytes(), [other])).decode()
+    unopenable = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                                      "sealed": stranger_env}, pyrage.encrypt(b"hello", [other]))
+    wrong_bytes = _queue_by_hand(hop, {"transfer": os.urandom(16).hex(), "destination": "NodeB",
+                                       "sealed": seal_envelope(env, [b_key, a_key])},
+                                 pyrage.encrypt(b"hello", [other]))
+    reports = _words(hop.send([unopenable, wrong_bytes]))
+    assert [(t, w["a"], w.get("reason")) for t, w in reports] == [
+        (unopenable, "refuse", "undecryptable"), (wrong_bytes, "accept", None),
+        (wrong_bytes, "refuse", "undecryptable")]
+    assert "does not decrypt" in reports[2][1]["detail"]
+    assert "undecryptable" in L.PERMANENT
+    assert not (hop.b.inbox / "NodeA").exists() or list((hop.b.inbox / "NodeA").iterdir()) == []
+    assert hop.b.events(E.TRANSFER_DELIVERED) == []
+    assert hop.spool_of(unopenable) == hop.spool_of(wrong_bytes) == set()
+    assert not {unopenable, wrong_bytes} & set(hop.custodian.snapshot())

@@ -88,8 +88,7 @@ def _every_node_routes(net, path) -> bool:
 
 def _relayed_by(net, name: str) -> set[str]:
     """The relays that signed custody of the file ``name`` NodeA sent, as NodeD's log has it."""
-    [tid] = [e["data"]["transfer"] for e in net["NodeA"].events(E.TRANSFER_QUEUED)
-             if e["data"]["name"] == name]
+    tid = net["NodeA"].queued_tid(name)
     return {e["origin"] for e in net["NodeD"].events(E.TRANSFER_RELAYED) if e["data"]["transfer"] == tid}
 
 

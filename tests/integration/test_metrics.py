@@ -61,6 +61,9 @@ def test_3_scrape_shows_a_sent_file_per_peer(make_net):
     wait_until(lambda: value(scrape(at_a), "maildrop_transfers", state="delivered") == 1, 20,
                "A to learn the receipt")
     sa, sb = scrape(at_a), scrape(at_b)
+    [queued] = a.events("transfer.queued")
+    size = queued["data"]["size"]  # the bytes that moved: the sealed file's (docs/encryption.md)
+    assert size > 300_000
 
     assert value(sa, "maildrop_file_bytes_sent_total", peer="NodeB") == size
     assert value(sa, "maildrop_hop_duration_seconds_count", peer="NodeB") == 1

@@ -47,7 +47,9 @@ def test_queue_lists_a_transfer_stuck_to_an_unreachable_node(make_net):
     row = wait_until(lambda: (r := row_named(a, "stuck.bin")) and r["last_error"] and r, 30,
                      "A's queue to show stuck.bin with its last error")
     tid = row["id"]
-    assert (row["origin"], row["destination"], row["size"]) == ("NodeA", "NodeB", len(data))
+    sealed = next(e["data"]["size"] for e in a.events("transfer.queued") if e["data"]["transfer"] == tid)
+    assert (row["origin"], row["destination"], row["size"]) == ("NodeA", "NodeB", sealed)  # what moves
+    assert sealed > len(data)
     assert row["state"] in ("queued", "deferred")
     assert row["next_try"] is not None and row["next_try"] < time.time() + 60
     assert "NodeB" in row["last_error"]

@@ -54,8 +54,12 @@ def test_chain_delivery_of_a_file_written_in_place(make_net):
     t = wait_until(lambda: (x := transfer_named(a, "report.bin")) and x["state"] == "delivered" and x,
                    30, "A's status to say delivered (the receipt gossiped back)")
     tid = t["id"]
-    assert t["destination"] == "NodeE" and t["size"] == len(data)
-    assert t["sha256"] == hashlib.sha256(data).hexdigest()
+    assert t["destination"] == "NodeE" and t["file_size"] == len(data)
+    assert t["file_sha256"] == hashlib.sha256(data).hexdigest()
+    # What moved is the age ciphertext: its size and sha256 are those of the queued event.
+    [queued] = [ev for ev in a.events("transfer.queued") if ev["data"]["transfer"] == tid]
+    assert (t["size"], t["sha256"]) == (queued["data"]["size"], queued["data"]["sha256"])
+    assert t["size"] > len(data) and t["sha256"] != hashlib.sha256(data).hexdigest()
     assert set(t["custody"]) == {"NodeB", "NodeC", "NodeD"}  # the relays that held it
     assert len(delivered_events(e, tid)) == 1
     # Relays let go after handing on; the origin after the receipt; E after publishing.
@@ -161,18 +165,20 @@ def test_outbox_watcher_in_the_agent(make_net):
     assert len(b.inbox_files()) == 1 + 1 + 3 + 3
 
 
-def test_undeliverable_file_expires_into_failed_with_the_reason(make_net):
+def test_undeliverable_file_expires_into_failed_with_the_reason_in_plaintext(make_net):
     net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")],
                    settings={"transfers": {"expire_after": "3s"}})
+    net.wait_converged(60)
     a = net["NodeA"]
-    data = os.urandom(10_000)
-    a.drop("NodeZ", "lost.bin", data)  # NodeZ never appears
+    net["NodeB"].stop()  # its key is known (a pinned peer): the file is sealed to it, never sent
+    data = b"MARKER-lost-" + os.urandom(10_000)
+    a.drop("NodeB", "lost.bin", data)
     failed = a.failed / "lost.bin"
     reason = a.failed / "lost.bin.reason"
     wait_until(lambda: failed.exists() and reason.exists(), 30, "lost.bin in A's failed/")
-    assert failed.read_bytes() == data
+    assert failed.read_bytes() == data  # the origin opened its own sealed copy
     text = reason.read_text()
-    assert "NodeZ" in text and "not delivered within 3 s" in text
+    assert "NodeB" in text and "not delivered within 3 s" in text
     t = wait_until(lambda: (x := transfer_named(a, "lost.bin")) and x["state"] == "failed" and x,
                    10, "A's status to say failed")
     assert "not delivered" in t["failed"]
@@ -180,9 +186,29 @@ def test_undeliverable_file_expires_into_failed_with_the_reason(make_net):
     evs = [ev for ev in json.loads(cp.stdout)["events"] if ev["type"] == "transfer.failed"]
     assert [ev["data"]["transfer"] for ev in evs] == [t["id"]]
     assert "not delivered" in evs[0]["data"]["reason"]
-    assert list((a.outbox / "NodeZ").iterdir()) == []
+    assert list((a.outbox / "NodeB").iterdir()) == []
     wait_until(lambda: a.spool_files() == [], 10, "A's spool to let go of it")
     assert net["NodeB"].inbox_files() == []
+
+
+def test_a_file_for_a_node_whose_key_is_unknown_waits_in_the_outbox_then_fails(make_net):
+    net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")],
+                   settings={"transfers": {"expire_after": "3s"}})
+    a = net["NodeA"]
+    data = os.urandom(10_000)
+    a.drop("NodeZ", "lost.bin", data)  # NodeZ never appears: nothing to seal the file to
+    wait_until(lambda: "outbox.waiting" in a.log_path.read_text(errors="replace"), 20,
+               "A to say the file waits for NodeZ's key")
+    assert (a.outbox / "NodeZ" / "lost.bin").read_bytes() == data  # not taken
+    assert a.spool_files() == []
+    failed = a.failed / "lost.bin"
+    wait_until(lambda: (a.failed / "lost.bin.reason").exists() and not (a.outbox / "NodeZ" / "lost.bin").exists(),
+               30, "lost.bin moved to A's failed/ after expire_after")
+    assert failed.read_bytes() == data
+    assert "no key of NodeZ became known within 3 s" in (a.failed / "lost.bin.reason").read_text()
+    assert list((a.outbox / "NodeZ").iterdir()) == []
+    assert a.log_path.read_text(errors="replace").count("outbox.waiting") == 1  # said once
+    assert not a.events("transfer.queued")  # it was never a transfer
 
 
 def test_send_wait_exits_0_on_the_receipt_and_1_on_timeout(make_net, tmp_path):

@@ -14,17 +14,17 @@ import pytest
 from maildrop import cli
 from maildrop import events as E
 from maildrop import lifecycle as L
-from maildrop.agent import open_log
 from maildrop.config import load_config
 from maildrop.control import STATES, Control, Holds, held_row, request, resolve
 from maildrop.errors import MaildropError, TransferRefused
+from maildrop.eventlog import EventLog
 from maildrop.keys import load_key
 from maildrop.localnet import LocalNode
 from maildrop.model import fold
 from maildrop.relay import plan
 from maildrop.spool import Spool
 from maildrop.transfers import Custody
-from tests.factories import T0, network_of
+from tests.factories import T0, network_of, node_key
 from tests.harness import custody_service, wait_until
 
 TID = "e" * 32
@@ -184,13 +184,15 @@ def test_every_row_state_of_a_held_transfer_is_a_listed_one_and_each_phase_has_o
     assert {given[0].phase for given, _ in ROWS} == live  # every phase the service holds
 
 
-def test_a_row_names_the_file_from_its_queued_event():
+def test_a_row_takes_its_facts_from_the_queued_event_and_the_name_as_opened():
     feeds = network_of(EDGES)
     queued = feeds["NodeA"].add(E.TRANSFER_QUEUED, {"transfer": TID, "destination": "NodeE",
                                                     "name": "report.txt", "size": 1, "sha256": "0" * 64})
-    row = held_row(origin(), queued, NOW, POLICY)
+    row = held_row(origin(), queued, NOW, POLICY, name="report.txt")
     assert (row["origin"], row["destination"], row["name"], row["size"], row["queued"]) == \
         ("NodeA", "NodeE", "report.txt", 1, queued.ts)
+    # A sealed transfer at a relay: the name is not this node's to read, and none is made up.
+    assert held_row(origin(), queued, NOW, POLICY)["name"] is None
 
 
 def test_the_cli_lists_every_queue_state():
@@ -216,10 +218,13 @@ def test_holds_file_round_trip_and_an_unreadable_one_holds_nothing(tmp_path, cap
 def node(tmp_path):
     """A real node folder (key, config, log) whose 'agent' is this test: it holds the agent's
     lock and runs a custody service, which holds one transfer taken from the outbox (for
-    NodeZ, a node nobody knows: it has no route and is never offered)."""
+    NodeZ, a node with no route: it is never offered)."""
     n = LocalNode(tmp_path, "NodeA", dict(os.environ))
     config = load_config(n.config_path)
-    elog = open_log(config)
+    # NodeZ's key is pinned (as a configured peer's is), so the file can be sealed to it;
+    # no link to it was ever announced, so it has no route.
+    elog = EventLog(config.events_path, pinned={"NodeZ": node_key("NodeZ").public_line},
+                    me=config.node_id)
     custody = Custody(config.node_id, load_key(config.key_path), elog, Spool(config.spool),
                       config.inbox, config.failed, max_file_size=2**30, min_free_space=0)
     lock = os.open(config.state_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
