@@ -23,7 +23,7 @@ must hold under any load: tests/fault/test_hostile_flood.py).
 Usage: PYTHONPATH=<checkout> python bench/flood_bench.py [--phase 20] [--warmup 12] [--hold 2000]
        [--hold-sources 500] [--slow 32] [--drip 32] [--reopen-rate 200]
 The attacker alone: python bench/flood_bench.py --worker --port PORT [same flood options]
-(prints one JSON line of counts on SIGTERM or after --seconds).
+(prints its counts as one JSON line every 0.5 s, and at the end: SIGTERM or --seconds).
 """
 
 from __future__ import annotations
@@ -216,7 +216,10 @@ def worker_main(args: argparse.Namespace) -> int:
     runner.start()
     flood.first_round.wait(120)
     print(json.dumps({"ready": True}), flush=True)
-    flood.stop.wait(args.seconds if args.seconds > 0 else None)
+    end = time.monotonic() + args.seconds if args.seconds > 0 else float("inf")
+    while not flood.stop.wait(min(0.5, max(0.0, end - time.monotonic()))) and time.monotonic() < end:
+        with flood.lock:
+            print(json.dumps(dict(flood.counts)), flush=True)  # the counts so far
     flood.stop.set()
     runner.join(30)
     with flood.lock:
@@ -245,12 +248,25 @@ class Attacker:
         if not line or not json.loads(line).get("ready"):
             self.proc.kill()
             raise RuntimeError("the flood worker did not start")
+        self._counts: dict[str, int] = {}
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._counts = json.loads(line)  # one reference swapped: no lock needed
+
+    def counts(self) -> dict[str, int]:
+        """The attacker's counts so far (every 0.5 s)."""
+        return dict(self._counts)
 
     def stop(self) -> dict[str, int]:
-        """End the flood; the attacker's counts."""
+        """End the flood; the attacker's final counts."""
         self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=60)
-        return json.loads(out.strip().splitlines()[-1])
+        self.proc.wait(60)
+        self._reader.join(10)
+        return self.counts()
 
 
 # ------------------------------------------------------------------------- the agent's cost

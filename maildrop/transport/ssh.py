@@ -67,6 +67,7 @@ import errno
 import hashlib
 import ipaddress
 import logging
+import resource
 import selectors
 import socket
 import struct
@@ -832,6 +833,22 @@ class _MaildropSubsystem(paramiko.SubsystemHandler):
 
 
 # ---------------------------------------------------------------------------- server
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (the common soft default,
+    1024, is the first thing a connection flood or a busy node runs into; the server's own
+    bounds keep the real use far below). Returns (soft before, soft now); a limit that
+    cannot be raised is left as it was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
 
 
 class SSHServer:
