@@ -12,18 +12,23 @@ handler crash or traceback) and 0 stored (``state/events.jsonl``, ``state/confli
 the spool and the inbox are byte for byte as they were before the fuzz input).
 
 Each example costs one channel on the one connection (a new connection only when the
-agent rightly closed it). The number of examples scales with ``MAILDROP_FUZZ_SCALE``
-(default 1: about 3,000 examples, under a minute on a quiet 2-core machine); the counts
-each test reached are printed (``-s``) and listed in docs/security.md.
+agent rightly closed it). The client side is fuzzed too: a hostile NodeX, a real SSH
+server, answers our Gossip call (into a real EventLog) and our offer (from a real Custody
+and spool) with anything; only the errors the agent's callers handle may come out, and
+nothing is stored. The number of examples scales with ``MAILDROP_FUZZ_SCALE`` (default 1:
+3,500 examples, about a minute on a quiet 2-core machine); the counts each test reached
+are printed (``-s``) and listed in docs/security.md.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import struct
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +399,141 @@ def test_fuzzed_offers_are_refused_and_open_nothing(target):
     run()
     t.check()
     print(f"\nfuzz.offers examples={t.examples} queued_events_sent={t.events_sent} reconnects={t.reconnects}")
+
+
+# ------------------------------------------------------------------------- replies to our calls
+
+class HostilePeer:
+    """NodeX's side of our calls, as a real SSH server: each channel gets ``reply`` at once
+    (whatever we ask), then our half is read to the end."""
+
+    def __init__(self) -> None:
+        self.reply = b""
+
+    def handle_channel(self, peer_id: str, channel: Any) -> None:
+        channel.sendall(self.reply)
+        channel.shutdown_write()
+        with contextlib.suppress(OSError, EOFError):
+            while channel.recv(1 << 16):
+                pass
+
+
+@st.composite
+def hostile_reply(draw: Any, t: Target, call: str) -> tuple[bytes, int]:
+    """What a peer may answer to our Gossip call or our offer of ``n`` files (1..3): the
+    expected ops with fields of random shape, lying words and offsets, broken events, or
+    any frame at all. Returns (the reply, n)."""
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["any", "typed", "script", "script"]))
+    if kind == "any":
+        return b"".join(draw(st.lists(any_frame(), min_size=1, max_size=3))), n
+    if kind == "typed":
+        ops_ = ["fingerprint.reply", "events", "gossip.done"] if call == "gossip" else ["answers", "refuse", "stored"]
+        out = b""
+        for op in draw(st.lists(st.sampled_from(ops_), min_size=1, max_size=3)):
+            header = {"v": VERSION, "op": op, **{f: draw(json_value) for f in OPS[op] if draw(st.integers(0, 5))}}
+            out += _frame(header)
+        return out, n
+    if call == "gossip":  # a plausible round whose batches are broken
+        conv, _ = draw(gossip_conversation(t))
+        frames = conv[conv.index(b'{"v":2,"op":"events"') - 4:]
+        return (_frame({"v": VERSION, "op": "fingerprint.reply", "fp": "f" * 32, "same": False}) + frames
+                + _frame({"v": VERSION, "op": "gossip.done", "accepted": draw(json_leaf), "rejected": 0})), n
+    if draw(st.integers(0, 4)) == 0:  # the whole offer refused, for any reason, in any words
+        return _frame({"v": VERSION, "op": "refuse", "reason": draw(st.text(max_size=80)),
+                       "detail": draw(st.text(max_size=300))}), n
+    text = st.text(max_size=40)
+    word = (st.fixed_dictionaries({"a": st.just("accept"), "offset": st.integers(-2, 110)})
+            | st.fixed_dictionaries({"a": st.just("have")})
+            | st.fixed_dictionaries({"a": st.just("pending"), "detail": text})
+            | st.fixed_dictionaries({"a": st.just("refuse"), "reason": text, "detail": text})
+            | st.fixed_dictionaries(
+                {"a": st.sampled_from(["accept", "have", "pending", "refuse", "stored"]) | json_leaf},
+                optional={"offset": st.integers(-(2**65), 2**65) | json_leaf, "reason": json_value,
+                          "detail": json_value}))
+    count = n if draw(st.integers(0, 4)) else draw(st.integers(0, 5))  # mostly the right count
+    out = _frame({"v": VERSION, "op": "answers", "answers": draw(st.lists(word, min_size=count,
+                                                                          max_size=count))})
+    result = (st.fixed_dictionaries({"a": st.just("stored")})
+              | st.fixed_dictionaries({"a": st.just("pending"), "detail": text})
+              | st.fixed_dictionaries({"a": st.just("refuse"), "reason": text, "detail": text})
+              | st.fixed_dictionaries({"a": st.sampled_from(["stored", "pending", "refuse"]) | json_leaf},
+                                      optional={"reason": json_value, "detail": json_value}))
+    return out + _frame({"v": VERSION, "op": "stored", "results": draw(st.lists(result, max_size=4))}), n
+
+
+def test_fuzzed_replies_to_our_gossip_calls_and_offers_are_protocol_errors(tmp_path):
+    """The client side: a hostile peer answers our Gossip call (a real EventLog on disk)
+    and our offer (a real Custody with a real spool copy) over real SSH with anything. Only
+    the errors the agent's callers handle may come out (ProtocolError, EOFError, OSError,
+    TransferRefused); nothing is stored; every file's word is one of the protocol's."""
+    from maildrop import gossip
+    from maildrop.errors import ProtocolError
+    from maildrop.eventlog import EventLog
+    from maildrop.protocol import ANSWERS, RESULTS
+    from maildrop.spool import Spool
+    from maildrop.transfers import Custody, Outgoing, TransferRefused
+    from maildrop.transport.ssh import SSHServer
+
+    akey, xkey = generate_key(tmp_path / "a_key"), generate_key(tmp_path / "x_key")
+    peer = HostilePeer()
+    server = SSHServer(xkey, ("127.0.0.1", 0), {"NodeA": akey.public_line}, peer)
+    server.start()
+    from maildrop.transport.ssh import PeerClient
+
+    client = PeerClient("NodeA", akey, "NodeX", server.address, xkey.public_line)
+    elog = EventLog(tmp_path / "events.jsonl", pinned={"NodeX": xkey.public_line}, me="NodeA")
+    a, x = FeedWriter("NodeA", akey), FeedWriter("NodeX", xkey)
+    elog.ingest([a.configured(), a.link("NodeX"), x.configured(), x.link("NodeA")])
+    spool = Spool(tmp_path / "spool")
+    custody = Custody("NodeA", akey, elog, spool, tmp_path / "inbox", tmp_path / "failed",
+                      max_file_size=1 << 20, min_free_space=0)
+    items = []
+    for i in range(3):
+        data = os.urandom(100 + i)
+        q = a.add(E.TRANSFER_QUEUED, {"transfer": os.urandom(16).hex(), "destination": "NodeX",
+                                      "name": f"f{i}.bin", "size": len(data),
+                                      "sha256": hashlib.sha256(data).hexdigest()})
+        spool.folder.mkdir(parents=True, exist_ok=True)
+        spool.data(q.data["transfer"]).write_bytes(data)
+        items.append(Outgoing(q.data["transfer"], q, ["NodeA"]))
+    elog.ingest(a.events[4:])
+    stored = (tmp_path / "events.jsonl").read_bytes()
+    copies = {it.transfer: spool.data(it.transfer).read_bytes() for it in items}
+    t = Target.__new__(Target)  # only the feeds and the attacker key, for the strategies
+    t.x, t.attacker = x, node_key("attacker")
+    outcomes: Counter[str] = Counter()
+    handled = (ProtocolError, EOFError, OSError, TransferRefused)
+
+    def exchange(call: str, reply: bytes, n: int) -> None:
+        peer.reply = reply
+        chan = client.open_channel(timeout=15)
+        chan.settimeout(10)
+        words: list[Any] = []
+        try:
+            if call == "gossip":
+                gossip.call(FrameStream(chan), elog)
+            else:
+                custody.send_batch("NodeX", FrameStream(chan), items[:n], lambda tid, ans: words.append(ans))
+            outcomes[f"{call}:ok"] += 1
+        except handled as exc:
+            outcomes[f"{call}:{type(exc).__name__}"] += 1
+        finally:
+            chan.close()
+        for ans in words:  # whatever reached the caller is a word of the protocol
+            assert ans.a in ANSWERS or ans.a in RESULTS, ans
+
+    try:
+        @_settings(500)
+        @given(st.sampled_from(["gossip", "offer"]).flatmap(lambda c: st.tuples(st.just(c), hostile_reply(t, c))))
+        def run(case: tuple[str, tuple[bytes, int]]) -> None:
+            exchange(case[0], *case[1])
+
+        run()
+    finally:
+        client.close()
+        server.stop()
+    assert (tmp_path / "events.jsonl").read_bytes() == stored  # nothing a liar sent was stored
+    assert {tid: spool.data(tid).read_bytes() for tid in copies} == copies  # our copies untouched
+    elog.close()
+    print(f"\nfuzz.replies examples={sum(outcomes.values())} outcomes={dict(outcomes)}")
