@@ -18,10 +18,12 @@ import hashlib
 import logging
 import os
 import resource
+import socket
 import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from bench.flood_bench import Attacker, Sampler, proc_sample, send_one
@@ -168,3 +170,42 @@ def test_the_agent_raises_its_open_files_limit_to_the_hard_limit(make_net):
     limits = Path(f"/proc/{a.proc.pid}/limits").read_text()
     row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
     assert row.split()[3:5] == [str(hard), str(hard)], row
+
+
+def _kex_only(address: tuple[str, int], source: str) -> paramiko.Transport:
+    """A client that finishes the key exchange and never logs in (a slow-login attacker)."""
+    sock = socket.create_connection(address, timeout=10, source_address=(source, 0))
+    transport = paramiko.Transport(sock)
+    transport.start_client(timeout=10)
+    return transport
+
+
+def test_logins_stalled_after_the_key_exchange_make_room_for_a_fresh_one(tmp_path: Path):
+    # 32 clients from other addresses finish the key exchange and stall, filling every
+    # login slot; an honest client connects, and one more connection arrives before its
+    # key exchange. The eviction that connection causes used to take the honest one (the
+    # only one not past its key exchange); now a stalled one goes.
+    a, b = generate_key(tmp_path / "a"), generate_key(tmp_path / "b")
+    server = SSHServer(a, ("127.0.0.1", 0), {"NodeB": b.public_line}, Echo(), logger=log,
+                       login_timeout=4.0)  # stalled after a quarter: 1 s
+    server.start()
+    stalled = [_kex_only(server.address, f"127.0.2.{i + 1}") for i in range(MAX_UNAUTHENTICATED)]
+    honest: paramiko.Transport | None = None
+    try:
+        oldest = time.monotonic()
+        # The age is the condition under test: wait until every stalled one is past 1 s.
+        wait_until(lambda: time.monotonic() - oldest > 1.2, 5, "the stalled logins to age")
+        sock = socket.create_connection(server.address, timeout=10, source_address=("127.0.0.1", 0))
+        extra = socket.create_connection(server.address, timeout=10, source_address=("127.0.3.1", 0))
+        wait_until(lambda: sum(not t.is_active() for t in stalled) >= 2, 10,
+                   "two stalled logins evicted (one for each newcomer)")
+        honest = paramiko.Transport(sock)
+        honest.start_client(timeout=10)
+        honest.auth_publickey("NodeB", paramiko.Ed25519Key.from_private_key_file(str(b.path)))
+        assert honest.is_authenticated()
+        assert sum(not t.is_active() for t in stalled) == 2  # no more than needed
+        extra.close()
+    finally:
+        for t in [*stalled, *([honest] if honest else [])]:
+            t.close()
+        server.stop()
