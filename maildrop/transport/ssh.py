@@ -46,9 +46,9 @@ Before login (a network attacker needs no key to get this far):
   logged in may have threads at once; over that, the accept thread closes a new
   connection at once with a reset, before any thread or SSH byte (a peer's attempt then
   fails as transient and is made again: the agent's gossip loop backs off, up to twice
-  the gossip interval). A peer already logged in is never affected. Evictions and these refusals are logged as counts
-  (``ssh.conn.evicted … reasons=per-address:N,total:N,overload:N``): at most one line per
-  ``EVICTION_LOG_EVERY`` seconds.
+  the gossip interval). A peer already logged in is never affected. Evictions and these
+  refusals are logged as counts (``ssh.conn.evicted … reasons=per-address:N,total:N,
+  overload:N``): at most one line per ``EVICTION_LOG_EVERY`` seconds.
 - Packets are bounded before they are read: ``PREAUTH_MAX_PACKET`` bytes until the login
   succeeds, ``MAX_WIRE_PACKET`` after; the lines before the peer's version string, that one
   included, ``MAX_BANNER_BYTES`` in all. A longer claim ends the connection at once
