@@ -50,6 +50,19 @@ class Echo:
             channel.sendall(data)
 
 
+def hung_up(sock: socket.socket) -> bool:
+    """True once the server has closed (or reset) this connection; never blocks."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def logs_in_despite(client: PeerClient, deadline: float) -> bool:
     """The honest client logs in and echoes, retrying a refused attempt (an overload reset)
     until ``deadline``, as the agent's loops do."""
@@ -74,6 +87,20 @@ def test_a_connect_flood_costs_bounded_threads_and_a_peer_still_logs_in(tmp_path
     server.start()
     client = PeerClient("NodeB", b, "NodeA", server.address, a.public_line, logger=log)
     base = threading.active_count()
+    # Clients that send their version line and stall: each one evicted used to leave a
+    # thread behind for 15 s (paramiko's handshake timer, started once the line is read).
+    banner_peak = base
+    stalled = []
+    for i in range(300):
+        sock = socket.create_connection(server.address, timeout=10, source_address=(f"127.4.{i // 250}.{i % 250 + 1}", 0))
+        sock.sendall(b"SSH-2.0-stall\r\n")
+        stalled.append(sock)
+        banner_peak = max(banner_peak, threading.active_count())
+    wait_until(lambda: sum(hung_up(s) for s in stalled) >= 300 - MAX_UNAUTHENTICATED, 20,
+               "the server to close all but 32 of them")
+    banner_peak = max(banner_peak, threading.active_count())
+    for sock in stalled:
+        sock.close()
     attacker = Attacker(server.address[1], FLOOD)
     peak = [base]
     stop = threading.Event()
@@ -99,6 +126,7 @@ def test_a_connect_flood_costs_bounded_threads_and_a_peer_still_logs_in(tmp_path
         sampler.join(5)
     # Our flood test's own threads: the client's connection (2), the sampler (1).
     bound = base + MAX_PRELOGIN * THREADS_PER_CONNECTION + 8
+    assert banner_peak <= bound, f"{banner_peak} threads after 300 stalled version lines (bound {bound})"
     assert peak[0] <= bound, f"{peak[0]} threads during the flood (bound {bound})"
     # Nothing stays behind: the evicted and refused connections' threads all end; the
     # honest connection keeps 3 (the client's Transport, the server's connection thread and
