@@ -37,10 +37,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maildrop import events as E
+from maildrop import gossip
+from maildrop.errors import ProtocolError
+from maildrop.eventlog import EventLog
 from maildrop.events import MAX_EVENT_BYTES, compute_id, format_ts
 from maildrop.keys import generate_key
-from maildrop.protocol import MAX_BATCH, MAX_HEADER, OPS, VERSION, FrameStream
-from maildrop.transport.ssh import PeerUnreachable
+from maildrop.protocol import ANSWERS, MAX_BATCH, MAX_HEADER, OPS, RESULTS, VERSION, FrameStream
+from maildrop.spool import Spool
+from maildrop.transfers import Custody, Outgoing, TransferRefused
+from maildrop.transport.ssh import PeerClient, PeerUnreachable, SSHServer
 from tests.factories import T0, FeedWriter, node_key
 from tests.harness import introduce_outsider, start_with_outsider, wait_until
 
@@ -462,78 +467,108 @@ def hostile_reply(draw: Any, t: Target, call: str) -> tuple[bytes, int]:
     return out + _frame({"v": VERSION, "op": "stored", "results": draw(st.lists(result, max_size=4))}), n
 
 
-def test_fuzzed_replies_to_our_gossip_calls_and_offers_are_protocol_errors(tmp_path):
-    """The client side: a hostile peer answers our Gossip call (a real EventLog on disk)
-    and our offer (a real Custody with a real spool copy) over real SSH with anything. Only
-    the errors the agent's callers handle may come out (ProtocolError, EOFError, OSError,
-    TransferRefused); nothing is stored; every file's word is one of the protocol's."""
-    from maildrop import gossip
-    from maildrop.errors import ProtocolError
-    from maildrop.eventlog import EventLog
-    from maildrop.protocol import ANSWERS, RESULTS
-    from maildrop.spool import Spool
-    from maildrop.transfers import Custody, Outgoing, TransferRefused
-    from maildrop.transport.ssh import SSHServer
+class OurSide:
+    """NodeA's calls as the agent makes them -- a Gossip call into a real EventLog, an offer
+    of real spool copies by a real Custody -- over a real SSH connection to a HostilePeer."""
 
-    akey, xkey = generate_key(tmp_path / "a_key"), generate_key(tmp_path / "x_key")
-    peer = HostilePeer()
-    server = SSHServer(xkey, ("127.0.0.1", 0), {"NodeA": akey.public_line}, peer)
-    server.start()
-    from maildrop.transport.ssh import PeerClient
+    HANDLED = (ProtocolError, EOFError, OSError, TransferRefused)
 
-    client = PeerClient("NodeA", akey, "NodeX", server.address, xkey.public_line)
-    elog = EventLog(tmp_path / "events.jsonl", pinned={"NodeX": xkey.public_line}, me="NodeA")
-    a, x = FeedWriter("NodeA", akey), FeedWriter("NodeX", xkey)
-    elog.ingest([a.configured(), a.link("NodeX"), x.configured(), x.link("NodeA")])
-    spool = Spool(tmp_path / "spool")
-    custody = Custody("NodeA", akey, elog, spool, tmp_path / "inbox", tmp_path / "failed",
-                      max_file_size=1 << 20, min_free_space=0)
-    items = []
-    for i in range(3):
-        data = os.urandom(100 + i)
-        q = a.add(E.TRANSFER_QUEUED, {"transfer": os.urandom(16).hex(), "destination": "NodeX",
-                                      "name": f"f{i}.bin", "size": len(data),
-                                      "sha256": hashlib.sha256(data).hexdigest()})
-        spool.folder.mkdir(parents=True, exist_ok=True)
-        spool.data(q.data["transfer"]).write_bytes(data)
-        items.append(Outgoing(q.data["transfer"], q, ["NodeA"]))
-    elog.ingest(a.events[4:])
-    stored = (tmp_path / "events.jsonl").read_bytes()
-    copies = {it.transfer: spool.data(it.transfer).read_bytes() for it in items}
-    t = Target.__new__(Target)  # only the feeds and the attacker key, for the strategies
-    t.x, t.attacker = x, node_key("attacker")
-    outcomes: Counter[str] = Counter()
-    handled = (ProtocolError, EOFError, OSError, TransferRefused)
+    def __init__(self, tmp_path: Path) -> None:
+        akey, xkey = generate_key(tmp_path / "a_key"), generate_key(tmp_path / "x_key")
+        self.tmp = tmp_path
+        self.peer = HostilePeer()
+        self.server = SSHServer(xkey, ("127.0.0.1", 0), {"NodeA": akey.public_line}, self.peer)
+        self.server.start()
+        self.client = PeerClient("NodeA", akey, "NodeX", self.server.address, xkey.public_line)
+        self.elog = EventLog(tmp_path / "events.jsonl", pinned={"NodeX": xkey.public_line}, me="NodeA")
+        a, self.x = FeedWriter("NodeA", akey), FeedWriter("NodeX", xkey)
+        self.elog.ingest([a.configured(), a.link("NodeX"), self.x.configured(), self.x.link("NodeA")])
+        self.spool = Spool(tmp_path / "spool")
+        self.custody = Custody("NodeA", akey, self.elog, self.spool, tmp_path / "inbox", tmp_path / "failed",
+                               max_file_size=1 << 20, min_free_space=0)
+        self.items = []
+        self.spool.folder.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            data = os.urandom(100 + i)
+            q = a.add(E.TRANSFER_QUEUED, {"transfer": os.urandom(16).hex(), "destination": "NodeX",
+                                          "name": f"f{i}.bin", "size": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()})
+            self.spool.data(q.data["transfer"]).write_bytes(data)
+            self.items.append(Outgoing(q.data["transfer"], q, ["NodeA"]))
+        self.elog.ingest(a.events[4:])
+        self.stored = self.log_bytes()
+        self.copies = self.spool_copies()
+        self.outcomes: Counter[str] = Counter()
 
-    def exchange(call: str, reply: bytes, n: int) -> None:
-        peer.reply = reply
-        chan = client.open_channel(timeout=15)
+    def log_bytes(self) -> bytes:
+        return (self.tmp / "events.jsonl").read_bytes()
+
+    def spool_copies(self) -> dict[str, bytes]:
+        return {it.transfer: self.spool.data(it.transfer).read_bytes() for it in self.items}
+
+    def exchange(self, call: str, reply: bytes, n: int) -> list[Any]:
+        """Our ``call`` ("gossip", or "offer" of ``n`` files) answered with ``reply``: the
+        words the offer reported. Any error but the handled ones fails the test."""
+        self.peer.reply = reply
+        chan = self.client.open_channel(timeout=15)
         chan.settimeout(10)
         words: list[Any] = []
         try:
             if call == "gossip":
-                gossip.call(FrameStream(chan), elog)
+                gossip.call(FrameStream(chan), self.elog)
             else:
-                custody.send_batch("NodeX", FrameStream(chan), items[:n], lambda tid, ans: words.append(ans))
-            outcomes[f"{call}:ok"] += 1
-        except handled as exc:
-            outcomes[f"{call}:{type(exc).__name__}"] += 1
+                self.custody.send_batch("NodeX", FrameStream(chan), self.items[:n],
+                                        lambda tid, ans: words.append(ans))
+            self.outcomes[f"{call}:ok"] += 1
+        except self.HANDLED as exc:
+            self.outcomes[f"{call}:{type(exc).__name__}"] += 1
         finally:
             chan.close()
         for ans in words:  # whatever reached the caller is a word of the protocol
             assert ans.a in ANSWERS or ans.a in RESULTS, ans
+            assert isinstance(ans.reason, str) and isinstance(ans.detail, str) and isinstance(ans.offset, int)
+        return words
 
-    try:
-        @_settings(500)
-        @given(st.sampled_from(["gossip", "offer"]).flatmap(lambda c: st.tuples(st.just(c), hostile_reply(t, c))))
-        def run(case: tuple[str, tuple[bytes, int]]) -> None:
-            exchange(case[0], *case[1])
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+        self.elog.close()
 
-        run()
-    finally:
-        client.close()
-        server.stop()
-    assert (tmp_path / "events.jsonl").read_bytes() == stored  # nothing a liar sent was stored
-    assert {tid: spool.data(tid).read_bytes() for tid in copies} == copies  # our copies untouched
-    elog.close()
-    print(f"\nfuzz.replies examples={sum(outcomes.values())} outcomes={dict(outcomes)}")
+
+@pytest.fixture
+def our_side(tmp_path):
+    side = OurSide(tmp_path)
+    yield side
+    side.close()
+
+
+def test_fuzzed_replies_to_our_gossip_calls_and_offers_are_protocol_errors(our_side):
+    """The client side: a hostile peer answers our Gossip call and our offer over real SSH
+    with anything. Only the errors the agent's callers handle may come out (ProtocolError,
+    EOFError, OSError, TransferRefused); nothing is stored; every file's word is one of the
+    protocol's, its fields of their types."""
+    side = our_side
+    t = Target.__new__(Target)  # only the feeds and the attacker key, for the strategies
+    t.x, t.attacker = side.x, node_key("attacker")
+
+    @_settings(500)
+    @given(st.sampled_from(["gossip", "offer"]).flatmap(lambda c: st.tuples(st.just(c), hostile_reply(t, c))))
+    def run(case: tuple[str, tuple[bytes, int]]) -> None:
+        side.exchange(case[0], *case[1])
+
+    run()
+    assert side.log_bytes() == side.stored  # nothing a liar sent was stored
+    assert side.spool_copies() == side.copies  # our copies untouched
+    print(f"\nfuzz.replies examples={sum(side.outcomes.values())} outcomes={dict(side.outcomes)}")
+
+
+def test_a_word_with_a_field_of_the_wrong_type_it_does_not_need_is_read_as_its_kind(our_side):
+    # Found by the fuzz: {"a": "stored", "reason": null} raised TypeError in the sender
+    # (relay.hop.crashed, a traceback) instead of being read as "stored".
+    reply = (_frame({"v": VERSION, "op": "answers", "answers": [{"a": "accept", "offset": 0}]})
+             + _frame({"v": VERSION, "op": "stored", "results": [{"a": "stored", "reason": None,
+                                                                  "detail": 7, "offset": "x"}]}))
+    words = our_side.exchange("offer", reply, 1)
+    assert [(w.a, w.reason, w.detail, w.offset) for w in words] == [("accept", "", "", 0),
+                                                                    ("stored", "", "", 0)]
+    assert our_side.outcomes == {"offer:ok": 1}
