@@ -85,6 +85,7 @@ from .transport.ssh import (
     PeerIncompatible,
     SSHServer,
     is_transient,
+    raise_open_files_limit,
 )
 from .watcher import OutboxWatcher
 
@@ -295,6 +296,8 @@ class Agent:
         logging.getLogger("maildrop").addHandler(self._errors)
         self._check_own_key()
         self._follow_keys()
+        before, now = raise_open_files_limit()
+        log.debug("agent.nofile soft_before=%d soft=%d", before, now)
         self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
                                 self, logger=logging.getLogger("maildrop.ssh"),
                                 max_channels_per_peer=3 + self.config.parallel + SMALL_LANE,

@@ -1350,10 +1350,17 @@ def _receipt(queued: Event, name: str) -> dict[str, Any]:
 
 
 def _answer(w: dict[str, Any]) -> Answer:
-    """A peer's word on one file; its free text made printable and short (it goes into our
-    log, our status and, as a refusal, into our own signed events)."""
-    return Answer(w["a"], offset=w.get("offset", 0), reason=ids.printable(w.get("reason", ""), 64),
-                  detail=ids.printable(w.get("detail", ""), 300))
+    """A peer's word on one file (checked by ``protocol.check_list`` for its kind's fields);
+    its free text made printable and short (it goes into our log, our status and, as a
+    refusal, into our own signed events). A field the word's kind does not need is ignored
+    unless it has the right type (a ``stored`` with ``"reason": null`` is just ``stored``)."""
+    def text(name: str, limit: int) -> str:
+        value = w.get(name)
+        return ids.printable(value, limit) if isinstance(value, str) else ""
+
+    offset = w.get("offset")
+    return Answer(w["a"], offset=offset if isinstance(offset, int) and not isinstance(offset, bool) else 0,
+                  reason=text("reason", 64), detail=text("detail", 300))
 
 
 def _why(exc: BaseException) -> str:

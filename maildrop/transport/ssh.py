@@ -38,20 +38,30 @@ Security invariants:
 - The client pins the peer's configured key as the only acceptable host key (no TOFU).
 
 Before login (a network attacker needs no key to get this far):
-- Every connection must log in within ``login_timeout`` of its TCP accept.
+- Every connection must log in within ``login_timeout`` (10 s) of its TCP accept (sshd's
+  ``LoginGraceTime``).
 - At most ``max_unauthenticated_per_address`` (4) connections wait for a login per source
-  address (IPv4 address, IPv6 /64), and ``max_unauthenticated`` (32) in all. A new connection
-  is always admitted; when a limit is reached, an older waiting one is closed instead: the
-  least advanced (no key exchange done yet before one that did), then the one whose address
-  has the most waiting, then the oldest. So idle TCP connections can neither lock out a
-  peer arriving after them, nor push out a login that has finished its key exchange, and a
-  flood from other addresses evicts its own connections first. What can still push a
-  peer's login out is a flood that opens, during the peer's key exchange (a few round
-  trips), more than 3 connections from the peer's own address, or more than 31 from
-  addresses that each have no more waiting than the peer's; the peer's next attempt gets
-  in. Each accepted connection costs a thread until it is closed (evicted ones end within
-  ~0.1 s). Evictions are logged as counts (``ssh.conn.evicted``): at most one line per
-  ``EVICTION_LOG_EVERY`` seconds.
+  address (IPv4 address, IPv6 /64), and ``max_unauthenticated`` (32) in all (sshd's
+  ``PerSourceMaxStartups`` and ``MaxStartups``). A new connection is admitted; when a limit
+  is reached, an older waiting one is closed instead: a stalled one first (waiting longer
+  than ``STALL_FRACTION`` of ``login_timeout``, 2.5 s: an honest client logs in within a few
+  round trips), then the least advanced (no key exchange done yet before one that did), then
+  the one whose address has the most waiting, then the oldest. So idle TCP connections and
+  clients that stall after the key exchange can neither lock out a peer arriving after
+  them, nor push out a login under way, and a flood from other addresses evicts its own
+  connections first. What can still push a peer's login out is a flood that opens, during
+  the peer's key exchange and login (a few round trips), more than 3 connections from the
+  peer's own address, or more than 31 fresh ones from addresses that each have no more
+  waiting than the peer's; the peer's next attempt gets in.
+- Each admitted connection costs two threads (ours and paramiko's) until it logs in or
+  ends; evicted ones end within ~0.1 s, but a fast connect flood evicts faster than that.
+  So at most ``max_prelogin`` (2 x ``max_unauthenticated``) connections that have not
+  logged in may have threads at once; over that, the accept thread closes a new
+  connection at once with a reset, before any thread or SSH byte (a peer's attempt then
+  fails as transient and is made again: the agent's gossip loop backs off, up to twice
+  the gossip interval). A peer already logged in is never affected. Evictions and these
+  refusals are logged as counts (``ssh.conn.evicted … reasons=per-address:N,total:N,
+  overload:N``): at most one line per ``EVICTION_LOG_EVERY`` seconds.
 - Packets are bounded before they are read: ``PREAUTH_MAX_PACKET`` bytes until the login
   succeeds, ``MAX_WIRE_PACKET`` after; the lines before the peer's version string, that one
   included, ``MAX_BANNER_BYTES`` in all. A longer claim ends the connection at once
@@ -70,8 +80,10 @@ import errno
 import hashlib
 import ipaddress
 import logging
+import resource
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -116,11 +128,13 @@ PREAUTH_MAX_PACKET = 35_000  # RFC 4253 6.1: the packet size every implementatio
 MAX_WIRE_PACKET = 256 * 1024  # after login; OpenSSH's own limit, 2x our channels' MAX_PACKET_SIZE
 MAX_BANNER_BYTES = 8192  # the peer's version line and any lines before it, in all
 EVICTION_LOG_EVERY = 10.0  # seconds between ssh.conn.evicted lines during a flood
+STALL_FRACTION = 0.25  # a connection waiting longer than this part of login_timeout is stalled
 DEFAULT_CHANNEL_IDLE_TIMEOUT = 60.0  # seconds; the agent passes one derived from gossip timing
 
 _POLL = 0.05  # granularity of the server's login-deadline wait
 _DRAIN = 0.25  # how often a connection thread sweeps idle channels and notices a close
 _STOP_BUDGET = 2.0
+_PRELOGIN_JOIN = 2.0  # at most this long for paramiko's thread of a connection that never logged in
 
 
 # ---------------------------------------------------------------------------- errors
@@ -294,13 +308,32 @@ class _Packetizer(paramiko.Packetizer):
     Hooks: every packet body is read by one ``read_all(n)`` (``n`` is the claimed length
     less the first block, plus the MAC); the banner lines only through ``_read_timeout``.
     Both are paramiko internals; the tests with a huge claimed length and an endless
-    banner keep this honest on upgrades.
+    banner keep this honest on upgrades. The handshake timeout is a deadline, not a timer
+    thread (``start_handshake``, ``handshake_timed_out``, ``complete_handshake``, the three
+    methods paramiko uses for it; a flood test counts the agent's threads).
     """
 
     def __init__(self, sock: object) -> None:
         super().__init__(sock)
         self.logged_in: Callable[[], bool] = lambda: False
         self._banner_bytes = 0  # touched by the Transport thread only
+        self._handshake_deadline: float | None = None  # likewise
+        self._handshake_done = False
+
+    # paramiko times the handshake with a threading.Timer (15 s) that only a finished
+    # handshake cancels: every connection that ended before (evicted, refused, cut) left a
+    # sleeping thread behind for 15 s -- hundreds during a connect flood. A deadline read
+    # where paramiko asks does the same without a thread.
+    def start_handshake(self, timeout: float) -> None:
+        if self._handshake_deadline is None:
+            self._handshake_deadline = time.monotonic() + float(timeout)
+
+    def handshake_timed_out(self) -> bool:
+        deadline = self._handshake_deadline
+        return deadline is not None and not self._handshake_done and time.monotonic() >= deadline
+
+    def complete_handshake(self) -> None:
+        self._handshake_done = True
 
     def read_all(self, n: int, check_rekey: bool = False) -> bytes:
         limit = MAX_WIRE_PACKET if self.logged_in() else PREAUTH_MAX_PACKET
@@ -457,6 +490,14 @@ def _address_bucket(host: str) -> str:
     return str(ip)
 
 
+def _hang_up(sock: socket.socket) -> None:
+    """Close an accepted socket with a reset (SO_LINGER 0): no FIN handshake, no TIME_WAIT
+    kept by this side for a connection that is refused unheard."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def _reason(exc: BaseException | None) -> str:
     if exc is None:
         return "connection closed"
@@ -541,14 +582,21 @@ class _Pending:
     negotiated: threading.Event = field(default_factory=threading.Event)  # kex done or failed
     transport: paramiko.Transport | None = None  # set by the connection thread
     evicted: bool = False  # closed to make room: its end is counted, not logged
+    counted: bool = False  # holds one unit of SSHServer._prelogin until it logs in or ends
 
     def logged_in(self) -> bool:
         transport = self.transport
         return transport is not None and transport.is_authenticated()
 
-    def rank(self) -> tuple[int, float]:
-        """Eviction order among one address's connections: not past kex first, oldest first."""
-        return (1 if self.negotiated.is_set() else 0, self.accepted_at)
+    def stalled(self, now: float, stall_after: float) -> bool:
+        """Waiting for a login for longer than an honest client takes (``stall_after``)."""
+        return now - self.accepted_at > stall_after
+
+    def rank(self, now: float, stall_after: float) -> tuple[int, int, float]:
+        """Eviction order among one address's connections: stalled first, then not past
+        kex, then the oldest."""
+        return (0 if self.stalled(now, stall_after) else 1, 1 if self.negotiated.is_set() else 0,
+                self.accepted_at)
 
     def shut(self) -> None:
         """Wake the connection's threads (paramiko's read sees EOF); they clean up."""
@@ -852,6 +900,22 @@ class _MaildropSubsystem(paramiko.SubsystemHandler):
 # ---------------------------------------------------------------------------- server
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (the common soft default,
+    1024, is the first thing a connection flood or a busy node runs into; the server's own
+    bounds keep the real use far below). Returns (soft before, soft now); a limit that
+    cannot be raised is left as it was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
+
 class SSHServer:
     """The agent's SSH listener. Each connection gets its own thread, so a slow or hostile
     client never stalls another; each channel gets its own worker thread.
@@ -859,7 +923,9 @@ class SSHServer:
     Limits: at most ``max_unauthenticated`` connections between TCP accept and successful
     login, and ``max_unauthenticated_per_address`` from one address; at a limit the new
     connection is admitted and an older waiting one closed (the order is in the module
-    docstring). Login must complete within ``login_timeout`` seconds of the TCP accept; at
+    docstring); at most ``max_prelogin`` (default 2 x ``max_unauthenticated``) connections
+    not logged in hold threads (waiting or evicted and still ending), over that a new one
+    is closed at once, unheard. Login must complete within ``login_timeout`` seconds of the TCP accept; at
     most ``max_channels_per_peer`` open channels per peer; a channel that has not asked for
     the maildrop subsystem ``channel_request_timeout`` seconds (default: ``login_timeout``)
     after it was opened is closed and gives back its slot; a served channel on which the
@@ -880,6 +946,7 @@ class SSHServer:
         channel_idle_timeout: float = DEFAULT_CHANNEL_IDLE_TIMEOUT,
         max_unauthenticated: int = 32,
         max_unauthenticated_per_address: int = 4,
+        max_prelogin: int | None = None,
         max_channels_per_peer: int = 16,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -896,11 +963,16 @@ class SSHServer:
         self._max_channels_per_peer = max_channels_per_peer
         self._max_unauthenticated = max_unauthenticated
         self._max_unauthenticated_per_address = max_unauthenticated_per_address
+        self._max_prelogin = 2 * max_unauthenticated if max_prelogin is None else max_prelogin
+        self._stall_after = login_timeout * STALL_FRACTION
         self._log = logger or logging.getLogger(__name__)
         self._ledger = _ChannelLedger(max_channels_per_peer)
         self._evictions = _EvictionLog(self._log, EVICTION_LOG_EVERY)
         self._lock = threading.Lock()
         self._pending: set[_Pending] = set()  # accepted, not logged in; guarded by _lock
+        # Connections with a thread that have not logged in: the pending ones and the evicted
+        # ones whose threads are still ending. Guarded by _lock.
+        self._prelogin = 0
         self._stopping = threading.Event()
         self._sessions: set[_ServerSession] = set()  # guarded by _lock
         self._clients: dict[str, PeerClient] = {}  # peer id -> its link's client; guarded by _lock
@@ -1111,24 +1183,35 @@ class SSHServer:
 
     def _admit(self, sock: socket.socket, host: str, addr: str) -> None:
         """Accept thread: register the connection as pending, making room first if a
-        limit is reached (see the module docstring), and start its thread."""
+        limit is reached, and start its thread; or, when ``max_prelogin`` connections not
+        logged in still have threads, close it at once (see the module docstring)."""
         now = time.monotonic()
         entry = _Pending(_address_bucket(host), sock, now)
         victim: _Pending | None = None
         reason = ""
+        stall = self._stall_after
         with self._lock:
-            waiting = [p for p in self._pending if not p.logged_in()]
-            same = [p for p in waiting if p.bucket == entry.bucket]
-            if len(same) >= self._max_unauthenticated_per_address:
-                victim, reason = min(same, key=_Pending.rank), "per-address"
-            elif len(waiting) >= self._max_unauthenticated:
-                per_bucket = Counter(p.bucket for p in waiting)
-                victim = min(waiting, key=lambda p: (p.rank()[0], -per_bucket[p.bucket], p.accepted_at))
-                reason = "total"
-            if victim is not None:
-                victim.evicted = True
-                self._pending.discard(victim)
-            self._pending.add(entry)
+            overload = self._prelogin >= self._max_prelogin
+            if not overload:
+                waiting = [p for p in self._pending if not p.logged_in()]
+                same = [p for p in waiting if p.bucket == entry.bucket]
+                if len(same) >= self._max_unauthenticated_per_address:
+                    victim, reason = min(same, key=lambda p: p.rank(now, stall)), "per-address"
+                elif len(waiting) >= self._max_unauthenticated:
+                    per_bucket = Counter(p.bucket for p in waiting)
+                    victim = min(waiting, key=lambda p: (*p.rank(now, stall)[:2], -per_bucket[p.bucket],
+                                                         p.accepted_at))
+                    reason = "total"
+                if victim is not None:
+                    victim.evicted = True
+                    self._pending.discard(victim)
+                self._pending.add(entry)
+                entry.counted = True
+                self._prelogin += 1
+        if overload:
+            _hang_up(sock)
+            self._evictions.note(now, "overload", entry.bucket)
+            return
         if victim is not None:
             victim.shut()
             self._evictions.note(now, reason, victim.bucket)
@@ -1136,7 +1219,13 @@ class SSHServer:
             target=self._serve_connection, args=(entry, addr), name=f"maildrop-ssh-conn-{addr}", daemon=True
         )
         self._add_worker(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: this connection only is refused
+            self._remove_worker(thread)
+            self._leave_pending(entry)
+            _hang_up(sock)
+            self._log.error("ssh.server.accept-failed addr=%s error=%s", addr, _reason(exc))
 
     def _serve_connection(self, entry: _Pending, addr: str) -> None:
         """Login within the deadline, then drain the transport's accept queue (channels are
@@ -1180,10 +1269,14 @@ class SSHServer:
         except Exception:
             self._log.exception("ssh.conn.crashed addr=%s", addr)
         finally:
-            self._leave_pending(entry)
             if transport is not None:
                 transport.close()  # a no-op when it never started, hence the close below
             sock.close()
+            if transport is not None and transport.is_alive() and not entry.logged_in():
+                # paramiko's close does not wait for its thread (it polls every 0.1 s): a
+                # connection not logged in counts against max_prelogin until both are gone.
+                transport.join(_PRELOGIN_JOIN)
+            self._leave_pending(entry)
             if session is not None:
                 session.release_all()
                 with self._lock:
@@ -1194,8 +1287,13 @@ class SSHServer:
             self._remove_worker(threading.current_thread())
 
     def _leave_pending(self, entry: _Pending) -> None:
+        """The connection logged in or ended: no longer pending, nor counted as one
+        without a login (idempotent)."""
         with self._lock:
             self._pending.discard(entry)
+            if entry.counted:
+                entry.counted = False
+                self._prelogin -= 1
 
     def _wait_login(self, transport: paramiko.Transport, entry: _Pending, deadline: float, addr: str) -> bool:
         """True once authenticated; False on a failed handshake, a closed connection, the
