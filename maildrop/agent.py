@@ -74,6 +74,8 @@ from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
 from .transfers import Answer, Custody, offer_chunks
+from .transport import openssh
+from .transport.local import SOCKET_NAME, LocalServer
 from .transport.ssh import (
     AuthRefused,
     HostKeyMismatch,
@@ -86,7 +88,7 @@ from .watcher import OutboxWatcher
 
 log = logging.getLogger("maildrop.agent")
 
-PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
+PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible, *openssh.PERMANENT)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
@@ -164,7 +166,7 @@ class PeerLink:
 
     id: str
     address: tuple[str, int]
-    client: PeerClient
+    client: PeerClient | openssh.OpenSSHClient
     state: str = "unknown"  # "up" | "down" | "unknown"
     last_seen: float | None = None
     down_since: float | None = None
@@ -264,6 +266,7 @@ class Agent:
         self._threads: dict[str, threading.Thread] = {}
         self._errors = _RecentErrors()
         self.server: SSHServer | None = None
+        self.local: LocalServer | None = None  # state/serve.sock, for `maildrop serve`
         self.started = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -271,18 +274,22 @@ class Agent:
         logging.getLogger("maildrop").addHandler(self._errors)
         self._check_own_key()
         self._follow_keys()
+        limits = {"max_channels_per_peer": 3 + self.config.parallel + SMALL_LANE,
+                  # > the gossip channel's pause between rounds, with margin
+                  "channel_idle_timeout": max(3 * self.config.gossip_interval,
+                                              2 * self.config.link_down_after, 30.0)}
         self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
-                                self, logger=logging.getLogger("maildrop.ssh"),
-                                max_channels_per_peer=3 + self.config.parallel + SMALL_LANE,
-                                # > the gossip channel's pause between rounds, with margin
-                                channel_idle_timeout=max(3 * self.config.gossip_interval,
-                                                         2 * self.config.link_down_after, 30.0))
+                                self, logger=logging.getLogger("maildrop.ssh"), **limits)
         self.server.start()
+        self.local = LocalServer(self.config.state_dir / SOCKET_NAME, self._authorized, self,
+                                 logger=logging.getLogger("maildrop.serve"), **limits)
         try:
+            self.local.start()
             self._recover_own_feed()
             self._check_own_key()
         except BaseException:
             self.server.stop()
+            self.local.stop()
             raise
         if self.stop.is_set():  # stopped while recovering: write nothing
             return
@@ -475,6 +482,8 @@ class Agent:
             link.rekeyed.set()
         if self.server is not None:
             self.server.stop()
+        if self.local is not None:
+            self.local.stop()
         self.metrics.stop()
         for link in self.links.values():
             link.client.close()
@@ -619,14 +628,24 @@ class Agent:
         return new
 
     def _new_link(self, peer: Peer) -> PeerLink:
-        """The soft state and SSH client of one configured peer (at start, or added by a
-        reload); the client falls back to the key before the latest rotation, if any. Its
-        timeouts derive from gossip.link_down_after (``_apply`` sets them again on reload)."""
+        """The soft state and client of one configured peer (at start, or added by a
+        reload): our SSH client, or the ``ssh`` program for ``via: openssh``. The client
+        falls back to the key before the latest rotation, if any. Its timeouts derive from
+        gossip.link_down_after (``_apply`` sets them again on reload)."""
         old = load_old_key(self.config.key_path)
+        fallback = [old] if old else []
+        if peer.via == "openssh":
+            return PeerLink(peer.id, peer.address, openssh.OpenSSHClient(
+                self.me, self.key, peer, self.config.state_dir, fallback=fallback,
+                silence_after=self.config.link_down_after, logger=logging.getLogger("maildrop.openssh")))
         return PeerLink(peer.id, peer.address,
                         PeerClient(self.me, self.key, peer.id, peer.address, peer.key,
-                                   silence_after=self.config.link_down_after,
-                                   fallback=[old] if old else []))
+                                   silence_after=self.config.link_down_after, fallback=fallback))
+
+    def _authorized(self) -> dict[str, str]:
+        """The peers that may log in now, with their current keys (for ``maildrop serve``)."""
+        with self._keys_lock:
+            return dict(self._peer_keys)
 
     def _retire(self, link: PeerLink) -> None:
         """End a link a reload removed or replaced: its gossip loop and hops stop (``halt``),
