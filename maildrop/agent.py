@@ -278,13 +278,14 @@ class Agent:
                   # > the gossip channel's pause between rounds, with margin
                   "channel_idle_timeout": max(3 * self.config.gossip_interval,
                                               2 * self.config.link_down_after, 30.0)}
-        self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
-                                self, logger=logging.getLogger("maildrop.ssh"), **limits)
-        self.server.start()
+        # The serve socket first: once the SSH port answers, `maildrop serve` works too.
         self.local = LocalServer(self.config.state_dir / SOCKET_NAME, self._authorized, self,
                                  logger=logging.getLogger("maildrop.serve"), **limits)
+        self.local.start()
+        self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
+                                self, logger=logging.getLogger("maildrop.ssh"), **limits)
         try:
-            self.local.start()
+            self.server.start()
             self._recover_own_feed()
             self._check_own_key()
         except BaseException:

@@ -1,7 +1,8 @@
 """The command line: argument parsing and output formatting. ``main(argv) -> exit status``.
 
 Exit statuses: 0 success; 1 operational failure (a --wait deadline passed, the transfer
-failed, the agent stopped on an error); 2 usage or configuration error; 130 interrupted.
+failed, the agent stopped on an error, ``serve``'s peer refused); 2 usage or configuration
+error; 3 the agent is not running (``serve``); 130 interrupted.
 A user's mistake is one line on stderr, never a traceback.
 """
 

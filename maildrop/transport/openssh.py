@@ -270,8 +270,9 @@ class OpenSSHClient:
         self._silence_after = seconds
 
     def open_channel(self, timeout: float = 10.0) -> ProcessChannel:
-        """A channel whose far end answered a ping, within ``timeout`` seconds; it has no
-        I/O timeout (callers set one). Raises SSHChannelFailed, or one of ``PERMANENT``."""
+        """A channel whose far end answered a ping, within ``timeout`` seconds (each wait
+        for ssh bounded by it; learning why it failed adds at most 2 x ``_REAP`` s). It has
+        no I/O timeout (callers set one). Raises SSHChannelFailed, or one of ``PERMANENT``."""
         started = time.monotonic()
         argv = self.argv(timeout)
         try:
