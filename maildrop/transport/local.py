@@ -254,12 +254,15 @@ class LocalServer:
     def _accept_loop(self) -> None:
         assert self._listener is not None
         listener = self._listener
+        next_sweep = time.monotonic() + SWEEP_EVERY
         try:
             while not self._stopping.is_set():
+                if time.monotonic() >= next_sweep:  # also while connections keep coming
+                    self._sweep()
+                    next_sweep = time.monotonic() + SWEEP_EVERY
                 try:
                     sock, _ = listener.accept()
                 except TimeoutError:
-                    self._sweep()
                     continue
                 except OSError as exc:
                     if self._stopping.is_set():
@@ -305,7 +308,7 @@ class LocalServer:
             if early is None:
                 return
             sock.settimeout(self._idle_timeout)
-            self._log.info("serve.peer.connected peer=%s", session.peer_id)
+            self._log.debug("serve.peer.connected peer=%s", session.peer_id)
             try:
                 self._handler.handle_channel(session.peer_id, _LocalChannel(sock, early))
             except TimeoutError:
@@ -313,7 +316,7 @@ class LocalServer:
                                   session.peer_id, self._idle_timeout)
             except MaildropError as exc:
                 self._log.warning("serve.channel.handler-failed peer=%s error=%s", session.peer_id, exc)
-            self._log.info("serve.peer.disconnected peer=%s", session.peer_id)
+            self._log.debug("serve.peer.disconnected peer=%s", session.peer_id)
         except Exception:
             self._log.exception("serve.conn.crashed peer=%s", session.peer_id or "-")
         finally:

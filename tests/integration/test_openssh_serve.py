@@ -84,15 +84,17 @@ class Sshd:
 
 
 def via_openssh(net, name: str, sshd: Sshd, request: str, host_key: str | None = None,
-                key_of: str | None = None) -> None:
+                command: str | None = None) -> None:
     """Rewrite ``name``'s config: its one peer is reached through ``sshd``."""
     node = net[name]
     [peer] = net.peers_of(name)
     other = net[peer]
     lines = ["node:", f"  id: {name}", f"  listen: 127.0.0.1:{node.port}", "root: .",
              "key: node_ed25519", "peers:", f"  - id: {peer}", f"    address: 127.0.0.1:{sshd.port}",
-             f"    key: {key_of or other.pubkey}", "    via: openssh", f"    ssh_user: {getpass.getuser()}",
+             f"    key: {other.pubkey}", "    via: openssh", f"    ssh_user: {getpass.getuser()}",
              f"    ssh_request: {request}", f"    ssh_host_key: {host_key or sshd.host_key.public_line}"]
+    if command:
+        lines.append(f"    ssh_command: {command}")
     for section, values in FAST.items():
         lines.append(f"{section}:")
         lines += [f"  {k}: {v}" for k, v in values.items()]
@@ -181,6 +183,16 @@ def test_a_key_sshd_does_not_know_is_refused(pair, sshd):
                30, "NodeA to log the refused login")
     assert a.running and a.status()["peers"][0]["state"] != "up"
     assert "serve.peer.connected peer=NodeA" not in b.log_path.read_text()
+
+
+def test_a_missing_ssh_client_is_one_line_and_a_down_link(pair, sshd, tmp_path):
+    net, a, b = pair
+    via_openssh(net, "NodeA", sshd, "subsystem", command=str(tmp_path / "no-such-ssh"))
+    net.start(["NodeA"])
+    wait_until(lambda: "openssh.channel.failed peer=NodeB reason=SSHClientMissing" in a.log_path.read_text(),
+               30, "NodeA to log the missing client")
+    assert "install openssh-client, or fix peers[].ssh_command" in a.log_path.read_text()
+    assert a.running and a.status()["peers"][0]["state"] != "up"
 
 
 def test_serve_with_no_agent_running_exits_3_with_one_line(pair, sshd):
