@@ -167,7 +167,7 @@ def test_a_wrong_pinned_host_key_is_refused_and_logged(pair, sshd, tmp_path):
     other = generate_key(tmp_path / "not_the_host_key")
     via_openssh(net, "NodeA", sshd, "subsystem", host_key=other.public_line)
     sshd.start()
-    net.start()
+    net.start(["NodeA"])  # the only client of sshd here
     wait_until(lambda: "openssh.channel.failed peer=NodeB reason=HostKeyRefused" in a.log_path.read_text(),
                30, "NodeA to log the host key refusal")
     assert "Accepted publickey" not in sshd.log()  # it never logged in
