@@ -10,15 +10,18 @@ ping/pong, close it --
 - openssh+mux: the same with a ControlMaster socket (``ssh_command: ssh -o
   ControlMaster=auto -o ControlPath=... -o ControlPersist=60``).
 
-Bulk bytes are not measured here: on an open channel they cost what ssh and two pipes cost.
+Then one file of ``--mib`` MiB from NodeA to NodeB, from the rename into the outbox to the
+file in NodeB's inbox: with NodeA's peer entry ``via: openssh`` (through sshd and ``serve``)
+and, as the reference, ``via: maildrop`` (NodeB's own listener).
 
-Needs openssh-server and openssh-client. Usage: python bench/openssh_serve_bench.py [-n 20]
+Needs openssh-server and openssh-client. Usage: python bench/openssh_serve_bench.py [-n 20] [--mib 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
 import shutil
 import statistics
@@ -79,9 +82,37 @@ def show(name: str, times: list[float], ref: float | None) -> float:
     return med
 
 
+def deliver_seconds(a, b, mib: int, name: str) -> float:
+    """Seconds from a file's rename into NodeA's outbox until NodeB's inbox has it."""
+    tmp = a.dir / f".{name}.tmp"
+    block = os.urandom(1 << 20)
+    with open(tmp, "wb") as f:
+        for i in range(mib):
+            f.write(i.to_bytes(8, "big") + block[8:])
+    (a.outbox / "NodeB").mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    tmp.rename(a.outbox / "NodeB" / name)
+    wait_until((b.inbox / "NodeA" / name).exists, 300, f"{name} delivered", every=0.01)
+    return time.perf_counter() - t0
+
+
+def link_up(node) -> bool:
+    status = json.loads((node.dir / "state" / "agent.json").read_text())
+    return status["running"] and all(p["state"] == "up" for p in status["peers"])
+
+
+def via_openssh_config(a, port: int, b_key: str, host_key: str) -> None:
+    text = a.config_path.read_text()
+    start, end = text.index("peers:"), text.index("gossip:") if "gossip:" in text else len(text)
+    entry = (f"peers:\n  - id: NodeB\n    address: 127.0.0.1:{port}\n    key: {b_key}\n"
+             f"    via: openssh\n    ssh_user: {getpass.getuser()}\n    ssh_host_key: {host_key}\n")
+    a.config_path.write_text(text[:start] + entry + text[end:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=20)
+    ap.add_argument("--mib", type=int, default=64)
     args = ap.parse_args()
     if not os.access(SSHD, os.X_OK) or shutil.which("ssh") is None:
         print("needs openssh-server and openssh-client", file=sys.stderr)
@@ -115,6 +146,17 @@ def main() -> int:
             client.close()
         subprocess.run(["ssh", *mux_opts, "-O", "exit", "-p", str(port), "127.0.0.1"],
                        capture_output=True, timeout=10)
+        net.start(["NodeA"])
+        wait_until(lambda: link_up(a), 60, "NodeA's link to NodeB")
+        ref = deliver_seconds(a, b, args.mib, "direct.bin")
+        print(f"reference    {args.mib} MiB A->B delivered in {ref:6.2f} s ({args.mib / ref:6.1f} MiB/s)")
+        a.stop()
+        via_openssh_config(a, port, b.pubkey, host_key)
+        net.start(["NodeA"])
+        wait_until(lambda: link_up(a), 60, "NodeA's link to NodeB through sshd")
+        t = deliver_seconds(a, b, args.mib, "openssh.bin")
+        print(f"openssh      {args.mib} MiB A->B delivered in {t:6.2f} s ({args.mib / t:6.1f} MiB/s, "
+              f"{t / ref:.1f}x the reference)")
     finally:
         net.stop_all()
         sshd.terminate()
