@@ -1,7 +1,8 @@
 """The agent: the imperative shell that wires log, model, spool, transport and watcher.
 
 Services, each a named thread with a ``run`` loop, started and supervised here:
-``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
+``ssh-server`` (incoming calls), the serve socket (``state/serve.sock``: incoming calls that
+OpenSSH's sshd logged in, through ``maildrop serve``), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
 ``link.up``/``link.down``), ``custody`` (the custody service, ``custodian``: owns every
 transfer, plans, and hands offers to each peer's own hop lanes), ``taker`` (outbox files into
