@@ -416,8 +416,8 @@ def serve_stdio(path: Path, peer: str | None, key: str | None, *, stdin: int = 0
     """``maildrop serve``: say hello on ``path`` for ``peer`` and/or ``key``, then copy
     ``stdin`` to the agent and the agent's answers to ``stdout`` until the agent closes the
     stream (stdin's end is passed on as a half close). Raises AgentNotRunning (no agent
-    listens), ServeRefused (the agent refused the hello, or did not answer it within
-    ``HELLO_TIMEOUT``). Returns when the stream ended; the agent's end decides."""
+    listens), ServeRefused (this user may not reach the socket, the agent refused the
+    hello, or did not answer it within ``HELLO_TIMEOUT``). Returns when the stream ended; the agent's end decides."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
@@ -427,6 +427,10 @@ def serve_stdio(path: Path, peer: str | None, key: str | None, *, stdin: int = 0
         except (FileNotFoundError, ConnectionRefusedError):
             raise AgentNotRunning(f"the agent is not running (nothing listens on {path}); "
                                   "start it: systemctl start maildrop") from None
+        except PermissionError:
+            raise ServeRefused(f"permission denied on {path}: sshd must run 'maildrop serve' as "
+                               "the agent's own user (the account in sshd's Match User / "
+                               "authorized_keys)") from None
         except OSError as exc:
             raise AgentNotRunning(f"cannot reach the agent at {path}: {exc.strerror or exc}") from None
         try:

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +129,27 @@ def test_a_peer_removed_by_a_reload_is_cut_off(node_a):
     sock.settimeout(5)
     assert sock.recv(10) == b""
     assert hello(a, peer="NodeB")[1]["reason"] == "unknown-peer"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run serve as another user")
+def test_serve_as_another_user_is_refused_with_one_line(node_a):
+    _, a = node_a
+    # The config where nobody may read it; the root (and its state/) stays where it is.
+    public = Path(tempfile.mkdtemp(prefix="md-serve-"))
+    try:
+        public.chmod(0o755)
+        text = a.config_path.read_text().replace("root: .", f"root: {a.dir}").replace(
+            "key: node_ed25519", f"key: {a.dir / 'node_ed25519'}")
+        config = public / "maildrop.yaml"
+        config.write_text(text)
+        config.chmod(0o644)
+        cp = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                             "-m", "maildrop", "-c", str(config), "serve", "--peer", "NodeB"],
+                            capture_output=True, text=True, timeout=60, env=a.env, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(public)
+    if "No module named" in cp.stderr or "Errno 13" in cp.stderr:
+        pytest.skip(f"user nobody cannot run this checkout's python: {cp.stderr.strip()[-200:]}")
+    assert cp.returncode == 1, cp.stderr
+    assert cp.stderr.count("\n") == 1 and "as the agent's own user" in cp.stderr and "Traceback" not in cp.stderr
