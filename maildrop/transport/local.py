@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -154,7 +154,6 @@ class _Session:
     peer_id: str = ""
     key: str | None = None  # the key the hello claimed, if any
     served: bool = False  # past the hello: counted in the peer's channels
-    ended: threading.Event = field(default_factory=threading.Event)
 
 
 def resolve_peer(authorized: Mapping[str, str], peer: str | None, key: str | None) -> tuple[str, str]:

@@ -116,6 +116,7 @@ class _Tail:
         finally:
             self.done.set()
             with contextlib.suppress(Exception):
+                self._proc.stderr.close()
                 self._proc.wait()
 
     def text(self) -> str:
