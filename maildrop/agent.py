@@ -287,6 +287,10 @@ class Agent:
                                 self, logger=logging.getLogger("maildrop.ssh"), **limits)
         try:
             self.server.start()
+        except BaseException:
+            self.local.stop()
+            raise
+        try:
             self._recover_own_feed()
             self._check_own_key()
         except BaseException:

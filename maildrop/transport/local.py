@@ -225,7 +225,7 @@ class LocalServer:
         self._accept_thread = threading.Thread(target=self._accept_loop, name="maildrop-serve-accept",
                                                daemon=True)
         self._accept_thread.start()
-        self._log.info("serve.listening path=%s", self.path)
+        self._log.debug("serve.listening path=%s", self.path)
 
     def stop(self) -> None:
         """Close the listener and every session; join the threads within ~2 s; remove the
