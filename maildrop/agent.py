@@ -1,7 +1,8 @@
 """The agent: the imperative shell that wires log, model, spool, transport and watcher.
 
 Services, each a named thread with a ``run`` loop, started and supervised here:
-``ssh-server`` (incoming calls), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
+``ssh-server`` (incoming calls), the serve socket (``state/serve.sock``: incoming calls that
+OpenSSH's sshd logged in, through ``maildrop serve``), ``gossip:<peer>`` (one per peer: Fingerprint/Gossip on a
 jittered interval and right after new events; reconnect with tenacity backoff; liveness and
 ``link.up``/``link.down``; the peer's fingerprint against ours, for ``status``; the
 link's health, measured and announced as ``link.health``). Each link is one SSH connection
@@ -78,6 +79,8 @@ from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
 from .transfers import Answer, Custody, offer_chunks
+from .transport import openssh
+from .transport.local import SOCKET_NAME, LocalServer
 from .transport.ssh import (
     AuthRefused,
     HostKeyMismatch,
@@ -91,7 +94,7 @@ from .watcher import OutboxWatcher
 
 log = logging.getLogger("maildrop.agent")
 
-PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible)
+PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible, *openssh.PERMANENT)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
@@ -170,7 +173,7 @@ class PeerLink:
 
     id: str
     address: tuple[str, int] | None
-    client: PeerClient
+    client: PeerClient | openssh.OpenSSHClient
     state: str = "unknown"  # "up" | "down" | "unknown"
     last_seen: float | None = None
     down_since: float | None = None
@@ -289,6 +292,7 @@ class Agent:
         self._threads: dict[str, threading.Thread] = {}
         self._errors = _RecentErrors()
         self.server: SSHServer | None = None
+        self.local: LocalServer | None = None  # state/serve.sock, for `maildrop serve`
         self.started = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -298,20 +302,29 @@ class Agent:
         self._follow_keys()
         before, now = raise_open_files_limit()
         log.debug("agent.nofile soft_before=%d soft=%d", before, now)
+        limits = {"max_channels_per_peer": 3 + self.config.parallel + SMALL_LANE,
+                  # > the gossip channel's pause between rounds, with margin
+                  "channel_idle_timeout": max(3 * self.config.gossip_interval,
+                                              2 * self.config.link_down_after, 30.0)}
+        # The serve socket first: once the SSH port answers, `maildrop serve` works too.
+        self.local = LocalServer(self.config.state_dir / SOCKET_NAME, self._authorized, self,
+                                 logger=logging.getLogger("maildrop.serve"), **limits)
+        self.local.start()
         self.server = SSHServer(self.key, self.config.listen, dict(self._peer_keys),
-                                self, logger=logging.getLogger("maildrop.ssh"),
-                                max_channels_per_peer=3 + self.config.parallel + SMALL_LANE,
-                                # > the gossip channel's pause between rounds, with margin
-                                channel_idle_timeout=max(3 * self.config.gossip_interval,
-                                                         2 * self.config.link_down_after, 30.0))
+                                self, logger=logging.getLogger("maildrop.ssh"), **limits)
         for link in self.links.values():  # before the listener: no login finds no link
-            self.server.attach(link.client)
-        self.server.start()
+            self._attach(link)
+        try:
+            self.server.start()
+        except BaseException:
+            self.local.stop()
+            raise
         try:
             self._recover_own_feed()
             self._check_own_key()
         except BaseException:
             self.server.stop()
+            self.local.stop()
             raise
         if self.stop.is_set():  # stopped while recovering: write nothing
             return
@@ -505,6 +518,8 @@ class Agent:
             link.rekeyed.set()
         if self.server is not None:
             self.server.stop()
+        if self.local is not None:
+            self.local.stop()
         self.metrics.stop()
         for link in self.links.values():
             link.client.close()
@@ -620,7 +635,7 @@ class Agent:
             self._retire(link)
         if self.server is not None:
             for link in fresh.values():  # before set_authorized lets their logins in
-                self.server.attach(link.client)
+                self._attach(link)
         for link in links.values():  # fresh ones too: reload made them under the old config
             link.client.silence_after = new.link_down_after
         # New lanes for a new ``parallel`` and for new or changed peers (offers already
@@ -652,14 +667,30 @@ class Agent:
         return new
 
     def _new_link(self, peer: Peer) -> PeerLink:
-        """The soft state and SSH client of one configured peer (at start, or added by a
-        reload); the client falls back to the key before the latest rotation, if any. Its
-        timeouts derive from gossip.link_down_after (``_apply`` sets them again on reload)."""
+        """The soft state and client of one configured peer (at start, or added by a
+        reload): our SSH client, or the ``ssh`` program for ``via: openssh``. The client
+        falls back to the key before the latest rotation, if any. Its timeouts derive from
+        gossip.link_down_after (``_apply`` sets them again on reload)."""
         old = load_old_key(self.config.key_path)
+        fallback = [old] if old else []
+        if peer.via == "openssh":
+            return PeerLink(peer.id, peer.address, openssh.OpenSSHClient(
+                self.me, self.key, peer, self.config.state_dir, fallback=fallback,
+                silence_after=self.config.link_down_after, logger=logging.getLogger("maildrop.openssh")))
         return PeerLink(peer.id, peer.address,
                         PeerClient(self.me, self.key, peer.id, peer.address, peer.key,
-                                   silence_after=self.config.link_down_after,
-                                   fallback=[old] if old else []))
+                                   silence_after=self.config.link_down_after, fallback=fallback))
+
+    def _attach(self, link: PeerLink) -> None:
+        """Let the server hand the peer's logins to the link's client (our own SSH client
+        only: a ``via: openssh`` peer's channels are ``ssh`` processes, one each)."""
+        if isinstance(link.client, PeerClient):
+            self.server.attach(link.client)
+
+    def _authorized(self) -> dict[str, str]:
+        """The peers that may log in now, with their current keys (for ``maildrop serve``)."""
+        with self._keys_lock:
+            return dict(self._peer_keys)
 
     def _retire(self, link: PeerLink) -> None:
         """End a link a reload removed or replaced: its gossip loop and hops stop (``halt``),
@@ -667,7 +698,7 @@ class Agent:
         link.halt.set()
         link.kick.set()
         link.rekeyed.set()
-        if self.server is not None:
+        if self.server is not None and isinstance(link.client, PeerClient):
             self.server.detach(link.client)
         link.client.close()
         self._threads.pop(f"gossip:{link.id}", None)

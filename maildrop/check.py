@@ -370,6 +370,8 @@ def _dial(c: Config, key: NodeKey | None, peer: Peer) -> tuple[str, str | None, 
     if key is None:
         return ("warn", "ssh", f"{where}: TCP connect ok; no SSH login tried: this node's key does not load",
                 "fix the key (see above), then run 'maildrop check --peers' again")
+    if peer.via == "openssh":
+        return _dial_openssh(c, key, peer, where)
     client = PeerClient(c.node_id, key, peer.id, peer.address, peer.key, connect_timeout=PEER_TIMEOUT)
     try:
         client.connect()
@@ -393,6 +395,41 @@ def _dial(c: Config, key: NodeKey | None, peer: Peer) -> tuple[str, str | None, 
     finally:
         client.close()
     return "ok", None, f"{where}: TCP connect, SSH handshake, host key and login ok", None
+
+
+def _dial_openssh(c: Config, key: NodeKey, peer: Peer, where: str) -> tuple[str, str | None, str, str | None]:
+    """Open one channel to a ``via: openssh`` peer as the agent would (the ``ssh`` client,
+    the pinned host key, a ping through ``maildrop serve``), with a known_hosts file in a
+    temporary folder: a check writes nothing into the agent's ``state/``."""
+    import tempfile
+
+    from .transport.openssh import (
+        HostKeyRefused,
+        LoginRefused,
+        OpenSSHClient,
+        SSHChannelFailed,
+        SSHClientMissing,
+    )
+
+    with tempfile.TemporaryDirectory(prefix="maildrop-check-") as tmp:
+        client = OpenSSHClient(c.node_id, key, peer, Path(tmp), silence_after=PEER_TIMEOUT)
+        try:
+            client.open_channel(timeout=PEER_TIMEOUT).close()
+        except HostKeyRefused as exc:
+            return ("fail", "host-key", f"{where}: sshd's host key is not the one pinned ({exc})",
+                    f"set peers[].ssh_host_key of {peer.id} to its sshd's host key line")
+        except LoginRefused as exc:
+            return ("fail", "login", f"{where}: sshd refused the login ({exc})",
+                    f"on {peer.id}, put this node's key in the maildrop account's authorized_keys: "
+                    f"{key.public_line}")
+        except SSHClientMissing as exc:
+            return ("fail", "ssh", f"{where}: {exc}", "install openssh-client")
+        except SSHChannelFailed as exc:
+            return ("fail", "ssh", f"{where}: the channel through sshd failed: {exc}",
+                    f"check {peer.id}'s sshd config (README: a node served by sshd) and that its agent runs")
+        finally:
+            client.close()
+    return "ok", None, f"{where}: ssh client, sshd host key, login and 'maildrop serve' ok", None
 
 
 def _check_peers(c: Config, r: _Report) -> None:

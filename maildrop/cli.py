@@ -1,7 +1,8 @@
 """The command line: argument parsing and output formatting. ``main(argv) -> exit status``.
 
 Exit statuses: 0 success; 1 operational failure (a --wait deadline passed, the transfer
-failed, the agent stopped on an error); 2 usage or configuration error; 130 interrupted.
+failed, the agent stopped on an error, ``serve``'s peer refused); 2 usage or configuration
+error; 3 the agent is not running (``serve``); 130 interrupted.
 A user's mistake is one line on stderr, never a traceback.
 """
 
@@ -112,6 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("release", "end the hold on TRANSFER: it is offered again")
     sp.epilog = control_exit
     sp.add_argument("transfer", metavar="TRANSFER")
+    sp = cmd("serve", "speak the maildrop protocol on stdin/stdout for a peer sshd logged in "
+                      "(sshd's Subsystem maildrop, or a forced command in authorized_keys)")
+    sp.epilog = ("Connects to the running agent (state/serve.sock) and copies bytes both ways; the "
+                 "agent serves the session as a channel of that peer. The peer is --peer, or the "
+                 "key sshd authenticated ($SSH_USER_AUTH, with 'ExposeAuthInfo yes' in "
+                 "sshd_config), or both (then they must agree). Exit status: 0 the session "
+                 "ended; 1 the agent refused the peer; 2 usage or config error (a bad --peer, "
+                 "neither --peer nor $SSH_USER_AUTH); 3 the agent is not running.")
+    sp.add_argument("--peer", metavar="ID",
+                    help="the peer this session speaks for, as in authorized_keys: "
+                         "command=\"maildrop serve --peer NodeB\" ssh-ed25519 AAAA... (the key decides)")
     cmd("rotate-key", "give this node a new key, announced signed by the old one (stop the agent first)")
     sp = sub.add_parser("demo", help="run a five-node network on 127.0.0.1 and show a delivery and a reroute",
                         description="Build five nodes A-B-C-D-E (plus an alternate path) on free loopback ports, deliver a file, stop a relay, deliver another over the other path.")
@@ -812,6 +824,39 @@ def cmd_release(args: argparse.Namespace) -> int:
     return _control(args, "release")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``maildrop serve``: sshd runs it for a peer it authenticated; a pipe to the agent
+    (``transport.local``). Nothing but the protocol is ever written to stdout."""
+    from .ids import is_node_id
+    from .keys import normalize_public_line
+    from .transport.local import SOCKET_NAME, authenticated_keys, serve_stdio
+
+    peer = args.peer
+    if peer is not None and not is_node_id(peer):
+        raise UsageError(f"--peer {peer!r} is not a node id (letters, digits, '-', '_'; 1..64 chars)")
+    key = None
+    auth = os.environ.get("SSH_USER_AUTH")
+    if auth:
+        try:
+            keys = authenticated_keys(auth)
+        except OSError as exc:
+            raise UsageError(f"cannot read $SSH_USER_AUTH ({auth}): {exc.strerror or exc}") from None
+        if keys:
+            try:
+                key = normalize_public_line(keys[-1])  # the key that completed the login
+            except ValueError:
+                if peer is None:
+                    raise UsageError(f"sshd authenticated a {keys[-1].split()[0]} key: only a "
+                                     "peer's ed25519 node key names a peer") from None
+    if peer is None and key is None:
+        raise UsageError("cannot tell which peer this session is for: give --peer ID (a forced "
+                         "command in authorized_keys), or set 'ExposeAuthInfo yes' in sshd_config "
+                         "so the key sshd authenticated names the peer")
+    config = _config(args)
+    serve_stdio(config.state_dir / SOCKET_NAME, peer, key)
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .check import run_checks
 
@@ -871,6 +916,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "init": cmd_init, "pubkey": cmd_pubkey, "events": cmd_events, "status": cmd_status,
     "route": cmd_route, "run": cmd_run, "send": cmd_send, "check": cmd_check, "demo": cmd_demo,
+    "serve": cmd_serve,
     "conflicts": cmd_conflicts, "rotate-key": cmd_rotate_key,
     "queue": cmd_queue, "flush": cmd_flush, "cancel": cmd_cancel, "hold": cmd_hold, "release": cmd_release,
 }

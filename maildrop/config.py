@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -86,11 +87,29 @@ class ConfigProblems(ConfigError):
 class Peer:
     """A node this node links to; ``key`` is the normalised ``ssh-ed25519 <base64>`` line.
     ``address`` None: the peer dials us (it is behind NAT or only makes outbound connections);
-    we never dial it and use the connection it makes."""
+    we never dial it and use the connection it makes.
+
+    ``via``: how its channels are opened: ``maildrop`` (our own SSH client, to the peer's
+    agent at ``address``) or ``openssh`` (the ``ssh`` client, to an sshd at ``address`` that
+    runs ``maildrop serve``; an address is required). The ``ssh_*`` fields apply to
+    ``openssh`` only: the login name (None: ssh's default), the request (``subsystem``: the
+    ``maildrop`` subsystem; ``command``: the command ``maildrop serve``, which a forced
+    command replaces), the client's argv before our options, and sshd's host key when it is
+    not ``key``."""
 
     id: str
     address: tuple[str, int] | None
     key: str
+    via: str = "maildrop"
+    ssh_user: str | None = None
+    ssh_request: str = "subsystem"
+    ssh_command: tuple[str, ...] = ("ssh",)
+    ssh_host_key: str | None = None
+
+    @property
+    def host_key(self) -> str:
+        """The host key its SSH server must present (pinned; never learned)."""
+        return self.ssh_host_key or self.key
 
 
 @dataclass(frozen=True)
@@ -434,7 +453,10 @@ class _Problems:
 _TOP_KEYS = ("node", "root", "key", "peers", "accept_from", "relay_for", "gossip", "transfers",
              "relay", "outbox", "log", "metrics")
 _NODE_KEYS = ("id", "display_name", "listen", "advertise")
-_PEER_KEYS = ("id", "address", "key")
+_PEER_KEYS = ("id", "address", "key", "via", "ssh_user", "ssh_request", "ssh_command", "ssh_host_key")
+_OPENSSH_KEYS = ("ssh_user", "ssh_request", "ssh_command", "ssh_host_key")
+VIAS = ("maildrop", "openssh")
+SSH_REQUESTS = ("subsystem", "command")
 _SECTION_KEYS = {
     "gossip": ("interval", "link_down_after"),
     "transfers": ("expire_after", "resend_after", "max_file_size", "min_free_space", "parallel"),
@@ -843,9 +865,61 @@ def _peers(top: dict, node_id: str | None, listen: tuple[str, int] | None,
                 )
             else:
                 by_key[key] = i
-        if pid is not None and address_ok and key is not None:
-            peers.append(Peer(pid, address, key))
+        reach = problems.take(_reach, entry, where)
+        if reach is not None and reach.get("via") == "openssh" and address_ok and address is None:
+            problems.add(f"{where}.address", "missing: a peer reached through OpenSSH is dialed",
+                         "the host:port of its sshd")
+            reach = None
+        if pid is not None and address_ok and key is not None and reach is not None:
+            peers.append(Peer(pid, address, key, **reach))
     return peers
+
+
+_USER_EXPECTED = "a login name on the peer's machine, e.g. maildrop"
+_COMMAND_EXPECTED = "the ssh client and its extra options, e.g. 'ssh' or 'ssh -J bastion.example.net'"
+
+
+def _reach(entry: dict, where: str) -> dict[str, Any]:
+    """How a peer entry is reached: ``via`` and, with ``via: openssh``, the ``ssh_*`` keys."""
+    via = entry.get("via")
+    if via is None:
+        via = "maildrop"
+    elif via not in VIAS:
+        _fail(f"{where}.via", _show(via) if isinstance(via, str) else _got(via),
+              "maildrop (the peer's own agent) or openssh (an sshd that runs 'maildrop serve')")
+    given = [k for k in _OPENSSH_KEYS if entry.get(k) is not None]
+    if via != "openssh":
+        if given:
+            _fail(f"{where}.{given[0]}", "set without via: openssh",
+                  "via: openssh with it, or no ssh_* keys")
+        return {}
+    out: dict[str, Any] = {"via": via}
+    user = entry.get("ssh_user")
+    if user is not None:
+        text = _text(user, f"{where}.ssh_user", _USER_EXPECTED, 64)
+        if text.startswith("-") or any(c.isspace() or c in "@:" for c in text):
+            _fail(f"{where}.ssh_user", f"{_show(text)} is not a login name", _USER_EXPECTED)
+        out["ssh_user"] = text
+    request = entry.get("ssh_request")
+    if request is not None:
+        if request not in SSH_REQUESTS:
+            _fail(f"{where}.ssh_request", _show(request) if isinstance(request, str) else _got(request),
+                  "subsystem (sshd_config: Subsystem maildrop ...) or command (authorized_keys: "
+                  "command=\"maildrop serve --peer ...\")")
+        out["ssh_request"] = request
+    command = entry.get("ssh_command")
+    if command is not None:
+        text = _text(command, f"{where}.ssh_command", _COMMAND_EXPECTED, 1024)
+        try:
+            argv = tuple(shlex.split(text))
+        except ValueError as exc:
+            _fail(f"{where}.ssh_command", f"{_show(text)} does not parse ({exc})", _COMMAND_EXPECTED)
+        if not argv or argv[0].startswith("-"):
+            _fail(f"{where}.ssh_command", f"{_show(text)} names no program", _COMMAND_EXPECTED)
+        out["ssh_command"] = argv
+    if entry.get("ssh_host_key") is not None:
+        out["ssh_host_key"] = _public_key(entry["ssh_host_key"], f"{where}.ssh_host_key")
+    return out
 
 
 def _required_node_id(m: dict, where: str, example: str) -> str:

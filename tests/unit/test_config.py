@@ -465,7 +465,7 @@ def test_unknown_key_at_every_level() -> None:
     assert err(BASE + "log:\n  lvl: info\n").startswith("log.lvl: unknown key")
     text = with_peers(("NodeB", "127.0.0.1:7002", KEY_B)) + "    adress: x\n"
     assert err(text) == (
-        "peers[0].adress: unknown key (did you mean 'address'?); expected one of id, address, key"
+        "peers[0].adress: unknown key (did you mean 'address'?); expected one of id, address, key, via, ssh_user, ssh_request, ssh_command, ssh_host_key"
     )
 
 
@@ -629,11 +629,11 @@ def test_peers_of_wrong_type() -> None:
         "(or [] for none)"
     )
     assert err(BASE + "peers:\n  - NodeB\n") == (
-        "peers[0]: got 'NodeB'; expected a mapping with keys id, address, key"
+        "peers[0]: got 'NodeB'; expected a mapping with keys id, address, key, via, ssh_user, ssh_request, ssh_command, ssh_host_key"
     )
     assert (
         err(BASE + "peers:\n  -\n")
-        == "peers[0]: empty; expected a mapping with keys id, address, key"
+        == "peers[0]: empty; expected a mapping with keys id, address, key, via, ssh_user, ssh_request, ssh_command, ssh_host_key"
     )
 
 
@@ -1119,7 +1119,7 @@ def test_file_name_with_a_newline_still_gives_one_line(tmp_path: Path) -> None:
 
 def test_recursive_and_exploding_aliases_are_harmless() -> None:
     assert err(BASE + "peers: &p [*p]\n") == (
-        "peers[0]: got a list; expected a mapping with keys id, address, key"
+        "peers[0]: got a list; expected a mapping with keys id, address, key, via, ssh_user, ssh_request, ssh_command, ssh_host_key"
     )
     laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"

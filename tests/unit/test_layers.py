@@ -8,7 +8,8 @@ PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce", "admission",
         "health",
         "protocol", "gossip", "config", "logsafe", "durable", "lifecycle"}
-EDGES = {"eventlog", "spool", "seal", "transport.ssh", "watcher", "sdnotify", "metrics", "failpoints"}
+EDGES = {"eventlog", "spool", "seal", "transport.ssh", "transport.local", "transport.openssh", "watcher",
+         "sdnotify", "metrics", "failpoints"}
 SHELL = {"transfers", "custodian", "agent", "localnet", "demo", "check", "control"}
 THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"},
                     "prometheus_client": {"metrics"}, "pyrage": {"seal"}}
