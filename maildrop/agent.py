@@ -86,6 +86,7 @@ from .transport.ssh import (
     HostKeyMismatch,
     PeerClient,
     PeerIncompatible,
+    PeerUnreachable,
     SSHServer,
     is_transient,
     raise_open_files_limit,
@@ -793,8 +794,15 @@ class Agent:
     def _gossip_round(self, link: PeerLink) -> None:
         """One gossip round on the link's gossip channel (opened if needed). A peer silent
         for ``link_down_after`` (the client's ``silence_after``) fails the round: waiting
-        for the channel, or for any answer on it."""
+        for the channel, or for any answer on it. So does a connection that dropped since
+        the last round (the gossip channel is idle between rounds, and the link may have a
+        new connection by now, redialed or adopted): the link went down, an outage, though
+        the next try finds it up. A channel on a live duplicate that is being closed is no
+        failure: the round moves to the connection kept."""
         silence = link.client.silence_after  # re-read every round: a reload may change it
+        if link.chan is not None and self._dropped(link.chan):
+            self._close_gossip(link)
+            raise PeerUnreachable(f"peer {link.id}: the connection dropped")
         if link.chan is not None and not link.client.carries(link.chan):
             self._close_gossip(link)  # a duplicate connection is going: move to the one kept
         self._prune_pool(link)
@@ -815,6 +823,12 @@ class Agent:
         self._compare_fingerprints(link, stats.fingerprint, stats.peer_fingerprint)
         if stats.accepted or stats.rejected:
             self._after_gossip(link.id, stats)
+
+    @staticmethod
+    def _dropped(chan: Any) -> bool:
+        """True when ``chan`` ended with its connection, or by itself (the peer closed it)."""
+        transport = chan.get_transport()
+        return bool(chan.closed) or transport is None or not transport.is_active()
 
     @staticmethod
     def _compare_fingerprints(link: PeerLink, ours: str, theirs: str | None) -> None:
