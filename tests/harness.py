@@ -309,3 +309,15 @@ class Net(LocalNet):
 
     def logs(self) -> str:
         return "\n".join(f"===== {n.name}\n{n.log_tail(60)}" for n in self.nodes.values())
+
+
+def own_link_observation(line: str, me: str, peer: str) -> bool:
+    """True for an events.jsonl line of ``me``'s own about its link to ``peer``
+    (``link.up``, ``link.down``, ``link.health``): what the agent measured of that peer's
+    connection, not anything the peer made it store."""
+    try:
+        ev = json.loads(line)
+        return (ev["origin"] == me and ev["type"] in ("link.up", "link.down", "link.health")
+                and ev["data"]["peer"] == peer)
+    except (ValueError, KeyError, TypeError):
+        return False

@@ -47,7 +47,7 @@ from maildrop.spool import Spool
 from maildrop.transfers import Custody, Outgoing, TransferRefused
 from maildrop.transport.ssh import PeerClient, PeerUnreachable, SSHServer
 from tests.factories import T0, FeedWriter, node_key
-from tests.harness import introduce_outsider, start_with_outsider, wait_until
+from tests.harness import introduce_outsider, own_link_observation, start_with_outsider, wait_until
 
 SCALE = max(1, int(os.environ.get("MAILDROP_FUZZ_SCALE", "1")))
 CHECK_EVERY = 100
@@ -55,17 +55,6 @@ CRASH_MARKS = ("handler-crashed", "Traceback", "conn.crashed", "relay.receive.fa
 # Liveness facts are the agent's own and would change events.jsonl between checks: with a
 # long link_down_after NodeX's link goes up once (at the introduction) and never down.
 QUIET_LINK = {"gossip": {"interval": "1s", "link_down_after": "600s"}}
-
-
-def _own_observation(line: str) -> bool:
-    """True for a line of NodeA's own about the link to NodeX (``link.up``, ``link.down``,
-    ``link.health``): what the agent measured of the fuzzer's connection."""
-    try:
-        ev = json.loads(line)
-        return (ev["origin"] == "NodeA" and ev["type"] in (E.LINK_UP, E.LINK_DOWN, E.LINK_HEALTH)
-                and ev["data"]["peer"] == "NodeX")
-    except (ValueError, KeyError, TypeError):
-        return False
 
 
 def _settings(examples: int) -> settings:
@@ -118,7 +107,7 @@ class Target:
                 new = now[what][len(self.before[what]):]
                 assert now[what].startswith(self.before[what]), "the events file was rewritten"
                 stored = [line for line in new.decode(errors="replace").splitlines()
-                          if not _own_observation(line)]
+                          if not own_link_observation(line, "NodeA", "NodeX")]
                 assert not stored, f"fuzz input stored events: {stored[:5]}"
                 # The agent's own observations of the fuzzer's link are facts, not fuzz
                 # input: a link whose connection keeps closing is up, down and flapping.
