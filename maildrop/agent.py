@@ -800,7 +800,7 @@ class Agent:
         the next try finds it up. A channel on a live duplicate that is being closed is no
         failure: the round moves to the connection kept."""
         silence = link.client.silence_after  # re-read every round: a reload may change it
-        if link.chan is not None and self._dropped(link.chan):
+        if link.chan is not None and link.client.dropped(link.chan):
             self._close_gossip(link)
             raise PeerUnreachable(f"peer {link.id}: the connection dropped")
         if link.chan is not None and not link.client.carries(link.chan):
@@ -823,12 +823,6 @@ class Agent:
         self._compare_fingerprints(link, stats.fingerprint, stats.peer_fingerprint)
         if stats.accepted or stats.rejected:
             self._after_gossip(link.id, stats)
-
-    @staticmethod
-    def _dropped(chan: Any) -> bool:
-        """True when ``chan`` ended with its connection, or by itself (the peer closed it)."""
-        transport = chan.get_transport()
-        return bool(chan.closed) or transport is None or not transport.is_active()
 
     @staticmethod
     def _compare_fingerprints(link: PeerLink, ours: str, theirs: str | None) -> None:

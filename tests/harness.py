@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -321,3 +322,16 @@ def own_link_observation(line: str, me: str, peer: str) -> bool:
                 and ev["data"]["peer"] == peer)
     except (ValueError, KeyError, TypeError):
         return False
+
+
+def hung_up(sock: socket.socket) -> bool:
+    """True once the server has closed (or reset) this connection; never blocks."""
+    sock.setblocking(False)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

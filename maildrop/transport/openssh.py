@@ -306,6 +306,11 @@ class OpenSSHClient:
         return chan
 
     @staticmethod
+    def dropped(chan: ProcessChannel) -> bool:
+        """True when the channel was closed or its ``ssh`` process ended (never waits)."""
+        return chan.closed
+
+    @staticmethod
     def carries(_chan: object) -> bool:
         """Always True: each channel is an ``ssh`` process of its own, never on a duplicate
         connection that is going (``PeerClient.carries``)."""

@@ -1560,6 +1560,12 @@ class PeerClient:
             conn = self._preferred_locked()
         return conn is not None and get is not None and get() is conn.transport
 
+    @staticmethod
+    def dropped(channel: paramiko.Channel) -> bool:
+        """True when ``channel`` ended with its connection, or by itself (the peer closed it)."""
+        transport = channel.get_transport()
+        return bool(channel.closed) or transport is None or not transport.is_active()
+
     def adopt(self, transport: paramiko.Transport, counter: _ByteCounter | None = None) -> None:
         """Use ``transport``, a connection the peer dialed and logged in on (the server
         calls this), for our channels too; the link's liveness options apply to it.

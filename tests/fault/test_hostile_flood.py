@@ -29,7 +29,7 @@ import pytest
 from bench.flood_bench import Attacker, Sampler, proc_sample, send_one
 from maildrop.keys import generate_key
 from maildrop.transport.ssh import PeerClient, PeerUnreachable, SSHServer
-from tests.harness import wait_until
+from tests.harness import hung_up, wait_until
 
 FLOOD = ["--hold", "2000", "--hold-sources", "500", "--slow", "16", "--drip", "16",
          "--reopen-rate", "2000"]
@@ -48,19 +48,6 @@ class Echo:
     def handle_channel(self, peer_id: str, channel) -> None:
         while data := channel.recv(1 << 16):
             channel.sendall(data)
-
-
-def hung_up(sock: socket.socket) -> bool:
-    """True once the server has closed (or reset) this connection; never blocks."""
-    sock.setblocking(False)
-    try:
-        while True:
-            if not sock.recv(65536):
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def logs_in_despite(client: PeerClient, deadline: float) -> bool:

@@ -21,7 +21,7 @@ import pytest
 
 from maildrop.keys import NodeKey, generate_key
 from maildrop.transport.ssh import PeerClient, SSHServer
-from tests.harness import wait_until
+from tests.harness import hung_up, wait_until
 
 LOGGER = "maildrop.test.security.ssh"
 log = logging.getLogger(LOGGER)
@@ -83,19 +83,6 @@ def connect_from(address: tuple[str, int], source: str) -> socket.socket:
     sock.settimeout(5)
     sock.connect(address)
     return sock
-
-
-def hung_up(sock: socket.socket) -> bool:
-    """True once the server has closed (or reset) this connection; never blocks."""
-    sock.setblocking(False)
-    try:
-        while True:
-            if not sock.recv(65536):
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def logs_in(client: PeerClient) -> bool:
