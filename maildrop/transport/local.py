@@ -234,6 +234,10 @@ class LocalServer:
             return
         self._stopping.set()
         deadline = time.monotonic() + _STOP_BUDGET
+        if self._listener is not None:  # wake the accept thread now, not at its next timeout
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:
+                wake.settimeout(0.5)
+                wake.connect(str(self.path))
         with self._lock:
             sessions = list(self._sessions)
         for s in sessions:
@@ -269,6 +273,9 @@ class LocalServer:
                     self._log.error("serve.accept-failed error=%s", exc)
                     self._stopping.wait(0.1)
                     continue
+                if self._stopping.is_set():  # the wake-up of stop(), or one just too late
+                    sock.close()
+                    return
                 self._admit(sock)
         finally:
             listener.close()
