@@ -69,7 +69,7 @@ class Envelope:
         """Parse and check an opened envelope; SealError saying what is wrong."""
         try:
             obj = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # a hostile origin may nest it thousands deep
             raise SealError("the envelope is not JSON") from None
         if not isinstance(obj, dict) or set(obj) != {"name", "origin", "size", "sha256"}:
             raise SealError("the envelope does not hold name, origin, size and sha256")

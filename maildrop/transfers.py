@@ -508,7 +508,10 @@ class Custody:
                     protected = protected if protected is not None else self._protected()
                     fd = self.spool.open_taken(tid, protected)
                 try:
-                    out = self.spool.create(self.spool.data(tid))
+                    try:
+                        out = self.spool.create(self.spool.data(tid))
+                    except OSError as exc:  # a full disk or no descriptor left: try again later
+                        raise WriteFailed(exc.errno, f"creating the ciphertext: {exc.strerror}") from None
                     try:
                         sealed = seal_file(fd, out, keys)
                     finally:
@@ -540,6 +543,7 @@ class Custody:
         if not items:
             return []
         sync_files([self.spool.data(d["transfer"]) for _, d in items], self.spool.folder)
+        fsync_dir(self.spool.folder)  # the new .data names too, before the event vouches for them
         evs = self.append(items)
         for ev in evs:
             self._queued[ev.data["transfer"]] = ev
@@ -1207,9 +1211,15 @@ class Custody:
         for e in entries:
             tid = e["transfer"]
             if tid in self._queued:
-                self.spool.plain(tid).unlink(missing_ok=True)
+                if os.path.lexists(self.spool.data(tid)):  # never the last copy of the file
+                    self.spool.plain(tid).unlink(missing_ok=True)
             elif not e.get("seal") and os.path.lexists(self.spool.data(tid)):
-                os.rename(self.spool.data(tid), self.spool.plain(tid))
+                if os.path.lexists(self.spool.plain(tid)):
+                    # An earlier replay of this old intent moved the plaintext already (the
+                    # intent on disk never changes): what is at .data is its partial ciphertext.
+                    self.spool.data(tid).unlink()
+                else:
+                    os.rename(self.spool.data(tid), self.spool.plain(tid))
                 e["seal"] = 1
         todo = [e for e in entries
                 if e["transfer"] not in self._queued

@@ -48,6 +48,7 @@ def test_an_envelope_opens_only_for_its_recipients_and_says_what_was_sealed(tmp_
     (json.dumps({"name": "a", "origin": "a b", "size": 1, "sha256": SHA}).encode(), "origin"),
     (json.dumps({"name": "a", "origin": "NodeA", "size": -1, "sha256": SHA}).encode(), "size"),
     (json.dumps({"name": "a", "origin": "NodeA", "size": 1, "sha256": "zz"}).encode(), "sha256"),
+    (b"[" * 2700, "not JSON"),  # nested past the JSON parser's depth: was a RecursionError
 ])
 def test_a_malformed_envelope_is_refused_with_the_reason(tmp_path, inner, why):
     key = generate_key(tmp_path / "k")
@@ -169,6 +170,28 @@ def test_a_take_cut_short_by_an_older_version_is_sealed_when_replayed(origin):
     assert "sealed" in ev.data and custody.name_of(ev) == "old.txt"
     assert {p.name for p in custody.spool.folder.iterdir()} == {f"{tid}.data"}
     assert data not in custody.spool.data(tid).read_bytes()
+
+
+def test_an_older_versions_take_replayed_twice_never_loses_its_plaintext(origin):
+    """The first replay of an older version's intent renamed ``<tid>.data`` to ``.plain``
+    and was cut short while sealing (a full disk, a crash): the intent on disk is unchanged
+    and ``.data`` holds a partial ciphertext. The next replay seals the plaintext again; it
+    never takes the partial ciphertext for the file."""
+    n, custody, b_key = origin
+    tid = os.urandom(16).hex()
+    data = b"taken by the old version, replayed twice\n"
+    src = n.outbox / "NodeB" / "twice.txt"
+    custody.spool.plain(tid).write_bytes(data)
+    os.chmod(custody.spool.plain(tid), 0o640)
+    custody.spool.data(tid).write_bytes(b"age-encryption.org/v1\n-> a partial ciphertext")
+    (custody.spool.folder / "take-00000000000000cc.intent").write_text(json.dumps(
+        [{"transfer": tid, "src": str(src), "destination": "NodeB", "name": "twice.txt", "size_hint": len(data)}]))
+    assert custody.replay_takes()
+    ev = custody.queued_event(tid)
+    assert custody.name_of(ev) == "twice.txt"
+    assert {p.name for p in custody.spool.folder.iterdir()} == {f"{tid}.data"}
+    ct = custody.spool.data(tid).read_bytes()
+    assert pyrage.decrypt(ct, [pyrage.ssh.Identity.from_buffer(b_key.path.read_bytes())]) == data
 
 
 def test_a_take_cut_short_while_sealing_is_sealed_again_from_the_start(origin):
