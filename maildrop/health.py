@@ -1,4 +1,6 @@
-"""Link health: what a node measures on each of its links, and when it says so. Pure.
+"""Link health: what a node measures on each of its links, and when it says so. No I/O:
+``bucket`` and ``report`` are pure; ``LinkMeter`` is the one mutable piece, an accumulator
+of samples owned by its link (the agent guards it with ``PeerLink.meter_lock``).
 
 The agent keeps one ``LinkMeter`` per peer (soft state, lost on restart) and feeds it:
 round-trip times (an in-sync gossip round: one Fingerprint call, one round trip), attempts
