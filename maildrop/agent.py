@@ -96,7 +96,7 @@ from .watcher import OutboxWatcher
 log = logging.getLogger("maildrop.agent")
 
 PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible, *openssh.PERMANENT)
-SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
+SERVE_OPS = {"fingerprint", "buckets", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
 STATUS_REASONS = 200  # transfers with a reason listed in state/agent.json at most
@@ -724,6 +724,8 @@ class Agent:
                     ours = gossip.answer_fingerprint(stream, frame, self.log)
                     if link is not None:
                         self._compare_fingerprints(link, ours, frame["fp"])
+                elif frame.op == "buckets":
+                    gossip.answer_buckets(stream, frame, self.log)
                 elif frame.op == "gossip":
                     stats = gossip.answer_gossip(stream, frame, self.log)
                     self._after_gossip(peer_id, stats)

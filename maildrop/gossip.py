@@ -1,18 +1,26 @@
 """Gossip: the Fingerprint and Gossip calls over a FrameStream.
 
 Fingerprint: the caller sends its fingerprint; equal fingerprints end the round (one round
-trip, about two hundred bytes). Gossip: the caller sends its version vector; the callee
-answers with the events the caller lacks, in batches of at most ``BATCH`` events, the last
-batch carrying the callee's own vector; the caller ingests them and sends back, in batches,
-the events the callee lacks; the callee answers ``gossip.done``. Cost grows with the
-difference, not with the log.
+trip, about two hundred bytes). Gossip, when they differ: the caller first learns, by hash
+buckets (``reconcile``), which feeds differ — ``buckets {prefixes}`` answered by
+``buckets.reply``, one level of the bucket tree per round trip, at most ``MAX_PREFIXES``
+prefixes a frame and ``LEVEL_PREFIXES`` a level — then sends a *scoped* ``gossip {vv,
+only: true}`` that names just those feeds; the callee answers with the events the caller
+lacks in batches of at most ``BATCH`` events, the caller ingests them and sends back, in
+batches, the events the callee lacks; the callee answers ``gossip.done``. Cost grows with
+the difference, not with the number of feeds. A caller holding at most ``DIRECT_MAX``
+feeds, or one whose descent meets more than ``LEVEL_PREFIXES`` differing buckets on a
+level (a big difference: a new node, a long outage), sends its whole version vector
+instead (``gossip {vv}``, the call before buckets; still answered): then the vector costs
+less than the events it brings.
 
 Bounds: one round moves at most ``ROUND_EVENTS`` events each way (the rest goes in the
 next round, which the agent starts at once after a round that brought news), so a
 ``gossip {vv: {}}`` costs the callee one bounded answer, never its whole log; a batch
 claims at most ``BATCH`` events and a frame whose count or lines exceed that is one
 ProtocolError, refused before its lines are parsed; a round of more than
-``MAX_BATCHES`` batches is refused the same way.
+``MAX_BATCHES`` batches is refused the same way. A ``buckets`` frame or answer out of
+shape (``reconcile.check_prefixes`` / ``check_answers``) is one ProtocolError.
 
 Received events are parsed and validated (via the store's ``ingest``) before anything is
 stored; invalid ones are counted and logged, never stored. Works on any ``Store``: pure
@@ -33,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import ids
+from . import ids, reconcile
 from .errors import InvalidEvent, ProtocolError
 from .events import Event, parse_event
 from .protocol import Frame, FrameStream
@@ -42,6 +50,11 @@ BATCH = 500
 ROUND_EVENTS = 2_000
 """Events one side sends in one round at most (about 1 MiB); the rest waits a round."""
 MAX_BATCHES = ROUND_EVENTS // BATCH
+DIRECT_MAX = reconcile.LEAF
+"""A caller holding at most this many feeds sends its whole vector (no descent)."""
+LEVEL_PREFIXES = 256
+"""Differing buckets one level of the descent may ask for (in frames of
+``reconcile.MAX_PREFIXES``, sent back to back); more and the caller sends its whole vector."""
 log = logging.getLogger("maildrop.gossip")
 
 
@@ -62,6 +75,8 @@ class RoundStats:
     in_sync: bool = False
     fingerprint: str = ""  # ours, as the round's fingerprint frame sent it
     peer_fingerprint: str = ""  # the callee's, from its fingerprint.reply
+    bucket_calls: int = 0  # buckets frames sent (0: in sync, or the whole vector was sent)
+    scoped: bool = False  # the events were asked for by a scoped gossip (after buckets)
     received: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -127,7 +142,8 @@ def _recv_batches(stream: FrameStream, store: Store, stats: RoundStats) -> Frame
 
 
 def call(stream: FrameStream, store: Store) -> RoundStats:
-    """One gossip round as the caller: Fingerprint, then Gossip if they differ."""
+    """One gossip round as the caller: Fingerprint, then (if they differ) buckets and a
+    scoped Gossip, or the whole vector (see the module docstring)."""
     stats = RoundStats(fingerprint=store.fingerprint())
     stream.send("fingerprint", fp=stats.fingerprint)
     reply = stream.recv(expect={"fingerprint.reply"})
@@ -135,14 +151,49 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
     if reply["same"]:
         stats.in_sync = True
         return stats
-    stream.send("gossip", vv=store.version_vector())
-    last = _recv_batches(stream, store, stats)
-    their_vv = clean_vv(last.header.get("vv", {}))
-    missing = store.since(their_vv, ROUND_EVENTS)
+    vv = store.version_vector()
+    found = _descend(stream, vv, stats) if len(vv) > DIRECT_MAX else None
+    if found is None:
+        stream.send("gossip", vv=vv)
+        last = _recv_batches(stream, store, stats)
+        missing = store.since(clean_vv(last.header.get("vv", {})), ROUND_EVENTS)
+    else:
+        want, their_vv = found
+        missing = store.since(their_vv, ROUND_EVENTS)
+        if not want and not missing:
+            return stats  # the buckets agree (the fingerprints differ in a head only)
+        stats.scoped = True
+        stream.send("gossip", vv=want, only=True)
+        _recv_batches(stream, store, stats)
     stats.sent = len(missing)
     _send_batches(stream, missing)
     stream.recv(expect={"gossip.done"})
     return stats
+
+
+def _descend(stream: FrameStream, vv: Mapping[str, int], stats: RoundStats
+             ) -> tuple[dict[str, int], dict[str, int]] | None:
+    """The caller's descent of the bucket tree: (``want``, the callee's vector as far as
+    known), or None when a level holds more than ``LEVEL_PREFIXES`` differing buckets."""
+    index = reconcile.Index.of(vv)
+    prefixes, theirs, covered = [""], {}, []
+    while prefixes:
+        if len(prefixes) > LEVEL_PREFIXES:
+            return None
+        chunks = [prefixes[i : i + reconcile.MAX_PREFIXES]
+                  for i in range(0, len(prefixes), reconcile.MAX_PREFIXES)]
+        for chunk in chunks:  # small requests, back to back; then their answers in order
+            stream.send("buckets", prefixes=chunk)
+        stats.bucket_calls += len(chunks)
+        nxt: list[str] = []
+        for chunk in chunks:
+            answers = reconcile.check_answers(stream.recv(expect={"buckets.reply"})["buckets"], chunk)
+            more, got, cov = reconcile.descend(index, chunk, answers)
+            nxt += more
+            theirs.update(got)
+            covered += cov
+        prefixes = nxt
+    return reconcile.diff(vv, theirs, covered)
 
 
 def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> str:
@@ -152,13 +203,27 @@ def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> str:
     return mine
 
 
+def answer_buckets(stream: FrameStream, frame: Frame, store: Store) -> None:
+    """Answer a ``buckets`` request: per prefix, our entries or our children's hashes."""
+    prefixes = reconcile.check_prefixes(frame["prefixes"])
+    index = reconcile.Index.of(store.version_vector())
+    stream.send("buckets.reply", buckets=[index.answer(p) for p in prefixes])
+
+
 def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats:
-    """The callee's half of Gossip: send what the caller lacks, take what we lack."""
+    """The callee's half of Gossip: send what the caller lacks, take what we lack. A
+    scoped call (``only``) asks for the feeds its ``vv`` names only; the whole-vector call
+    for every feed, and gets our vector back with the last batch."""
     stats = RoundStats()
     their_vv = clean_vv(frame["vv"])
-    missing = store.since(their_vv, ROUND_EVENTS)
+    if frame.header.get("only"):
+        stats.scoped = True
+        missing = store.since({**store.version_vector(), **their_vv}, ROUND_EVENTS)
+        _send_batches(stream, missing)
+    else:
+        missing = store.since(their_vv, ROUND_EVENTS)
+        _send_batches(stream, missing, vv=store.version_vector())
     stats.sent = len(missing)
-    _send_batches(stream, missing, vv=store.version_vector())
     _recv_batches(stream, store, stats)  # a ProtocolError: the server answers "error", closes
     stream.send("gossip.done", accepted=stats.accepted, rejected=stats.rejected)
     return stats

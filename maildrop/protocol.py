@@ -41,6 +41,8 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "fingerprint": {"fp": str},
     "fingerprint.reply": {"fp": str, "same": bool},
     "gossip": {"vv": dict},
+    "buckets": {"prefixes": list},
+    "buckets.reply": {"buckets": list},
     "events": {"more": bool, "count": int},
     "gossip.done": {"accepted": int, "rejected": int},
     "offer": {"files": list},
@@ -52,6 +54,7 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "error": {"reason": str},
 }
 _OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "gossip": {"only": bool},
     "events": {"vv": dict},
     "offer": {"cut_through": bool},
 }
