@@ -168,6 +168,9 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
     stats.sent = len(missing)
     _send_batches(stream, missing)
     stream.recv(expect={"gossip.done"})
+    if stats.scoped:
+        log.debug("gossip.scoped buckets=%d received=%d sent=%d", stats.bucket_calls, stats.received,
+                  stats.sent)
     return stats
 
 
