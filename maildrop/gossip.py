@@ -8,11 +8,17 @@ prefixes a frame and ``LEVEL_PREFIXES`` a level — then sends a *scoped* ``goss
 only: true}`` that names just those feeds; the callee answers with the events the caller
 lacks in batches of at most ``BATCH`` events, the caller ingests them and sends back, in
 batches, the events the callee lacks; the callee answers ``gossip.done``. Cost grows with
-the difference, not with the number of feeds. A caller holding at most ``DIRECT_MAX``
-feeds, or one whose descent meets more than ``LEVEL_PREFIXES`` differing buckets on a
-level (a big difference: a new node, a long outage), sends its whole version vector
-instead (``gossip {vv}``, the call before buckets; still answered): then the vector costs
-less than the events it brings.
+the difference, not with the number of feeds.
+
+A caller holding at most ``DIRECT_MAX`` feeds sends its whole version vector instead
+(``gossip {vv}``, the call before buckets; still answered). So does a caller whose descent
+meets more than ``LEVEL_PREFIXES`` differing buckets on one level (a big difference: a
+long outage) when its vector fits a frame (``WHOLE_MAX``); when it does not (about 5,000
+feeds and more), the descent goes on with the first ``LEVEL_PREFIXES`` of them only, and
+the rest waits for the next round (which the agent starts at once after news). The
+callee's vector rides the last batch of a whole-vector call only when it fits
+``WHOLE_MAX``; a caller that does not get it gives nothing that round (the callee's own
+call to it takes what it lacks).
 
 Bounds: one round moves at most ``ROUND_EVENTS`` events each way (the rest goes in the
 next round, which the agent starts at once after a round that brought news), so a
@@ -43,7 +49,7 @@ from typing import Any, Protocol
 
 from . import ids, reconcile
 from .errors import InvalidEvent, ProtocolError
-from .events import Event, parse_event
+from .events import Event, canonical, parse_event
 from .protocol import Frame, FrameStream
 
 BATCH = 500
@@ -53,8 +59,10 @@ MAX_BATCHES = ROUND_EVENTS // BATCH
 DIRECT_MAX = reconcile.LEAF
 """A caller holding at most this many feeds sends its whole vector (no descent)."""
 LEVEL_PREFIXES = 256
-"""Differing buckets one level of the descent may ask for (in frames of
-``reconcile.MAX_PREFIXES``, sent back to back); more and the caller sends its whole vector."""
+"""Differing buckets one level of the descent asks for at most (in frames of
+``reconcile.MAX_PREFIXES``, sent back to back)."""
+WHOLE_MAX = 48 * 1024
+"""Bytes a whole version vector may take in a frame header (the limit is 64 KiB)."""
 log = logging.getLogger("maildrop.gossip")
 
 
@@ -156,7 +164,8 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
     if found is None:
         stream.send("gossip", vv=vv)
         last = _recv_batches(stream, store, stats)
-        missing = store.since(clean_vv(last.header.get("vv", {})), ROUND_EVENTS)
+        theirs = last.header.get("vv")
+        missing = [] if theirs is None else store.since(clean_vv(theirs), ROUND_EVENTS)
     else:
         want, their_vv = found
         missing = store.since(their_vv, ROUND_EVENTS)
@@ -177,12 +186,17 @@ def call(stream: FrameStream, store: Store) -> RoundStats:
 def _descend(stream: FrameStream, vv: Mapping[str, int], stats: RoundStats
              ) -> tuple[dict[str, int], dict[str, int]] | None:
     """The caller's descent of the bucket tree: (``want``, the callee's vector as far as
-    known), or None when a level holds more than ``LEVEL_PREFIXES`` differing buckets."""
+    known), or None (send the whole vector) when a level holds more than
+    ``LEVEL_PREFIXES`` differing buckets and the vector fits; when it does not, only the
+    first ``LEVEL_PREFIXES`` are followed (the others stay unknown, as if equal: their
+    feeds wait for a later round)."""
     index = reconcile.Index.of(vv)
     prefixes, theirs, covered = [""], {}, []
     while prefixes:
         if len(prefixes) > LEVEL_PREFIXES:
-            return None
+            if fits(vv):
+                return None
+            prefixes = prefixes[:LEVEL_PREFIXES]
         chunks = [prefixes[i : i + reconcile.MAX_PREFIXES]
                   for i in range(0, len(prefixes), reconcile.MAX_PREFIXES)]
         for chunk in chunks:  # small requests, back to back; then their answers in order
@@ -206,6 +220,11 @@ def answer_fingerprint(stream: FrameStream, frame: Frame, store: Store) -> str:
     return mine
 
 
+def fits(vv: Mapping[str, int]) -> bool:
+    """True when ``vv`` may go whole in a frame header (``WHOLE_MAX``)."""
+    return len(canonical(vv)) <= WHOLE_MAX
+
+
 def answer_buckets(stream: FrameStream, frame: Frame, store: Store) -> None:
     """Answer a ``buckets`` request: per prefix, our entries or our children's hashes."""
     prefixes = reconcile.check_prefixes(frame["prefixes"])
@@ -216,7 +235,7 @@ def answer_buckets(stream: FrameStream, frame: Frame, store: Store) -> None:
 def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats:
     """The callee's half of Gossip: send what the caller lacks, take what we lack. A
     scoped call (``only``) asks for the feeds its ``vv`` names only; the whole-vector call
-    for every feed, and gets our vector back with the last batch."""
+    for every feed, and gets our vector back with the last batch if it ``fits``."""
     stats = RoundStats()
     their_vv = clean_vv(frame["vv"])
     if frame.header.get("only"):
@@ -225,7 +244,8 @@ def answer_gossip(stream: FrameStream, frame: Frame, store: Store) -> RoundStats
         _send_batches(stream, missing)
     else:
         missing = store.since(their_vv, ROUND_EVENTS)
-        _send_batches(stream, missing, vv=store.version_vector())
+        mine = store.version_vector()
+        _send_batches(stream, missing, **({"vv": mine} if fits(mine) else {}))
     stats.sent = len(missing)
     _recv_batches(stream, store, stats)  # a ProtocolError: the server answers "error", closes
     stream.send("gossip.done", accepted=stats.accepted, rejected=stats.rejected)

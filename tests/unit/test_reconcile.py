@@ -264,10 +264,11 @@ def test_a_hostile_bucket_request_is_refused_with_an_error_frame(tmp_path, feeds
 
 
 class VVStore:
-    """A gossip Store of version vectors only (no events): for the fallback's frames."""
+    """A gossip Store of version vectors only (no events): for the frames of big differences.
+    ``asked`` records the vectors its ``since`` was asked for."""
 
     def __init__(self, vv):
-        self.vv = vv
+        self.vv, self.asked = vv, []
 
     def fingerprint(self):
         return reconcile.Index.of(self.vv).hash("").ljust(32, "0")
@@ -276,20 +277,35 @@ class VVStore:
         return dict(self.vv)
 
     def since(self, their_vv, limit=None):
+        self.asked.append(dict(their_vv))
         return []
 
     def ingest(self, events):
         raise AssertionError("no events expected")
 
 
-def test_a_big_difference_falls_back_to_the_whole_vector():
+def test_a_big_difference_that_fits_a_frame_goes_as_the_whole_vector():
     ours = vv_of(3000, top=1)
+    assert gossip.fits(ours)
     theirs = {o: 2 for o in ours}  # every feed differs: every bucket on every level
     stats, nbytes, ops = round_between(VVStore(ours), VVStore(theirs))
     assert not stats.scoped and ops[-1] == "gossip"
     assert stats.bucket_calls == 1 + 1 + (FANOUT * FANOUT) // MAX_PREFIXES  # 3 levels, then 4096 > 256
-    assert nbytes > reconcile.Index.of(ours).count("") * 8  # the whole vector went
     # A small difference among as many feeds stays scoped and small.
     theirs = {**ours, "N00001": 2, "N02999": 2}
     stats, nbytes, ops = round_between(VVStore(ours), VVStore(theirs))
-    assert ops.count("gossip") == 1 and nbytes < 4096 and stats.bucket_calls >= 2
+    assert ops.count("gossip") == 1 and stats.scoped and nbytes < 4096
+
+
+def test_a_big_difference_too_big_for_a_frame_is_reconciled_a_slice_a_round():
+    ours = vv_of(10_000, top=1)
+    assert not gossip.fits(ours)
+    theirs = {o: 2 for o in ours}
+    callee = VVStore(theirs)
+    stats, nbytes, ops = round_between(VVStore(ours), callee)
+    assert stats.scoped and 1 + 1 + 4 + 4 <= stats.bucket_calls <= 20  # from the 4th level: 256 of 4096
+    want = {o: s for o, s in callee.asked[-1].items() if s != theirs[o]}  # what the scoped call named
+    assert 0 < len(want) <= gossip.LEVEL_PREFIXES * LEAF
+    assert all(s == 1 for s in want.values())
+    print(f"\n10,000 feeds all differing: {len(want)} reconciled in one round of {nbytes:,} B")
+    assert nbytes < 200_000
