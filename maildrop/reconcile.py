@@ -3,13 +3,14 @@ fingerprints differ, so that its cost grows with the difference, not with the ne
 
 An entry of a version vector is ``origin: seq``. Its *key* is the hex sha256 of the origin
 id; the bucket of a hex prefix ``p`` holds the entries whose key starts with ``p`` (the
-root, ``""``, holds them all). A bucket's hash is the first ``HASH_HEX`` hex digits of the
+root, ``""``, holds them all). A bucket's hash is the first ``HASH_BYTES`` bytes of the
 sha256 of ``"origin:seq;"`` for its entries in key order, so two vectors agree on a bucket
 exactly when (but for a 2^-64 collision) its hashes agree.
 
 The caller asks for buckets by prefix; the callee answers each with its entries when it
 holds at most ``LEAF`` there (or the prefix is ``MAX_DEPTH`` digits long), else with the
-``FANOUT`` hashes of its children (``p + "0"`` … ``p + "f"``). The caller descends into
+``FANOUT`` hashes of its children (``p + "0"`` … ``p + "f"``, concatenated, in base64:
+172 characters). The caller descends into
 the children whose hash differs from its own, level by level, until it holds the callee's
 entries of every bucket that differs (the *covered* prefixes); ``diff`` then says which
 feeds each side lacks. One changed feed among N costs about log16(N / LEAF) levels of
@@ -22,6 +23,8 @@ ProtocolError naming what is wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 from bisect import bisect_left
@@ -40,19 +43,21 @@ LEAF = 4
 MAX_DEPTH = 16
 """Longest prefix (hex digits, 64 bits): a bucket this deep is always answered with its
 entries (only ids ground to share 64 bits of hash could crowd it)."""
-HASH_HEX = 16
-"""Hex digits of a bucket hash (64 bits)."""
+HASH_BYTES = 8
+"""Bytes of a bucket hash (64 bits)."""
+HASHES_B64 = len(base64.b64encode(bytes(FANOUT * HASH_BYTES)))
+"""Characters of a split bucket's answer: its children's hashes, concatenated, in base64."""
 MAX_PREFIXES = 64
 """Prefixes one ``buckets`` frame may ask for: its answer stays far under the header limit
-(64 hashes of 16 x 19 bytes, or 64 x LEAF entries of up to 75 bytes)."""
+(64 x 180 bytes of hashes, or 64 x LEAF entries of up to 75 bytes)."""
 MAX_ENTRIES = 1_000
 """Entries one answered bucket may carry at most (only a MAX_DEPTH bucket passes LEAF)."""
 
 _PREFIX = re.compile(rf"[0-9a-f]{{0,{MAX_DEPTH}}}")
-_HASH = re.compile(rf"[0-9a-f]{{{HASH_HEX}}}")
 
 Answer = dict[str, Any]
-"""One bucket's answer on the wire: ``{"vv": {origin: seq}}`` or ``{"h": [FANOUT hashes]}``."""
+"""One bucket's answer: ``{"vv": {origin: seq}}`` or ``{"h": base64 of FANOUT hashes}`` on
+the wire; ``check_answers`` turns the second into ``{"h": [FANOUT hashes as bytes]}``."""
 
 
 @lru_cache(maxsize=1 << 16)
@@ -100,19 +105,19 @@ class Index:
         lo, hi = self._range(prefix)
         return {o: s for _, o, s in self._entries[lo:hi]}
 
-    def hash(self, prefix: str) -> str:
+    def hash(self, prefix: str) -> bytes:
         lo, hi = self._range(prefix)
         h = hashlib.sha256()
         for _, o, s in self._entries[lo:hi]:
             h.update(f"{o}:{s};".encode())
-        return h.hexdigest()[:HASH_HEX]
+        return h.digest()[:HASH_BYTES]
 
     def answer(self, prefix: str) -> Answer:
         """The callee's answer for one bucket: its entries when few (or at MAX_DEPTH),
         else its children's hashes."""
         if len(prefix) >= MAX_DEPTH or self.count(prefix) <= LEAF:
             return {"vv": self.entries(prefix)}
-        return {"h": [self.hash(c) for c in children(prefix)]}
+        return {"h": base64.b64encode(b"".join(self.hash(c) for c in children(prefix))).decode()}
 
 
 def check_prefixes(raw: Any) -> list[str]:
@@ -129,22 +134,27 @@ def check_prefixes(raw: Any) -> list[str]:
 
 def check_answers(raw: Any, prefixes: Sequence[str]) -> list[Answer]:
     """The callee's answers to a ``buckets`` request for ``prefixes``, checked: one per
-    prefix; hashes exactly FANOUT of HASH_HEX hex digits; entries well formed, at most LEAF
-    (MAX_ENTRIES at MAX_DEPTH), each origin in the bucket it is answered for. Else
-    ProtocolError."""
+    prefix; hashes exactly FANOUT of HASH_BYTES (returned split, as bytes); entries well
+    formed, at most LEAF (MAX_ENTRIES at MAX_DEPTH), each origin in the bucket it is
+    answered for. Else ProtocolError."""
     if not isinstance(raw, list) or len(raw) != len(prefixes):
         raise ProtocolError(f"buckets.reply: expected {len(prefixes)} answers")
+    out: list[Answer] = []
     for p, a in zip(prefixes, raw, strict=True):
         if not isinstance(a, dict) or len(a) != 1:
             raise ProtocolError("buckets.reply: an answer is not {\"h\": …} or {\"vv\": …}")
         if "h" in a:
             h = a["h"]
-            if not isinstance(h, list) or len(h) != FANOUT:
-                raise ProtocolError(f"buckets.reply: {FANOUT} bucket hashes expected")
-            if not all(isinstance(x, str) and _HASH.fullmatch(x) for x in h):
-                raise ProtocolError(f"buckets.reply: a bucket hash is not {HASH_HEX} hex digits")
+            try:
+                raw_h = base64.b64decode(h, validate=True) if isinstance(h, str) and len(h) == HASHES_B64 else b""
+            except binascii.Error:
+                raw_h = b""
+            if len(raw_h) != FANOUT * HASH_BYTES:
+                raise ProtocolError(f"buckets.reply: {FANOUT} bucket hashes of {HASH_BYTES} bytes expected "
+                                    f"({HASHES_B64} base64 characters)")
             if len(p) >= MAX_DEPTH:
                 raise ProtocolError(f"buckets.reply: a bucket {MAX_DEPTH} digits deep is split")
+            out.append({"h": [raw_h[i : i + HASH_BYTES] for i in range(0, len(raw_h), HASH_BYTES)]})
         elif "vv" in a:
             vv = a["vv"]
             cap = MAX_ENTRIES if len(p) >= MAX_DEPTH else LEAF
@@ -155,14 +165,16 @@ def check_answers(raw: Any, prefixes: Sequence[str]) -> list[Answer]:
                     raise ProtocolError("buckets.reply: an entry is not node id: seq >= 1")
                 if not key(o).startswith(p):
                     raise ProtocolError("buckets.reply: an entry outside its bucket")
+            out.append({"vv": dict(vv)})
         else:
             raise ProtocolError("buckets.reply: an answer is not {\"h\": …} or {\"vv\": …}")
-    return list(raw)
+    return out
 
 
 def descend(index: Index, prefixes: Sequence[str], answers: Sequence[Answer]
             ) -> tuple[list[str], dict[str, int], list[str]]:
     """One level of the descent, given our ``index`` and the callee's checked ``answers``
+    (from ``check_answers``)
     for ``prefixes``: (the children to ask for next: their hash differs from ours, the
     callee's entries learned, the prefixes those entries cover)."""
     nxt: list[str] = []

@@ -1,6 +1,7 @@
 """Hash-bucket reconciliation of version vectors: the pure functions, and the Gossip call
 that uses them over a real socketpair (real EventLogs, real signed events)."""
 
+import base64
 import random
 import socket
 import threading
@@ -49,7 +50,8 @@ def test_small_buckets_are_answered_with_entries_big_ones_split():
     vv = vv_of(100)
     idx = Index.of(vv)
     root = idx.answer("")
-    assert list(root) == ["h"] and len(root["h"]) == FANOUT
+    assert list(root) == ["h"] and len(base64.b64decode(root["h"])) == FANOUT * reconcile.HASH_BYTES
+    assert reconcile.check_answers([root], [""])[0]["h"] == [idx.hash(c) for c in reconcile.children("")]
     leaf = next(p for p in (reconcile.key(o)[:3] for o in vv) if idx.count(p) <= LEAF)
     got = idx.answer(leaf)["vv"]
     assert got == {o: s for o, s in vv.items() if reconcile.key(o).startswith(leaf)} and got
@@ -105,16 +107,21 @@ def test_hostile_prefixes_are_refused(raw, reason):
         reconcile.check_prefixes(raw)
 
 
-GOOD_H = {"h": ["0" * 16] * FANOUT}
+def b64(n):
+    return base64.b64encode(bytes(n)).decode()
+
+
+GOOD_H = {"h": b64(FANOUT * 8)}
 
 
 @pytest.mark.parametrize("raw, prefixes, reason", [
     ("nope", [""], "expected 1"),
     ([GOOD_H, GOOD_H], [""], "expected 1"),
-    ([{"h": ["0" * 16] * (FANOUT - 1)}], [""], "16 bucket hashes"),
-    ([{"h": ["0" * 16] * (FANOUT + 1)}], [""], "16 bucket hashes"),
-    ([{"h": ["xyz"] * FANOUT}], [""], "16 hex"),
-    ([{"h": ["0" * 16] * FANOUT, "vv": {}}], [""], "is not"),
+    ([{"h": b64((FANOUT - 1) * 8)}], [""], "16 bucket hashes"),
+    ([{"h": b64((FANOUT + 1) * 8)}], [""], "16 bucket hashes"),
+    ([{"h": "!" * reconcile.HASHES_B64}], [""], "16 bucket hashes"),
+    ([{"h": ["0" * 16] * FANOUT}], [""], "16 bucket hashes"),
+    ([{"h": b64(FANOUT * 8), "vv": {}}], [""], "is not"),
     ([{"x": 1}], [""], "is not"),
     ([GOOD_H], ["0" * MAX_DEPTH], "split"),
     ([{"vv": {f"N{i}": 1 for i in range(LEAF + 1)}}], [""], f"at most {LEAF}"),
@@ -239,7 +246,7 @@ def test_a_hostile_bucket_answer_fails_the_round_and_stores_nothing(tmp_path, fe
         y.recv(expect={"fingerprint"})
         y.send("fingerprint.reply", fp="f" * 32, same=False)
         y.recv(expect={"buckets"})
-        y.send("buckets.reply", buckets=[{"h": ["0" * 16] * 3}])  # 3 buckets, not 16
+        y.send("buckets.reply", buckets=[{"h": b64(3 * 8)}])  # 3 buckets, not 16
 
     t = threading.Thread(target=liar, daemon=True)
     t.start()
@@ -271,7 +278,7 @@ class VVStore:
         self.vv, self.asked = vv, []
 
     def fingerprint(self):
-        return reconcile.Index.of(self.vv).hash("").ljust(32, "0")
+        return reconcile.Index.of(self.vv).hash("").hex().ljust(32, "0")
 
     def version_vector(self):
         return dict(self.vv)
