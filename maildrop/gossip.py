@@ -13,12 +13,12 @@ the difference, not with the number of feeds.
 A caller holding at most ``DIRECT_MAX`` feeds sends its whole version vector instead
 (``gossip {vv}``, the call before buckets; still answered). So does a caller whose descent
 meets more than ``LEVEL_PREFIXES`` differing buckets on one level (a big difference: a
-long outage) when its vector fits a frame (``WHOLE_MAX``); when it does not (about 5,000
-feeds and more), the descent goes on with the first ``LEVEL_PREFIXES`` of them only, and
-the rest waits for the next round (which the agent starts at once after news). The
-callee's vector rides the last batch of a whole-vector call only when it fits
-``WHOLE_MAX``; a caller that does not get it gives nothing that round (the callee's own
-call to it takes what it lacks).
+long outage) when its vector fits a frame (``WHOLE_MAX``); when it does not (about 4,000
+feeds of short ids, fewer of long ones), the descent goes on with the first
+``LEVEL_PREFIXES`` of them only, and the rest waits for the next round (which the agent
+starts at once after news). The callee's vector rides the last batch of a whole-vector
+call only when it fits ``WHOLE_MAX``; a caller that does not get it gives nothing that
+round (the callee's own call to it takes what it lacks).
 
 Bounds: one round moves at most ``ROUND_EVENTS`` events each way (the rest goes in the
 next round, which the agent starts at once after a round that brought news), so a
