@@ -81,11 +81,12 @@ class Index:
 
     Immutable once built (``of``); shares nothing mutable with the vector it was built from."""
 
-    __slots__ = ("_keys", "_entries")
+    __slots__ = ("_keys", "_entries", "_lines")
 
     def __init__(self, entries: list[tuple[str, str, int]]) -> None:
         self._entries = entries  # (key, origin, seq), sorted by key
         self._keys = [k for k, _, _ in entries]
+        self._lines = [f"{o}:{s};".encode() for _, o, s in entries]
 
     @classmethod
     def of(cls, vv: Mapping[str, int]) -> Index:
@@ -107,10 +108,7 @@ class Index:
 
     def hash(self, prefix: str) -> bytes:
         lo, hi = self._range(prefix)
-        h = hashlib.sha256()
-        for _, o, s in self._entries[lo:hi]:
-            h.update(f"{o}:{s};".encode())
-        return h.digest()[:HASH_BYTES]
+        return hashlib.sha256(b"".join(self._lines[lo:hi])).digest()[:HASH_BYTES]
 
     def answer(self, prefix: str) -> Answer:
         """The callee's answer for one bucket: its entries when few (or at MAX_DEPTH),
