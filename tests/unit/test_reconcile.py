@@ -7,6 +7,8 @@ import socket
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from maildrop import gossip, reconcile
 from maildrop.errors import ProtocolError
@@ -316,3 +318,36 @@ def test_a_big_difference_too_big_for_a_frame_is_reconciled_a_slice_a_round():
     assert all(s == 1 for s in want.values())
     print(f"\n10,000 feeds all differing: {len(want)} reconciled in one round of {nbytes:,} B")
     assert nbytes < 200_000
+
+
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=30)
+    | st.sampled_from(["", "0", "ab", "f" * 16, "0" * 17, reconcile.key("N1")[:3], b64(FANOUT * 8)]),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8) | st.sampled_from(
+        ["h", "vv", "N1", "N2"]), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_value)
+def test_any_prefixes_are_checked_or_refused_never_another_error(raw):
+    try:
+        got = reconcile.check_prefixes(raw)
+    except ProtocolError:
+        return
+    idx = Index.of(vv_of(50))
+    assert all(isinstance(p, str) and len(p) <= MAX_DEPTH for p in got)
+    assert len([idx.answer(p) for p in got]) == len(got)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(json_value, max_size=3), st.lists(st.sampled_from(["", "0", "a1", "0" * MAX_DEPTH]),
+                                                  min_size=1, max_size=3, unique=True))
+def test_any_answers_are_checked_or_refused_never_another_error(raw, prefixes):
+    try:
+        got = reconcile.check_answers(raw, prefixes)
+    except ProtocolError:
+        return
+    nxt, theirs, covered = reconcile.descend(Index.of(vv_of(50)), prefixes, got)
+    assert all(reconcile.key(o).startswith(tuple(covered)) for o in theirs)
+    assert all(any(c.startswith(p) and len(c) == len(p) + 1 for p in prefixes) for c in nxt)
