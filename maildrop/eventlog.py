@@ -17,6 +17,19 @@ Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` an
 Events from peers are signature-checked *before* the lock is taken (``ingest``), so a flood
 of forgeries costs CPU on the receiving thread, never the lock others wait for.
 
+Checkpoints and compaction: ``append_own`` appends this node's own ``feed.checkpoint``
+once its feed has grown by ``CHECKPOINT_EVERY`` events since the last one
+(``checkpoint_if_old``: at start, when its live feed holds records older than
+``events.VERSION``). Every event a checkpoint this node accepted covers leaves memory at
+once and goes to ``on_dropped`` (a hook: a no-op here) before it leaves the disk. Once the
+covered lines on disk are at least ``COMPACT_MIN`` and at least as many as the live ones,
+a writer compacts the file: the live events (and the file's own events waiting in the
+ledger) are written aside, fsynced, renamed over ``events.jsonl`` and the folder fsynced,
+all under the exclusive ``flock``. A crash leaves the old file or the new one (a stale
+``.events.jsonl.compact-*`` file is removed at the next writable open); a process that
+holds the old file open notices the new inode under the ``flock`` and reads the new file
+from the start, so no append goes to the old file.
+
 Conflicts (see ``ledger``) are kept in ``conflicts.jsonl`` beside the log, one record a line
 with the origin, the reason and the two signed events that prove it; each is appended and
 fsynced when found. ``clear_conflict`` (``maildrop conflicts --clear``) rewrites the file
@@ -34,15 +47,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint
 from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
-from .events import NODE_CONFIGURED, Event, make_event, parse_event
+from .events import FEED_CHECKPOINT, NODE_CONFIGURED, VERSION, Event, make_event, parse_event
 from .keys import NodeKey
 from .ledger import Ledger, Verify
 from .model import Network
@@ -54,6 +68,14 @@ REJECTED_LOG_EVERY = 10.0
 EXPIRE_EVERY = 10.0
 """Seconds between two sweeps of the ledger's pending events."""
 CONFLICTS_FILE = "conflicts.jsonl"
+CHECKPOINT_EVERY = 256
+"""Own events after which this node appends a checkpoint of its feed. A live feed then
+holds at most about this many events (~100 KiB), so every holder's copy of it stays small,
+while a checkpoint (a node with a handful of peers: 1 to 3 KiB, a few events' worth)
+costs each holder about one percent more bytes than the events it stands for."""
+COMPACT_MIN = 256
+"""Covered lines on disk before a writer compacts the file (and at least as many as the
+live ones, so the rewrite costs O(1) per covered line)."""
 
 
 @dataclass
@@ -82,6 +104,10 @@ class EventLog:
         self._rejected_logged_at = 0.0
         self._expired_at = 0.0
         self._offset = 0
+        self._covered = 0  # lines on disk that a checkpoint covers (compaction drops them)
+        self.on_dropped: Callable[[list[Event]], None] = lambda events: None
+        """Called with the events a checkpoint covered, before they leave the disk (the
+        transfer facts among them are kept elsewhere by whoever sets it)."""
         self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
         if writable:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +124,12 @@ class EventLog:
                 self._lock_fd = -1
         self._conflicts_path = path.with_name(CONFLICTS_FILE)
         with self._flock(exclusive=writable):
+            if writable:
+                for stale in path.parent.glob(f".{path.name}.compact-*"):
+                    stale.unlink(missing_ok=True)
             self._read_new(initial=True)
+            if writable:
+                self._maybe_compact()
         self._load_conflicts()
 
     # -- file plumbing ----------------------------------------------------------------------
@@ -113,8 +144,32 @@ class EventLog:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def _replaced(self) -> bool:
+        """True when ``events.jsonl`` is another file than the one open (compacted, or
+        created since a read-only open found none)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if self._fd < 0:
+            return True
+        return (st.st_ino, st.st_dev) != (os.fstat(self._fd).st_ino, os.fstat(self._fd).st_dev)
+
+    def _reopen(self) -> None:
+        """Open the file now at ``path`` and fold it from the start (another process
+        compacted it). Caller holds the flock."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        flags = (os.O_RDWR | os.O_APPEND) if self.writable else os.O_RDONLY
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+        log.info("eventlog.reopened path=%s (compacted by another process)", self.path)
+        self._reload()
+
     def _read_new(self, initial: bool = False) -> list[Event]:
         """Read and fold every complete line after ``_offset``. Caller holds the flock."""
+        if not initial and self._replaced():
+            self._reopen()
+            return []
         if self._fd < 0:
             return []
         size = os.fstat(self._fd).st_size
@@ -151,8 +206,52 @@ class EventLog:
                 self.network.apply(e)
             accepted.extend(result.accepted)
         self._offset += end
+        self._take_dropped()
         self._log_notes()
         return accepted
+
+    def _take_dropped(self) -> None:
+        """Hand the events checkpoints covered to ``on_dropped``; count them as covered
+        lines (every held event is on disk, and the file's covered lines were read)."""
+        dropped = self.ledger.take_dropped()
+        if dropped:
+            self.on_dropped(dropped)
+            self._covered += len(dropped)
+
+    def _maybe_compact(self) -> None:
+        """Compact when the covered lines are many enough (see the module). Caller holds
+        the exclusive flock and ``lock`` (or is the constructor)."""
+        if self._covered >= COMPACT_MIN and self._covered >= self.ledger.count:
+            self.compact()
+
+    def compact(self) -> int:
+        """Rewrite the file with only what is live: every held event and the file's own
+        events waiting in the ledger. Atomic (write aside, fsync, rename, fsync the folder);
+        caller holds the exclusive flock. Returns the bytes the file shrank by."""
+        waiting = [w.ev for ws in self.ledger.pending.values() for vs in ws.values() for w in vs
+                   if w.at == float("inf")]
+        buf = b"".join(e.to_line() for e in [*self.ledger.all_events(), *waiting])
+        tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("eventlog.compact.failed path=%s error=%s (the old file stays)", self.path,
+                      os.strerror(exc.errno or errno.EIO))
+            return 0
+        fsync_dir(self.path.parent)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        shrank, self._offset = self._offset - len(buf), len(buf)
+        log.info("eventlog.compacted path=%s dropped_lines=%d bytes=%d shrank=%d",
+                 self.path, self._covered, len(buf), shrank)
+        self._covered = 0
+        return shrank
 
     def _log_notes(self) -> None:
         for note in self.ledger.take_notes():
@@ -227,7 +326,8 @@ class EventLog:
         self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
         self.network = Network()
         self._offset = 0
-        self._read_new()
+        self._covered = 0
+        self._read_new(initial=True)
 
     # -- the API ----------------------------------------------------------------------------
     def set_pins(self, remove: Iterable[str] = (), add: Mapping[str, str] | None = None) -> None:
@@ -248,7 +348,7 @@ class EventLog:
                 log.warning("eventlog.conflicts.reloaded cleared=%s conflicts=%d",
                             ",".join(sorted(before - set(self.ledger.conflicts))) or "-",
                             len(self.ledger.conflicts))
-            if self._fd < 0 or os.fstat(self._fd).st_size <= self._offset:
+            if not self._replaced() and (self._fd < 0 or os.fstat(self._fd).st_size <= self._offset):
                 return []
             with self._flock(exclusive=False):
                 return self._read_new()
@@ -256,7 +356,9 @@ class EventLog:
     def append_own(
         self, key: NodeKey, origin: str, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
     ) -> list[Event]:
-        """Sign and append this node's next events (one write, one sync). Returns them."""
+        """Sign and append this node's next events (one write, one sync). Returns them.
+        Then, once the feed has grown by ``CHECKPOINT_EVERY`` since its last checkpoint,
+        append a checkpoint too (not among the returned events) and compact if due."""
         items = list(items)
         if not items:
             return []
@@ -264,23 +366,60 @@ class EventLog:
             raise MaildropError("event log opened read-only")
         with self.lock, self._flock(exclusive=True):
             self._read_new()
-            feed = self.ledger.feeds.get(origin)
-            seq = feed.head_seq if feed else 0
-            prev = feed.head_id if feed else None
-            out = []
-            for type_, data in items:
-                seq += 1
-                ev = make_event(key, origin, seq, prev, now, type_, data)
-                prev = ev.id
-                out.append(ev)
-            self._write(out)
-            for ev in out:
-                res = self.ledger.offer(ev, signed_here=True)
-                if res.rejected:  # cannot happen unless our key differs from our feed's key
-                    raise MaildropError(f"own event refused by own log: {res.rejected}")
-                for e in res.accepted:
-                    self.network.apply(e)
+            out = self._append(key, origin, items, now)
+            feed = self.ledger.feeds[origin]
+            grown = feed.head_seq - (feed.base + 1 if feed.base else 0)
+            if grown >= CHECKPOINT_EVERY:
+                self._checkpoint(key, origin, now)
+            self._maybe_compact()
             return out
+
+    def _append(self, key: NodeKey, origin: str, items: Sequence[tuple[str, Mapping[str, Any]]],
+                now: float) -> list[Event]:
+        """Sign, write and hold ``items`` as ``origin``'s next events (caller holds both locks)."""
+        feed = self.ledger.feeds.get(origin)
+        seq = feed.head_seq if feed else 0
+        prev = feed.head_id if feed else None
+        out = []
+        for type_, data in items:
+            seq += 1
+            ev = make_event(key, origin, seq, prev, now, type_, data)
+            prev = ev.id
+            out.append(ev)
+        self._write(out)
+        for ev in out:
+            res = self.ledger.offer(ev, signed_here=True)
+            if res.rejected:  # cannot happen unless our key differs from our feed's key
+                raise MaildropError(f"own event refused by own log: {res.rejected}")
+            for e in res.accepted:
+                self.network.apply(e)
+        self._take_dropped()
+        return out
+
+    def _checkpoint(self, key: NodeKey, origin: str, now: float) -> Event | None:
+        """Append a checkpoint of ``origin``'s live feed (caller holds both locks); None when
+        its state is too big for one (logged: the feed then simply stays whole)."""
+        feed = self.ledger.feeds[origin]
+        try:
+            ev = self._append(key, origin, [(FEED_CHECKPOINT, checkpoint.make_checkpoint_data(feed.events))], now)[0]
+        except InvalidEvent as exc:
+            log.warning("checkpoint.skipped origin=%s seq=%d reason=%s", origin, feed.head_seq + 1, exc)
+            return None
+        log.info("checkpoint.written origin=%s seq=%d", origin, ev.seq)
+        return ev
+
+    def checkpoint_if_old(self, key: NodeKey, origin: str, now: float) -> Event | None:
+        """At start: append a checkpoint of ``origin``'s feed when its live part holds
+        records of an older version than ``events.VERSION`` (so they can be dropped), and
+        compact if due. Returns the checkpoint, or None when none was needed."""
+        with self.lock, self._flock(exclusive=True):
+            self._read_new()
+            feed = self.ledger.feeds.get(origin)
+            if feed is None or not any(e.v < VERSION for e in feed.events):
+                return None
+            ev = self._checkpoint(key, origin, now)
+            self._maybe_compact()
+            return ev
 
     def ingest(self, events: Iterable[Event], now: float | None = None) -> Ingested:
         """Validate events from a peer (received at ``now``, default the clock) and append
@@ -311,8 +450,10 @@ class EventLog:
                 self._write(result.accepted)
                 for e in result.accepted:
                     self.network.apply(e)
+            self._take_dropped()
             if result.rejected:
                 self._record_conflicts()
+            self._maybe_compact()
             self._log_notes()
         self._log_rejected(result.rejected, now)
         return result
@@ -357,10 +498,10 @@ def _preverify(events: Sequence[Event], keys: Mapping[str, list[str]]) -> Verify
     lock; returns the ledger's ``verify`` callable, answering from these results."""
     batch_keys: dict[str, list[str]] = {}
     for ev in events:
-        if ev.type == NODE_CONFIGURED:
+        if ev.type in (NODE_CONFIGURED, FEED_CHECKPOINT):
             ks = batch_keys.setdefault(ev.origin, [])
-            if len(ks) < 2 and ev.data["key"] not in ks:
-                ks.append(ev.data["key"])
+            if len(ks) < 2 and checkpoint.start_key(ev) not in ks:
+                ks.append(checkpoint.start_key(ev))
     known: dict[tuple[str, str], bool] = {}
     for ev in events:
         if ev.seq == 1:

@@ -1,0 +1,283 @@
+"""Checkpoints: the fold they state, the ledger's feeds that start at one, lies caught."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maildrop import checkpoint as C
+from maildrop import events as E
+from maildrop.errors import InvalidEvent
+from maildrop.events import parse_event
+from maildrop.ledger import Ledger
+from maildrop.model import Network, fold
+from tests.factories import T0, FeedWriter, network_of
+
+PEERS = ["NodeB", "NodeC", "NodeD"]
+
+
+def _model(net: Network) -> dict:
+    """Everything the model knows of the network side, seqs included."""
+    return {"dump": net.as_dict(), "nodes": {n: (i.as_dict(), i.seq) for n, i in net.nodes.items()},
+            "cfg": net._link_cfg, "obs": net._link_obs, "health": net._health_rep,
+            "flapped": net._flapped}
+
+
+_step = st.one_of(
+    st.tuples(st.just("cfg"), st.sampled_from(PEERS), st.booleans()),
+    st.tuples(st.just("obs"), st.sampled_from(PEERS), st.booleans()),
+    st.tuples(st.just("health"), st.sampled_from(PEERS), st.sampled_from(E.RTT_BUCKETS),
+              st.sampled_from(E.LOSS_BUCKETS), st.sampled_from(E.FLAP_BUCKETS),
+              st.integers(min_value=1, max_value=3600)),
+    st.tuples(st.just("node"), st.integers(min_value=0, max_value=9)),
+    st.tuples(st.just("checkpoint")),
+)
+
+
+def _write(steps) -> FeedWriter:
+    f = FeedWriter("NodeA")
+    f.configured()
+    for step in steps:
+        kind, *args = step
+        if kind == "cfg":
+            f.add(E.LINK_CONFIGURED if args[1] else E.LINK_REMOVED, {"peer": args[0]})
+        elif kind == "obs":
+            f.add(E.LINK_UP if args[1] else E.LINK_DOWN, {"peer": args[0]})
+        elif kind == "health":
+            f.add(E.LINK_HEALTH, {"peer": args[0], "rtt_ms": args[1], "loss": args[2],
+                                  "flaps": args[3], "window": args[4]})
+        elif kind == "node":
+            f.configured(address=f"127.0.0.1:{7000 + args[0]}")
+        else:
+            f.checkpoint()
+    return f
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(_step, max_size=40), st.integers(min_value=0, max_value=40))
+def test_a_checkpoint_and_its_tail_fold_to_what_the_whole_feed_folds_to(steps, at):
+    f = _write(steps)
+    cut = min(at, len(f.events) - 1) + 1  # checkpoint after event `cut`
+    head = f.events[:cut]
+    cp = C.make_checkpoint_data(head)
+    writer = FeedWriter("NodeA", key=f.key)
+    writer.events = list(head)
+    ck = writer.add(E.FEED_CHECKPOINT, cp)
+    assert C.check(ck, head) is None
+    other = network_of([("NodeB", "NodeC")])  # other origins' events, in the same model
+    rest = [e for w in other.values() for e in w.events]
+    whole = fold(rest + f.events)
+    from_cp = fold([*rest, ck, *f.events[cut:]]) if cut < len(f.events) else fold([*rest, ck])
+    if cut < len(f.events):  # the tail was written after `cut`, not after the checkpoint: refold
+        assert _model(fold([*rest, *head, ck])) == _model(fold([*rest, *head]))
+    assert _model(fold([*rest, ck])) == _model(fold([*rest, *head]))
+    assert _model(from_cp) == _model(whole)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_step, min_size=1, max_size=40))
+def test_a_ledger_keeps_only_the_live_feed_and_a_newcomer_folds_the_same(steps):
+    f = _write(steps)
+    holder = Ledger()
+    for e in f.events:
+        assert not holder.offer(e).rejected, e
+    assert not holder.conflicts
+    last = max((e.seq for e in f.events if e.type == E.FEED_CHECKPOINT), default=None)
+    feed = holder.feeds["NodeA"]
+    assert feed.base == (last - 1 if last else 0)
+    assert [e.seq for e in feed.events] == list(range(feed.base + 1, len(f.events) + 1))
+    assert holder.count == len(feed.events)
+    newcomer = Ledger(pinned={"NodeA": f.key.public_line})
+    for e in holder.since({}):
+        assert not newcomer.receive(e, T0).rejected
+    assert newcomer.version_vector() == {"NodeA": len(f.events)}
+    assert _model(fold(newcomer.all_events())) == _model(fold(f.events))
+
+
+def _linked() -> FeedWriter:
+    f = FeedWriter("NodeA")
+    f.configured()
+    f.link("NodeB")
+    f.add(E.LINK_UP, {"peer": "NodeB"})
+    f.add(E.LINK_REMOVED, {"peer": "NodeC"})
+    return f
+
+
+@pytest.mark.parametrize("lie, says", [
+    ({"links": [{"peer": "NodeB", "on": True, "seq": 2}, {"peer": "NodeC", "on": False, "seq": 4},
+                {"peer": "NodeX", "on": True, "seq": 3}]}, "states links[NodeX]"),
+    ({"links": []}, "omits links[NodeB]"),
+    ({"seen": [{"peer": "NodeB", "seq": 3, "ts": E.format_ts(T0 + 2), "up": False}]}, "states seen[NodeB]"),
+    ("key", "states node"),
+])
+def test_a_checkpoint_that_lies_about_its_prefix_is_a_conflict_with_evidence(lie, says):
+    f = _linked()
+    prefix = list(f.events)
+    if lie == "key":
+        node = C.state_of(prefix)["node"]
+        ck = f.checkpoint(node={**node, "key": FeedWriter("NodeZ").key.public_line})
+    else:
+        ck = f.checkpoint(**lie)
+    assert says in C.check(ck, prefix)
+    led = Ledger()
+    for e in prefix:
+        led.offer(e)
+    res = led.offer(ck)
+    assert res.rejected and "lying" not in res.rejected and says in res.rejected
+    assert led.conflicts["NodeA"].startswith("lying checkpoint")
+    witness, kept = led.evidence["NodeA"]
+    assert kept == ck and witness in prefix
+    assert led.version_vector() == {"NodeA": len(prefix)}  # nothing dropped on a lie
+    assert led.feeds["NodeA"].base == 0
+
+
+def test_an_honest_checkpoint_passes_and_drops_the_prefix():
+    f = _linked()
+    led = Ledger()
+    for e in f.events:
+        led.offer(e)
+    ck = f.checkpoint()
+    assert led.offer(ck).accepted == [ck]
+    dropped = led.take_dropped()
+    assert dropped == f.events[:-1]
+    assert led.feeds["NodeA"].events == [ck] and led.feeds["NodeA"].base == 4
+    assert led.count == 1 and led._net_count["NodeA"] == 1
+    assert led.offer(f.events[1]).duplicate  # a covered event: taken as held
+    assert led.holds(f.events[1])
+
+
+def test_since_across_a_base():
+    f = _linked()
+    ck = f.checkpoint()
+    tail = [f.link("NodeD"), f.add(E.LINK_UP, {"peer": "NodeD"})]
+    led = Ledger()
+    for e in f.events:
+        led.offer(e)
+    assert led.version_vector() == {"NodeA": 7}
+    assert led.since({}) == [ck, *tail]
+    assert led.since({"NodeA": 2}) == [ck, *tail]  # below the base: the checkpoint and on
+    assert led.since({"NodeA": 4}) == [ck, *tail]
+    assert led.since({"NodeA": 5}) == tail
+    assert led.since({"NodeA": 6}) == tail[1:]
+    assert led.since({"NodeA": 7}) == []
+    assert led.since({}, limit=2) == [ck, tail[0]]
+
+
+def test_a_holder_behind_jumps_to_a_checkpoint_and_checks_what_it_holds():
+    f = _linked()
+    early = list(f.events[:2])
+    f.add(E.LINK_HEALTH, {"peer": "NodeB", "rtt_ms": 30, "loss": 0, "flaps": 2, "window": 60})
+    ck = f.checkpoint()
+    behind = Ledger()
+    for e in early:
+        behind.offer(e)
+    res = behind.receive(ck, T0 + 10)
+    assert res.accepted == [ck] and behind.feeds["NodeA"].base == ck.seq - 1
+    assert _model(fold(behind.all_events())) == _model(fold(f.events[:-1]))
+    # A checkpoint that forgets a link the holder saw is caught even by a holder behind.
+    g = _linked()
+    held = list(g.events[:2])
+    g.add(E.LINK_UP, {"peer": "NodeC"})
+    liar = g.checkpoint(links=[])
+    other = Ledger()
+    for e in held:
+        other.offer(e)
+    res = other.receive(liar, T0 + 10)
+    assert res.rejected and "omits links[NodeB]" in res.rejected
+    assert "NodeA" in other.conflicts and other.evidence["NodeA"] == (held[1], liar)
+
+
+def test_a_newcomer_admits_a_checkpointed_feed_by_links_both_ends_signed():
+    feeds = network_of([("NodeA", "NodeB")])
+    a, b = feeds["NodeA"], feeds["NodeB"]
+    for _ in range(5):
+        a.add(E.LINK_DOWN, {"peer": "NodeB"})
+        a.add(E.LINK_UP, {"peer": "NodeB"})
+    ck = a.checkpoint()
+    tail = a.add(E.LINK_DOWN, {"peer": "NodeB"})
+    newcomer = Ledger(pinned={"NodeB": b.key.public_line})
+    assert newcomer.receive(ck, T0).pending  # NodeB is not held yet: nobody vouches
+    assert "NodeA" not in newcomer.feeds
+    for e in b.events:
+        newcomer.receive(e, T0)
+    assert newcomer.feeds["NodeA"].events == [ck]
+    assert newcomer.receive(tail, T0).accepted == [tail]
+    assert newcomer.count == 1 + 1 + len(b.events)
+
+
+def test_a_newcomer_without_a_vouch_and_a_forged_checkpoint_admit_nothing():
+    feeds = network_of([("NodeA", "NodeB")])
+    a, b = feeds["NodeA"], feeds["NodeB"]
+    stranger = FeedWriter("NodeS")
+    stranger.configured()
+    stranger.link("NodeB")  # NodeB never linked back
+    led = Ledger(pinned={"NodeB": b.key.public_line})
+    for e in b.events:
+        led.receive(e, T0)
+    assert led.receive(stranger.checkpoint(), T0).pending
+    assert "NodeS" not in led.feeds
+    # Signed by another key than the one its state names: never joins.
+    forger = FeedWriter("NodeA")
+    forger.events = list(a.events)
+    forged = forger.add(E.FEED_CHECKPOINT, C.make_checkpoint_data(a.events))
+    assert led.receive(forged, T0).rejected
+    assert "NodeA" not in led.feeds
+
+
+def test_a_pinned_feed_from_a_checkpoint_must_name_the_pinned_key():
+    a = _linked()
+    ck = a.checkpoint()
+    assert Ledger(pinned={"NodeA": a.key.public_line}).receive(ck, T0).accepted == [ck]
+    other = FeedWriter("NodeA").key.public_line
+    led = Ledger(pinned={"NodeA": other})
+    assert not led.receive(ck, T0).accepted and "NodeA" not in led.feeds
+
+
+def test_a_fork_after_the_base_is_still_a_conflict():
+    a = _linked()
+    a.checkpoint()
+    nxt = a.link("NodeD")
+    led = Ledger()
+    for e in a.events:
+        led.offer(e)
+    twin = FeedWriter("NodeA", key=a.key)
+    twin.events = a.events[:-1]
+    rival = twin.link("NodeE")
+    assert led.receive(rival, T0).rejected.startswith("fork")
+    assert led.evidence["NodeA"] == (nxt, rival)
+
+
+def test_checkpoint_schema_and_bounds():
+    a = _linked()
+    ck = a.checkpoint()
+    assert parse_event(ck.to_line()) == ck
+    bad = json.loads(ck.to_line())
+    with pytest.raises(InvalidEvent, match="upto"):
+        E.make_event(a.key, "NodeA", 9, ck.id, T0, E.FEED_CHECKPOINT, bad["data"])
+    future = dict(bad["data"], state=dict(bad["data"]["state"], node=dict(bad["data"]["state"]["node"], seq=5)))
+    with pytest.raises(InvalidEvent, match="past the"):
+        E.make_event(a.key, "NodeA", 5, a.events[3].id, T0, E.FEED_CHECKPOINT, future)
+    unsorted = dict(bad["data"], state=dict(bad["data"]["state"], links=[
+        {"peer": "NodeC", "on": False, "seq": 4}, {"peer": "NodeB", "on": True, "seq": 2}]))
+    with pytest.raises(InvalidEvent, match="state is invalid"):
+        E.make_event(a.key, "NodeA", 5, a.events[3].id, T0, E.FEED_CHECKPOINT, unsorted)
+    many = [{"peer": f"Node{i:04d}", "on": True, "seq": 2} for i in range(E.MAX_CHECKPOINT_PEERS + 1)]
+    with pytest.raises(InvalidEvent, match="state is invalid"):
+        E.make_event(a.key, "NodeA", 5, a.events[3].id, T0, E.FEED_CHECKPOINT,
+                     dict(bad["data"], state=dict(bad["data"]["state"], links=many)))
+    # A big checkpoint (over 16 KiB, within 64 KiB) parses; another type that size does not.
+    peers = [f"Node{i:04d}" for i in range(E.MAX_CHECKPOINT_PEERS)]
+    big = FeedWriter("NodeA")
+    big.configured()
+    for p in peers:
+        big.add(E.LINK_HEALTH, {"peer": p, "rtt_ms": 30, "loss": 5, "flaps": 2, "window": 600})
+        big.add(E.LINK_UP, {"peer": p})
+        big.link(p)
+    line = big.checkpoint().to_line()
+    assert E.MAX_EVENT_BYTES < len(line) <= E.MAX_CHECKPOINT_BYTES
+    assert parse_event(line).type == E.FEED_CHECKPOINT
+    fat = json.loads(a.events[0].to_line())
+    fat["data"]["display_name"] = "x" * E.MAX_EVENT_BYTES
+    with pytest.raises(InvalidEvent, match="larger than"):
+        parse_event(E.canonical(fat))
