@@ -20,8 +20,9 @@ of forgeries costs CPU on the receiving thread, never the lock others wait for.
 Checkpoints and compaction: ``append_own`` appends this node's own ``feed.checkpoint``
 once its feed has grown by ``CHECKPOINT_EVERY`` events since the last one
 (``checkpoint_if_old``: at start, when its live feed holds records older than
-``events.VERSION``). Every event a checkpoint this node accepted covers leaves memory at
-once and goes to ``on_dropped`` (a hook: a no-op here) before it leaves the disk. Once the
+``events.VERSION``). Every event that leaves the ledger's memory (those before a feed's
+second latest checkpoint, see ``ledger``) goes to ``on_dropped`` (a hook: a no-op here)
+before it leaves the disk. Once the
 covered lines on disk are at least ``COMPACT_MIN`` and at least as many as the live ones,
 a writer compacts the file: the live events (and the file's own events waiting in the
 ledger) are written aside, fsynced, renamed over ``events.jsonl`` and the folder fsynced,
@@ -70,7 +71,7 @@ EXPIRE_EVERY = 10.0
 CONFLICTS_FILE = "conflicts.jsonl"
 CHECKPOINT_EVERY = 256
 """Own events after which this node appends a checkpoint of its feed. A live feed then
-holds at most about this many events (~100 KiB), so every holder's copy of it stays small,
+holds at most about twice this many events (~200 KiB), so every holder's copy stays small,
 while a checkpoint (a node with a handful of peers: 1 to 3 KiB, a few events' worth)
 costs each holder about one percent more bytes than the events it stands for."""
 COMPACT_MIN = 256
@@ -368,8 +369,8 @@ class EventLog:
             self._read_new()
             out = self._append(key, origin, items, now)
             feed = self.ledger.feeds[origin]
-            grown = feed.head_seq - (feed.base + 1 if feed.base else 0)
-            if grown >= CHECKPOINT_EVERY:
+            last = next((e.seq for e in reversed(feed.events) if e.type == FEED_CHECKPOINT), 0)
+            if feed.head_seq - last >= CHECKPOINT_EVERY:
                 self._checkpoint(key, origin, now)
             self._maybe_compact()
             return out

@@ -53,8 +53,13 @@ Events from a peer (``receive``, with the receive time ``now``) also obey:
 
 Checkpoints (``feed.checkpoint``, see ``checkpoint``): a feed may start at a checkpoint
 (``Feed.base``: the seqs 1..base it covers are not held; ``base`` is the checkpoint's seq
-minus one). An accepted checkpoint drops the events it covers from memory (they are queued
-in ``dropped`` for the caller, which compacts the file); the budget counts the live feed.
+minus one). An accepted checkpoint drops from memory the events the checkpoint *before it*
+covers, so a feed holds its two latest checkpoints and what lies between and after them
+(they are queued in ``dropped`` for the caller, which compacts the file); the budget counts
+that live feed. Keeping one window more than needed is what lets every holder that kept up
+check each checkpoint against its whole prefix: when checkpoint N arrives right behind the
+events before it, a peer that lacks a few of them still gets them (``since`` serves the
+window from checkpoint N-1 on), instead of having to jump over them unchecked.
 
 - A holder of the whole prefix (from seq 1 or from an earlier checkpoint) folds it and
   compares (``checkpoint.check``): a checkpoint that misstates it is a conflict like a
@@ -470,13 +475,20 @@ class Ledger:
         return ev
 
     def _drop_covered(self, feed: Feed, ev: Event) -> None:
-        """Start ``feed`` at the checkpoint ``ev``: the events it covers leave memory (queued
-        in ``dropped``), its key and links are what its state says."""
-        covered, feed.events, feed.base = feed.events, [], ev.seq - 1
+        """Before the checkpoint ``ev`` joins ``feed``: the events before the feed's latest
+        checkpoint leave memory (queued in ``dropped``; all held ones when ``ev`` lies past
+        the head: a jump), and its key and links are what its state says."""
+        if ev.seq == feed.head_seq + 1:
+            cut = next((i for i in range(len(feed.events) - 1, -1, -1)
+                        if feed.events[i].type == FEED_CHECKPOINT), 0)
+        else:
+            cut = len(feed.events)
+        covered, feed.events = feed.events[:cut], feed.events[cut:]
+        feed.base = (feed.events[0].seq if feed.events else ev.seq) - 1
         state = ev.data["state"]
         feed.key = state["node"]["key"]
         self._links[ev.origin] = checkpoint.links_of(state)
-        self._net_count[ev.origin] = 0
+        self._net_count[ev.origin] = sum(1 for e in feed.events if e.type in NETWORK_TYPES)
         self.count -= len(covered)
         self.dropped.extend(covered)
 
@@ -701,14 +713,14 @@ class Ledger:
     def _admit_from(self, accepted: list[Event], now: float, verify: Verify) -> list[Event]:
         """Waiting feeds that the links among ``accepted`` introduce, transitively."""
         out: list[Event] = []
-        todo = [e.data["peer"] for e in accepted if e.type == LINK_CONFIGURED]
+        todo = _introduced(accepted)
         while todo:
             o = todo.pop()
             if o in self.feeds or o not in self.pending:
                 continue
             joined = self._admit(o, now, verify)
             out += joined
-            todo += [e.data["peer"] for e in joined if e.type == LINK_CONFIGURED]
+            todo += _introduced(joined)
         return out
 
     def _note(self, subject: str, now: float | None, line: str) -> None:
@@ -720,6 +732,18 @@ class Ledger:
             self._noted.clear()
         self._noted[subject] = at
         self.notes.append(line)
+
+
+def _introduced(events: list[Event]) -> list[str]:
+    """The peers ``events`` say their origin links to (``link.configured``, or a link a
+    checkpoint states as configured)."""
+    out = []
+    for e in events:
+        if e.type == LINK_CONFIGURED:
+            out.append(e.data["peer"])
+        elif e.type == FEED_CHECKPOINT:
+            out += [p for p, on in checkpoint.links_of(e.data["state"]).items() if on]
+    return out
 
 
 def _fair_shares(needs: list[int], limit: int) -> list[int]:

@@ -83,9 +83,9 @@ def test_a_ledger_keeps_only_the_live_feed_and_a_newcomer_folds_the_same(steps):
     for e in f.events:
         assert not holder.offer(e).rejected, e
     assert not holder.conflicts
-    last = max((e.seq for e in f.events if e.type == E.FEED_CHECKPOINT), default=None)
+    checkpoints = [e.seq for e in f.events if e.type == E.FEED_CHECKPOINT]
     feed = holder.feeds["NodeA"]
-    assert feed.base == (last - 1 if last else 0)
+    assert feed.base == (checkpoints[-2] - 1 if len(checkpoints) >= 2 else 0)  # two windows held
     assert [e.seq for e in feed.events] == list(range(feed.base + 1, len(f.events) + 1))
     assert holder.count == len(feed.events)
     newcomer = Ledger(pinned={"NodeA": f.key.public_line})
@@ -132,35 +132,49 @@ def test_a_checkpoint_that_lies_about_its_prefix_is_a_conflict_with_evidence(lie
     assert led.feeds["NodeA"].base == 0
 
 
-def test_an_honest_checkpoint_passes_and_drops_the_prefix():
+def test_an_honest_checkpoint_passes_and_drops_what_the_one_before_covers():
     f = _linked()
     led = Ledger()
     for e in f.events:
         led.offer(e)
     ck = f.checkpoint()
     assert led.offer(ck).accepted == [ck]
-    dropped = led.take_dropped()
-    assert dropped == f.events[:-1]
-    assert led.feeds["NodeA"].events == [ck] and led.feeds["NodeA"].base == 4
-    assert led.count == 1 and led._net_count["NodeA"] == 1
+    assert led.take_dropped() == []  # the first checkpoint: its window is still held
+    assert led.feeds["NodeA"].base == 0
+    tail = [f.link("NodeD"), f.add(E.LINK_UP, {"peer": "NodeD"})]
+    for e in tail:
+        led.offer(e)
+    ck2 = f.checkpoint()
+    assert led.offer(ck2).accepted == [ck2]
+    assert led.take_dropped() == f.events[:4]
+    assert led.feeds["NodeA"].events == [ck, *tail, ck2] and led.feeds["NodeA"].base == 4
+    assert led.count == 4 and led._net_count["NodeA"] == 4
     assert led.offer(f.events[1]).duplicate  # a covered event: taken as held
     assert led.holds(f.events[1])
 
 
 def test_since_across_a_base():
     f = _linked()
-    ck = f.checkpoint()
+    f.checkpoint()
+    f.add(E.LINK_DOWN, {"peer": "NodeB"})
+    ck = f.checkpoint()  # seq 7: the feed now starts here
     tail = [f.link("NodeD"), f.add(E.LINK_UP, {"peer": "NodeD"})]
     led = Ledger()
     for e in f.events:
         led.offer(e)
-    assert led.version_vector() == {"NodeA": 7}
+    f.checkpoint()  # seq 10, not offered: the base is the checkpoint before the latest one
+    for e in [*tail, ck]:
+        assert e in led.feeds["NodeA"].events
+    led.offer(f.events[-1])
+    assert led.feeds["NodeA"].base == 6
+    tail = [*tail, f.events[-1]]
+    assert led.version_vector() == {"NodeA": 10}
     assert led.since({}) == [ck, *tail]
     assert led.since({"NodeA": 2}) == [ck, *tail]  # below the base: the checkpoint and on
-    assert led.since({"NodeA": 4}) == [ck, *tail]
-    assert led.since({"NodeA": 5}) == tail
-    assert led.since({"NodeA": 6}) == tail[1:]
-    assert led.since({"NodeA": 7}) == []
+    assert led.since({"NodeA": 6}) == [ck, *tail]
+    assert led.since({"NodeA": 7}) == tail
+    assert led.since({"NodeA": 8}) == tail[1:]
+    assert led.since({"NodeA": 10}) == []
     assert led.since({}, limit=2) == [ck, tail[0]]
 
 
@@ -281,3 +295,14 @@ def test_checkpoint_schema_and_bounds():
     fat["data"]["display_name"] = "x" * E.MAX_EVENT_BYTES
     with pytest.raises(InvalidEvent, match="larger than"):
         parse_event(E.canonical(fat))
+
+
+def test_a_checkpointed_feed_waiting_is_admitted_once_its_introducer_joins_from_a_checkpoint():
+    feeds = network_of([("NodeA", "NodeB")])
+    a, b = feeds["NodeA"], feeds["NodeB"]
+    a_ck, b_ck = a.checkpoint(), b.checkpoint()
+    newcomer = Ledger(pinned={"NodeB": b.key.public_line})
+    assert newcomer.receive(a_ck, T0).pending  # sorted first: NodeA before its introducer
+    res = newcomer.receive(b_ck, T0)
+    assert res.accepted == [b_ck, a_ck]
+    assert newcomer.version_vector() == {"NodeA": a_ck.seq, "NodeB": b_ck.seq}
