@@ -106,6 +106,7 @@ class EventLog:
         self._expired_at = 0.0
         self._offset = 0
         self._covered = 0  # lines on disk that a checkpoint covers (compaction drops them)
+        self._checkpoint_skipped_at = 0  # own head when a checkpoint did not fit (too many peers)
         self.on_dropped: Callable[[list[Event]], None] = lambda events: None
         """Called with the events a checkpoint covered, before they leave the disk (the
         transfer facts among them are kept elsewhere by whoever sets it)."""
@@ -370,6 +371,7 @@ class EventLog:
             out = self._append(key, origin, items, now)
             feed = self.ledger.feeds[origin]
             last = next((e.seq for e in reversed(feed.events) if e.type == FEED_CHECKPOINT), 0)
+            last = max(last, self._checkpoint_skipped_at)
             if feed.head_seq - last >= CHECKPOINT_EVERY:
                 self._checkpoint(key, origin, now)
             self._maybe_compact()
@@ -399,11 +401,13 @@ class EventLog:
 
     def _checkpoint(self, key: NodeKey, origin: str, now: float) -> Event | None:
         """Append a checkpoint of ``origin``'s live feed (caller holds both locks); None when
-        its state is too big for one (logged: the feed then simply stays whole)."""
+        its state is too big for one (logged; tried again ``CHECKPOINT_EVERY`` events later, the
+        feed staying whole meanwhile)."""
         feed = self.ledger.feeds[origin]
         try:
             ev = self._append(key, origin, [(FEED_CHECKPOINT, checkpoint.make_checkpoint_data(feed.events))], now)[0]
         except InvalidEvent as exc:
+            self._checkpoint_skipped_at = feed.head_seq  # tried again CHECKPOINT_EVERY later
             log.warning("checkpoint.skipped origin=%s seq=%d reason=%s", origin, feed.head_seq + 1, exc)
             return None
         log.info("checkpoint.written origin=%s seq=%d", origin, ev.seq)
