@@ -1,6 +1,7 @@
 """Checkpoints: the fold they state, the ledger's feeds that start at one, lies caught."""
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -306,3 +307,42 @@ def test_a_checkpointed_feed_waiting_is_admitted_once_its_introducer_joins_from_
     res = newcomer.receive(b_ck, T0)
     assert res.accepted == [b_ck, a_ck]
     assert newcomer.version_vector() == {"NodeA": a_ck.seq, "NodeB": b_ck.seq}
+
+
+def _health(i: int) -> tuple[str, dict]:
+    return (E.LINK_HEALTH, {"peer": "NodeB", "rtt_ms": E.RTT_BUCKETS[i % 3], "loss": 0, "flaps": 0,
+                            "window": 60})
+
+
+def test_compaction_swaps_the_file_and_every_open_log_follows(tmp_path):
+    from maildrop.eventlog import CHECKPOINT_EVERY, EventLog
+    from maildrop.keys import generate_key
+
+    key = generate_key(tmp_path / "k")
+    path = tmp_path / "events.jsonl"
+    writer = EventLog(path, me="NodeA")
+    writer.append_own(key, "NodeA", [(E.NODE_CONFIGURED, {
+        "id": "NodeA", "display_name": "A", "address": "127.0.0.1:1", "key": key.public_line})], T0)
+    other = EventLog(path, me="NodeA")  # a CLI command beside the agent, opened before
+    reader = EventLog(path, writable=False)
+    (tmp_path / ".events.jsonl.compact-99999").write_bytes(b"half a rewrite\n")
+    for i in range(0, 4 * CHECKPOINT_EVERY, 64):
+        writer.append_own(key, "NodeA", [_health(j) for j in range(i, i + 64)], T0 + i)
+    old_inode = os.stat(path).st_ino
+    assert writer.ledger.feeds["NodeA"].base > 0
+    lines = path.read_bytes().splitlines()
+    assert parse_event(lines[0]).type == E.FEED_CHECKPOINT and len(lines) < 3 * CHECKPOINT_EVERY
+    # The other writer appends after the swap: it goes to the new file, nothing is lost.
+    more = other.append_own(key, "NodeA", [(E.LINK_UP, {"peer": "NodeB"})], T0 + 9999)
+    assert os.stat(path).st_ino == old_inode
+    assert more[0].seq == writer.ledger.version_vector()["NodeA"] + 1
+    writer.refresh()
+    reader.refresh()
+    whole = _model(writer.network)
+    assert _model(reader.network) == _model(other.network) == whole
+    assert reader.ledger.version_vector() == {"NodeA": more[0].seq}
+    again = EventLog(path, me="NodeA")  # the next open: the stale aside file is gone
+    assert not list(tmp_path.glob(".events.jsonl.compact-*"))
+    assert _model(again.network) == whole and again.rejected == []
+    for log in (writer, other, reader, again):
+        log.close()
