@@ -108,7 +108,8 @@ from .events import (
 )
 
 MAX_PENDING = 10_000
-"""Events held ahead of a gap, all origins together (each at most 16 KiB; a checkpoint 64 KiB)."""
+"""Events held ahead of a gap, all origins together (each at most 16 KiB; a checkpoint, at most
+64 KiB, waits only to start an unheld feed, and at most ``MAX_VARIANTS`` of them per origin)."""
 MAX_PENDING_PER_ORIGIN = 2_000
 """Events held ahead of a gap for one origin; gossip asks again for the rest."""
 MAX_VARIANTS = 2
@@ -551,6 +552,10 @@ class Ledger:
             if not any(verify(ev, k) for k in keys):
                 return Offered([], rejected=f"{ev.origin} seq {ev.seq} waits for a gap but is not "
                                             "signed by a key known here (forged, or asked for again later)")
+            if ev.type == FEED_CHECKPOINT and sum(
+                    1 for w in self._starts(ev.origin) if w.ev.type == FEED_CHECKPOINT) >= MAX_VARIANTS:
+                return Offered([], rejected=f"too many checkpoints of {ev.origin} waiting to be admitted "
+                                            "(asked for again later)")
             if len(variants) >= MAX_VARIANTS or self._pending_of.get(ev.origin, 0) >= MAX_PENDING_PER_ORIGIN:
                 self._note(f"pending-origin:{ev.origin}", now, f"ledger.pending.full origin={ev.origin} "
                            f"limit={MAX_PENDING_PER_ORIGIN} (the rest is asked for again later)")

@@ -346,3 +346,14 @@ def test_compaction_swaps_the_file_and_every_open_log_follows(tmp_path):
     assert _model(again.network) == whole and again.rejected == []
     for log in (writer, other, reader, again):
         log.close()
+
+
+def test_a_stranger_cannot_park_many_big_checkpoints():
+    s = FeedWriter("NodeS")
+    s.configured()
+    waiting = [s.checkpoint() for _ in range(4)]  # self-signed, nobody vouches for NodeS
+    led = Ledger()
+    results = [led.receive(ck, T0) for ck in waiting]
+    assert [r.pending for r in results] == [True, True, False, False]
+    assert all("too many checkpoints" in r.rejected for r in results[2:])
+    assert led._pending_of["NodeS"] == 2
