@@ -134,6 +134,12 @@ def test_log_compacts_on_disk(make_net):
     assert (again["nodes"], again["health"]) == (doc["nodes"], doc["health"])
     listed = b.cli("events", "--json")
     assert listed.returncode == 0, listed.stderr
+    shown = [e for e in json.loads(listed.stdout)["events"] if e["origin"] == "NodeA"]
+    assert shown[0]["type"] == E.FEED_CHECKPOINT and json.loads(listed.stdout)["rejected"] == []
+    table = b.cli("events")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if "feed.checkpoint" in line)
+    assert "upto=" in row and "links:1,seen:1,health:1" in row and len(row) < 300
 
 
 def test_newcomer_syncs_from_checkpoint(make_net):
