@@ -95,7 +95,7 @@ class EventLog:
         self.writable = writable
         self.me = me
         self.lock = threading.RLock()
-        self.ledger = Ledger(pinned, me)
+        self.ledger = Ledger(pinned, me, collect_dropped=True)
         self.network = Network()
         self.rejected: list[str] = []
         self.torn: Path | None = None
@@ -324,7 +324,7 @@ class EventLog:
 
     def _reload(self) -> None:
         conflicts, evidence = self.ledger.conflicts, self.ledger.evidence
-        self.ledger = Ledger(self.ledger.pinned, self.me)
+        self.ledger = Ledger(self.ledger.pinned, self.me, collect_dropped=True)
         self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
         self.network = Network()
         self._offset = 0

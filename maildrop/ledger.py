@@ -55,7 +55,7 @@ Checkpoints (``feed.checkpoint``, see ``checkpoint``): a feed may start at a che
 (``Feed.base``: the seqs 1..base it covers are not held; ``base`` is the checkpoint's seq
 minus one). An accepted checkpoint drops from memory the events the checkpoint *before it*
 covers, so a feed holds its two latest checkpoints and what lies between and after them
-(they are queued in ``dropped`` for the caller, which compacts the file); the budget counts
+(queued in ``dropped`` with ``collect_dropped``, for the caller that compacts its file); the budget counts
 that live feed. Keeping one window more than needed is what lets every holder that kept up
 check each checkpoint against its whole prefix: when checkpoint N arrives right behind the
 events before it, a peer that lacks a few of them still gets them (``since`` serves the
@@ -186,7 +186,10 @@ class _Waiting:
 class Ledger:
     """All valid events this node holds, by origin, plus pending, conflicts and notes."""
 
-    def __init__(self, pinned: Mapping[str, str] | None = None, me: str | None = None) -> None:
+    def __init__(self, pinned: Mapping[str, str] | None = None, me: str | None = None,
+                 collect_dropped: bool = False) -> None:
+        """``collect_dropped``: queue the events checkpoints cover in ``dropped`` for the
+        caller to drain (``take_dropped``; the event log does, to compact its file)."""
         self.pinned: dict[str, str] = dict(pinned or {})
         self.me = me
         self.feeds: dict[str, Feed] = {}
@@ -204,6 +207,7 @@ class Ledger:
         self._folded: dict[str, str] = {}  # casefolded id -> held id
         self._noted: dict[str, float] = {}
         self._anchored: set[str] = set()  # unheld pinned origins with a rotation to the pin waiting
+        self.collect_dropped = collect_dropped
         self.dropped: list[Event] = []  # held events a checkpoint covered since the last take_dropped
 
     # -- queries --------------------------------------------------------------------------
@@ -338,7 +342,7 @@ class Ledger:
 
     def _older(self, feed: Feed, ev: Event, now: float | None, verify: Verify) -> Offered:
         if ev.seq <= feed.base:  # covered by the checkpoint the feed starts at
-            if now is None:
+            if now is None and self.collect_dropped:
                 self.dropped.append(ev)
             return Offered([], duplicate=True)
         held = feed.at(ev.seq)
@@ -491,7 +495,8 @@ class Ledger:
         self._links[ev.origin] = checkpoint.links_of(state)
         self._net_count[ev.origin] = sum(1 for e in feed.events if e.type in NETWORK_TYPES)
         self.count -= len(covered)
-        self.dropped.extend(covered)
+        if self.collect_dropped:
+            self.dropped.extend(covered)
 
     # -- waiting --------------------------------------------------------------------------
     def _before_pin(self, ev: Event) -> bool:

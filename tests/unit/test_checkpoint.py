@@ -89,6 +89,7 @@ def test_a_ledger_keeps_only_the_live_feed_and_a_newcomer_folds_the_same(steps):
     assert feed.base == (checkpoints[-2] - 1 if len(checkpoints) >= 2 else 0)  # two windows held
     assert [e.seq for e in feed.events] == list(range(feed.base + 1, len(f.events) + 1))
     assert holder.count == len(feed.events)
+    assert holder.dropped == []  # nobody drains them here: none are kept
     newcomer = Ledger(pinned={"NodeA": f.key.public_line})
     for e in holder.since({}):
         assert not newcomer.receive(e, T0).rejected
@@ -135,7 +136,7 @@ def test_a_checkpoint_that_lies_about_its_prefix_is_a_conflict_with_evidence(lie
 
 def test_an_honest_checkpoint_passes_and_drops_what_the_one_before_covers():
     f = _linked()
-    led = Ledger()
+    led = Ledger(collect_dropped=True)
     for e in f.events:
         led.offer(e)
     ck = f.checkpoint()
