@@ -358,3 +358,28 @@ def test_a_stranger_cannot_park_many_big_checkpoints():
     assert [r.pending for r in results] == [True, True, False, False]
     assert all("too many checkpoints" in r.rejected for r in results[2:])
     assert led._pending_of["NodeS"] == 2
+
+
+def test_gossip_cuts_batches_of_big_checkpoints_by_bytes():
+    from maildrop import gossip
+    from maildrop.protocol import MAX_BODY
+
+    peers = [f"Node{i:04d}" for i in range(E.MAX_CHECKPOINT_PEERS)]
+    big = FeedWriter("NodeA")
+    big.configured()
+    for p in peers:
+        big.add(E.LINK_HEALTH, {"peer": p, "rtt_ms": 30, "loss": 5, "flaps": 2, "window": 600})
+        big.add(E.LINK_UP, {"peer": p})
+        big.link(p)
+    ck = big.checkpoint()
+    size = len(ck.to_line())
+    many = [ck] * (2 * MAX_BODY // size)  # twice a frame body's worth
+    bodies = gossip._batches(many)
+    assert len(bodies) >= 2 and all(len(b) <= MAX_BODY for b in bodies)
+    assert sum(b.count(b"\n") for b in bodies) == len(many)
+    huge = [ck] * (gossip.MAX_BATCHES * MAX_BODY // size + 50)  # more than a round carries
+    cut = gossip._batches(huge)
+    assert len(cut) == gossip.MAX_BATCHES and sum(b.count(b"\n") for b in cut) < len(huge)
+    small = gossip._batches(big.events[:3] * 400)
+    assert [b.count(b"\n") for b in small] == [gossip.BATCH, gossip.BATCH, 200]
+    assert gossip._batches([]) == [b""]
