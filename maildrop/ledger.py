@@ -123,8 +123,8 @@ MAX_CANDIDATES = 256
 NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN, LINK_HEALTH,
                            FEED_CHECKPOINT})
 NET_MAX_EVENTS = 20_000
-"""Network events held at most per (unpinned, distant) origin, in its live feed (from its
-latest checkpoint on)."""
+"""Network events held at most per (unpinned, distant) origin, in its live feed (from the
+checkpoint it starts at on)."""
 NET_BURST = 1_000
 """Network events a distant origin may add at once (token bucket size)."""
 NET_RATE = 0.1
@@ -208,6 +208,7 @@ class Ledger:
         self._noted: dict[str, float] = {}
         self._anchored: set[str] = set()  # unheld pinned origins with a rotation to the pin waiting
         self.collect_dropped = collect_dropped
+        self._waiting_checkpoints: dict[str, set[int]] = {}  # origin -> seqs where one may wait
         self.dropped: list[Event] = []  # held events a checkpoint covered since the last take_dropped
 
     # -- queries --------------------------------------------------------------------------
@@ -572,6 +573,8 @@ class Ledger:
         self._order += 1
         at = float("inf") if now is None else now
         self.pending.setdefault(ev.origin, {}).setdefault(ev.seq, []).append(_Waiting(ev, at, self._order))
+        if ev.type == FEED_CHECKPOINT:
+            self._waiting_checkpoints.setdefault(ev.origin, set()).add(ev.seq)
         self._pending_count += 1
         self._pending_of[ev.origin] = self._pending_of.get(ev.origin, 0) + 1
         return Offered([], pending=True)
@@ -588,6 +591,7 @@ class Ledger:
             self._pending_of.pop(origin, None)
         if not waiting:
             self.pending.pop(origin, None)
+            self._waiting_checkpoints.pop(origin, None)
 
     def _take(self, origin: str, seq: int) -> None:
         self._forget(origin, seq, len(self.pending.get(origin, {}).get(seq, [])))
@@ -659,10 +663,14 @@ class Ledger:
 
     def _starts(self, origin: str) -> list[_Waiting]:
         """``origin``'s waiting events that can start a feed (a seq-1 ``node.configured``
-        or a checkpoint), in arrival order."""
-        return sorted((w for ws in self.pending.get(origin, {}).values() for w in ws
-                       if (w.ev.seq == 1 and w.ev.type == NODE_CONFIGURED) or w.ev.type == FEED_CHECKPOINT),
-                      key=lambda w: w.order)
+        or a checkpoint), in arrival order. Looks only at seq 1 and the seqs where a
+        checkpoint was put to wait (a set that may hold stale seqs: pruned here)."""
+        waiting = self.pending.get(origin, {})
+        seqs = self._waiting_checkpoints.get(origin, set())
+        seqs.intersection_update(waiting)
+        out = [w for w in waiting.get(1, []) if w.ev.type == NODE_CONFIGURED]
+        out += [w for seq in seqs if seq != 1 for w in waiting[seq] if w.ev.type == FEED_CHECKPOINT]
+        return sorted(out, key=lambda w: w.order)
 
     def _chain(self, first: Event, verify: Verify) -> list[Event]:
         """The verified chain waiting behind ``first`` (a seq-1 event or a checkpoint); a
