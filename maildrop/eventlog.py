@@ -7,7 +7,8 @@ Crash semantics:
   that are not JSON). A writer that opens the log sets the torn bytes aside in
   ``events.jsonl.torn-<time>``, truncates them, and logs it. They are never folded.
 - A bad line in the middle (bad JSON, id, signature, chain) is rejected with a reason and
-  logged; it stays in the file and nothing valid is lost (gossip refills any gap it leaves).
+  logged; it stays in the file (until a compaction, which writes only what is live) and
+  nothing valid is lost (gossip refills any gap it leaves).
 - A failed write (disk full) is cut back to the last good offset and the log reloaded, so
   memory never runs ahead of the disk.
 
@@ -159,12 +160,13 @@ class EventLog:
 
     def _reopen(self) -> None:
         """Open the file now at ``path`` and fold it from the start (another process
-        compacted it). Caller holds the flock."""
+        compacted it, or created it after a read-only open found none). Caller holds the
+        flock."""
         if self._fd >= 0:
             os.close(self._fd)
         flags = (os.O_RDWR | os.O_APPEND) if self.writable else os.O_RDONLY
         self._fd = os.open(self.path, flags | os.O_CLOEXEC)
-        log.info("eventlog.reopened path=%s (compacted by another process)", self.path)
+        log.info("eventlog.reopened path=%s (replaced by another process: compacted, or created)", self.path)
         self._reload()
 
     def _read_new(self, initial: bool = False) -> list[Event]:
