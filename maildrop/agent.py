@@ -332,6 +332,7 @@ class Agent:
         new = announce(self.config, self.key, self.log)
         if new:
             log.info("agent.announced events=%d", len(new))
+        self.log.checkpoint_if_old(self.key, self.me, time.time())
         self.custodian.adopt(self.custody.recover())
         self.control.start()  # saved holds apply before the custody service plans
         self.custodian.serving()

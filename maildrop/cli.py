@@ -318,6 +318,8 @@ def _summary(data: dict[str, Any]) -> str:
             v = str(v)[:20] + "…"
         elif k == "sha256":
             v = str(v)[:12]
+        elif k == "state" and isinstance(v, dict):  # a feed.checkpoint: its size, not its fold
+            v = f"links:{len(v['links'])},seen:{len(v['seen'])},health:{len(v['health'])}"
         parts.append(f"{k}={v}")
     return " ".join(parts)
 

@@ -7,7 +7,8 @@ Crash semantics:
   that are not JSON). A writer that opens the log sets the torn bytes aside in
   ``events.jsonl.torn-<time>``, truncates them, and logs it. They are never folded.
 - A bad line in the middle (bad JSON, id, signature, chain) is rejected with a reason and
-  logged; it stays in the file and nothing valid is lost (gossip refills any gap it leaves).
+  logged; it stays in the file (until a compaction, which writes only what is live) and
+  nothing valid is lost (gossip refills any gap it leaves).
 - A failed write (disk full) is cut back to the last good offset and the log reloaded, so
   memory never runs ahead of the disk.
 
@@ -16,6 +17,20 @@ CLI command may append at once); before appending, a writer reads what others ap
 Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``.
 Events from peers are signature-checked *before* the lock is taken (``ingest``), so a flood
 of forgeries costs CPU on the receiving thread, never the lock others wait for.
+
+Checkpoints and compaction: ``append_own`` appends this node's own ``feed.checkpoint``
+once its feed has grown by ``CHECKPOINT_EVERY`` events since the last one
+(``checkpoint_if_old``: at start, when its live feed holds records older than
+``events.VERSION``). Every event that leaves the ledger's memory (those before a feed's
+second latest checkpoint, see ``ledger``) goes to ``on_dropped`` (a hook: a no-op here)
+before it leaves the disk. Once the
+covered lines on disk are at least ``COMPACT_MIN`` and at least as many as the live ones,
+a writer compacts the file: the live events (and the file's own events waiting in the
+ledger) are written aside, fsynced, renamed over ``events.jsonl`` and the folder fsynced,
+all under the exclusive ``flock``. A crash leaves the old file or the new one (a stale
+``.events.jsonl.compact-*`` file is removed at the next writable open); a process that
+holds the old file open notices the new inode under the ``flock`` and reads the new file
+from the start, so no append goes to the old file.
 
 Conflicts (see ``ledger``) are kept in ``conflicts.jsonl`` beside the log, one record a line
 with the origin, the reason and the two signed events that prove it; each is appended and
@@ -34,15 +49,16 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint
 from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
-from .events import NODE_CONFIGURED, Event, make_event, parse_event
+from .events import FEED_CHECKPOINT, NODE_CONFIGURED, VERSION, Event, make_event, parse_event
 from .keys import NodeKey
 from .ledger import Ledger, Verify
 from .model import Network
@@ -54,6 +70,14 @@ REJECTED_LOG_EVERY = 10.0
 EXPIRE_EVERY = 10.0
 """Seconds between two sweeps of the ledger's pending events."""
 CONFLICTS_FILE = "conflicts.jsonl"
+CHECKPOINT_EVERY = 256
+"""Own events after which this node appends a checkpoint of its feed. A live feed then
+holds at most about twice this many events (~200 KiB), so every holder's copy stays small,
+while a checkpoint (a node with a handful of peers: 1 to 3 KiB, a few events' worth)
+costs each holder about one percent more bytes than the events it stands for."""
+COMPACT_MIN = 256
+"""Covered lines on disk before a writer compacts the file (and at least as many as the
+live ones, so the rewrite costs O(1) per covered line)."""
 
 
 @dataclass
@@ -72,7 +96,7 @@ class EventLog:
         self.writable = writable
         self.me = me
         self.lock = threading.RLock()
-        self.ledger = Ledger(pinned, me)
+        self.ledger = Ledger(pinned, me, collect_dropped=True)
         self.network = Network()
         self.rejected: list[str] = []
         self.torn: Path | None = None
@@ -82,6 +106,11 @@ class EventLog:
         self._rejected_logged_at = 0.0
         self._expired_at = 0.0
         self._offset = 0
+        self._covered = 0  # lines on disk that a checkpoint covers (compaction drops them)
+        self._checkpoint_skipped_at = 0  # own head when a checkpoint did not fit (too many peers)
+        self.on_dropped: Callable[[list[Event]], None] = lambda events: None
+        """Called with the events a checkpoint covered, before they leave the disk (the
+        transfer facts among them are kept elsewhere by whoever sets it)."""
         self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
         if writable:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +127,12 @@ class EventLog:
                 self._lock_fd = -1
         self._conflicts_path = path.with_name(CONFLICTS_FILE)
         with self._flock(exclusive=writable):
+            if writable:
+                for stale in path.parent.glob(f".{path.name}.compact-*"):
+                    stale.unlink(missing_ok=True)
             self._read_new(initial=True)
+            if writable:
+                self._maybe_compact()
         self._load_conflicts()
 
     # -- file plumbing ----------------------------------------------------------------------
@@ -113,8 +147,33 @@ class EventLog:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def _replaced(self) -> bool:
+        """True when ``events.jsonl`` is another file than the one open (compacted, or
+        created since a read-only open found none)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if self._fd < 0:
+            return True
+        return (st.st_ino, st.st_dev) != (os.fstat(self._fd).st_ino, os.fstat(self._fd).st_dev)
+
+    def _reopen(self) -> None:
+        """Open the file now at ``path`` and fold it from the start (another process
+        compacted it, or created it after a read-only open found none). Caller holds the
+        flock."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        flags = (os.O_RDWR | os.O_APPEND) if self.writable else os.O_RDONLY
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC)
+        log.info("eventlog.reopened path=%s (replaced by another process: compacted, or created)", self.path)
+        self._reload()
+
     def _read_new(self, initial: bool = False) -> list[Event]:
         """Read and fold every complete line after ``_offset``. Caller holds the flock."""
+        if not initial and self._replaced():
+            self._reopen()
+            return []
         if self._fd < 0:
             return []
         size = os.fstat(self._fd).st_size
@@ -151,8 +210,52 @@ class EventLog:
                 self.network.apply(e)
             accepted.extend(result.accepted)
         self._offset += end
+        self._take_dropped()
         self._log_notes()
         return accepted
+
+    def _take_dropped(self) -> None:
+        """Hand the events checkpoints covered to ``on_dropped``; count them as covered
+        lines (every held event is on disk, and the file's covered lines were read)."""
+        dropped = self.ledger.take_dropped()
+        if dropped:
+            self.on_dropped(dropped)
+            self._covered += len(dropped)
+
+    def _maybe_compact(self) -> None:
+        """Compact when the covered lines are many enough (see the module). Caller holds
+        the exclusive flock and ``lock`` (or is the constructor)."""
+        if self._covered >= COMPACT_MIN and self._covered >= self.ledger.count:
+            self.compact()
+
+    def compact(self) -> int:
+        """Rewrite the file with only what is live: every held event and the file's own
+        events waiting in the ledger. Atomic (write aside, fsync, rename, fsync the folder);
+        caller holds the exclusive flock. Returns the bytes the file shrank by."""
+        waiting = [w.ev for ws in self.ledger.pending.values() for vs in ws.values() for w in vs
+                   if w.at == float("inf")]
+        buf = b"".join(e.to_line() for e in [*self.ledger.all_events(), *waiting])
+        tmp = self.path.with_name(f".{self.path.name}.compact-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            log.error("eventlog.compact.failed path=%s error=%s (the old file stays)", self.path,
+                      os.strerror(exc.errno or errno.EIO))
+            return 0
+        fsync_dir(self.path.parent)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        shrank, self._offset = self._offset - len(buf), len(buf)
+        log.info("eventlog.compacted path=%s dropped_lines=%d bytes=%d shrank=%d",
+                 self.path, self._covered, len(buf), shrank)
+        self._covered = 0
+        return shrank
 
     def _log_notes(self) -> None:
         for note in self.ledger.take_notes():
@@ -223,11 +326,12 @@ class EventLog:
 
     def _reload(self) -> None:
         conflicts, evidence = self.ledger.conflicts, self.ledger.evidence
-        self.ledger = Ledger(self.ledger.pinned, self.me)
+        self.ledger = Ledger(self.ledger.pinned, self.me, collect_dropped=True)
         self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
         self.network = Network()
         self._offset = 0
-        self._read_new()
+        self._covered = 0
+        self._read_new(initial=True)
 
     # -- the API ----------------------------------------------------------------------------
     def set_pins(self, remove: Iterable[str] = (), add: Mapping[str, str] | None = None) -> None:
@@ -248,7 +352,7 @@ class EventLog:
                 log.warning("eventlog.conflicts.reloaded cleared=%s conflicts=%d",
                             ",".join(sorted(before - set(self.ledger.conflicts))) or "-",
                             len(self.ledger.conflicts))
-            if self._fd < 0 or os.fstat(self._fd).st_size <= self._offset:
+            if not self._replaced() and (self._fd < 0 or os.fstat(self._fd).st_size <= self._offset):
                 return []
             with self._flock(exclusive=False):
                 return self._read_new()
@@ -256,7 +360,9 @@ class EventLog:
     def append_own(
         self, key: NodeKey, origin: str, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
     ) -> list[Event]:
-        """Sign and append this node's next events (one write, one sync). Returns them."""
+        """Sign and append this node's next events (one write, one sync). Returns them.
+        Then, once the feed has grown by ``CHECKPOINT_EVERY`` since its last checkpoint,
+        append a checkpoint too (not among the returned events) and compact if due."""
         items = list(items)
         if not items:
             return []
@@ -264,23 +370,63 @@ class EventLog:
             raise MaildropError("event log opened read-only")
         with self.lock, self._flock(exclusive=True):
             self._read_new()
-            feed = self.ledger.feeds.get(origin)
-            seq = feed.head_seq if feed else 0
-            prev = feed.head_id if feed else None
-            out = []
-            for type_, data in items:
-                seq += 1
-                ev = make_event(key, origin, seq, prev, now, type_, data)
-                prev = ev.id
-                out.append(ev)
-            self._write(out)
-            for ev in out:
-                res = self.ledger.offer(ev, signed_here=True)
-                if res.rejected:  # cannot happen unless our key differs from our feed's key
-                    raise MaildropError(f"own event refused by own log: {res.rejected}")
-                for e in res.accepted:
-                    self.network.apply(e)
+            out = self._append(key, origin, items, now)
+            feed = self.ledger.feeds[origin]
+            last = next((e.seq for e in reversed(feed.events) if e.type == FEED_CHECKPOINT), 0)
+            last = max(last, self._checkpoint_skipped_at)
+            if feed.head_seq - last >= CHECKPOINT_EVERY:
+                self._checkpoint(key, origin, now)
+            self._maybe_compact()
             return out
+
+    def _append(self, key: NodeKey, origin: str, items: Sequence[tuple[str, Mapping[str, Any]]],
+                now: float) -> list[Event]:
+        """Sign, write and hold ``items`` as ``origin``'s next events (caller holds both locks)."""
+        feed = self.ledger.feeds.get(origin)
+        seq = feed.head_seq if feed else 0
+        prev = feed.head_id if feed else None
+        out = []
+        for type_, data in items:
+            seq += 1
+            ev = make_event(key, origin, seq, prev, now, type_, data)
+            prev = ev.id
+            out.append(ev)
+        self._write(out)
+        for ev in out:
+            res = self.ledger.offer(ev, signed_here=True)
+            if res.rejected:  # cannot happen unless our key differs from our feed's key
+                raise MaildropError(f"own event refused by own log: {res.rejected}")
+            for e in res.accepted:
+                self.network.apply(e)
+        self._take_dropped()
+        return out
+
+    def _checkpoint(self, key: NodeKey, origin: str, now: float) -> Event | None:
+        """Append a checkpoint of ``origin``'s live feed (caller holds both locks); None when
+        its state is too big for one (logged; tried again ``CHECKPOINT_EVERY`` events later, the
+        feed staying whole meanwhile)."""
+        feed = self.ledger.feeds[origin]
+        try:
+            ev = self._append(key, origin, [(FEED_CHECKPOINT, checkpoint.make_checkpoint_data(feed.events))], now)[0]
+        except InvalidEvent as exc:
+            self._checkpoint_skipped_at = feed.head_seq  # tried again CHECKPOINT_EVERY later
+            log.warning("checkpoint.skipped origin=%s seq=%d reason=%s", origin, feed.head_seq + 1, exc)
+            return None
+        log.info("checkpoint.written origin=%s seq=%d", origin, ev.seq)
+        return ev
+
+    def checkpoint_if_old(self, key: NodeKey, origin: str, now: float) -> Event | None:
+        """At start: append a checkpoint of ``origin``'s feed when its live part holds
+        records of an older version than ``events.VERSION`` (so they can be dropped), and
+        compact if due. Returns the checkpoint, or None when none was needed."""
+        with self.lock, self._flock(exclusive=True):
+            self._read_new()
+            feed = self.ledger.feeds.get(origin)
+            if feed is None or not any(e.v < VERSION for e in feed.events):
+                return None
+            ev = self._checkpoint(key, origin, now)
+            self._maybe_compact()
+            return ev
 
     def ingest(self, events: Iterable[Event], now: float | None = None) -> Ingested:
         """Validate events from a peer (received at ``now``, default the clock) and append
@@ -311,8 +457,10 @@ class EventLog:
                 self._write(result.accepted)
                 for e in result.accepted:
                     self.network.apply(e)
+            self._take_dropped()
             if result.rejected:
                 self._record_conflicts()
+            self._maybe_compact()
             self._log_notes()
         self._log_rejected(result.rejected, now)
         return result
@@ -357,10 +505,10 @@ def _preverify(events: Sequence[Event], keys: Mapping[str, list[str]]) -> Verify
     lock; returns the ledger's ``verify`` callable, answering from these results."""
     batch_keys: dict[str, list[str]] = {}
     for ev in events:
-        if ev.type == NODE_CONFIGURED:
+        if ev.type in (NODE_CONFIGURED, FEED_CHECKPOINT):
             ks = batch_keys.setdefault(ev.origin, [])
-            if len(ks) < 2 and ev.data["key"] not in ks:
-                ks.append(ev.data["key"])
+            if len(ks) < 2 and checkpoint.start_key(ev) not in ks:
+                ks.append(checkpoint.start_key(ev))
     known: dict[tuple[str, str], bool] = {}
     for ev in events:
         if ev.seq == 1:

@@ -17,6 +17,10 @@ One event is one JSON object on one line::
   every new transfer: the name is inside ``data.sealed``, an age file only the origin and the
   destination can open, docs/encryption.md) and plaintext (``data.name``, what maildrop wrote
   before end-to-end encryption: still read, and a receipt of such a transfer keeps it).
+- ``feed.checkpoint`` (``FEED_CHECKPOINT``) states the fold of its origin's own feed up to
+  ``data.upto`` (always its own seq minus one, so its ``prev`` is the id of event ``upto``:
+  the hash of the chain up to there); its ``data.state`` is checked here for shape only
+  (``checkpoint`` folds and compares). It may be up to ``MAX_CHECKPOINT_BYTES``.
 - Old record versions are upgraded when read (``_UPGRADES``), never rewritten.
 
 Pure: no clock (``now`` is passed in), no files, no sockets.
@@ -43,6 +47,13 @@ from .keys import NodeKey, normalize_public_line, verify
 
 VERSION = 1
 MAX_EVENT_BYTES = 16 * 1024
+MAX_CHECKPOINT_BYTES = 64 * 1024
+"""The largest ``feed.checkpoint`` in canonical form. A checkpoint carries, per peer of its
+origin, a link word, an observation and up to two health reports (about 450 bytes in all),
+so 64 KiB holds ``MAX_CHECKPOINT_PEERS``; a gossip batch still fits a frame body
+(``gossip`` splits batches by bytes too)."""
+MAX_CHECKPOINT_PEERS = 128
+"""Entries at most in each list of a checkpoint's state (peers of one node)."""
 MAX_SEQ = 2**63 - 1
 # Every ts from the epoch on parses, so a node whose clock was reset to 1970 still writes
 # events that it and others can read; how far a ts may be trusted is custody's business.
@@ -72,6 +83,8 @@ TRANSFER_DELIVERED = "transfer.delivered"
 TRANSFER_FAILED = "transfer.failed"
 TRANSFER_REFUSED = "transfer.refused"
 LINK_HEALTH = "link.health"
+FEED_CHECKPOINT = "feed.checkpoint"
+_CHECKPOINT_MARK = b'"type":"feed.checkpoint"'
 
 # ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
 # within a bucket writes no event (docs/routing.md).
@@ -188,6 +201,68 @@ def _window(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_HEALTH_WINDOW
 
 
+def _seq(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SEQ
+
+
+def _flag(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+_HEALTH_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "rtt_ms": _one_of(RTT_BUCKETS), "loss": _one_of(LOSS_BUCKETS), "flaps": _one_of(FLAP_BUCKETS),
+    "window": _window,
+}
+_CHECKPOINT_ENTRIES: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "links": {"peer": _node, "seq": _seq, "on": _flag},
+    "seen": {"peer": _node, "seq": _seq, "ts": _ts, "up": _flag},
+    "health": {"peer": _node, "seq": _seq, "ts": _ts, **_HEALTH_FIELDS},
+    "flapped": {"peer": _node, "seq": _seq, "ts": _ts, **_HEALTH_FIELDS},
+}
+"""A checkpoint state's lists, one entry per peer, sorted by peer: the latest
+``link.configured``/``link.removed`` (``on``), ``link.up``/``link.down`` (``up``), ``link.health``
+and ``link.health`` that said the link flaps, each with the seq and ts of its event."""
+_CHECKPOINT_NODE: dict[str, Callable[[Any], bool]] = {
+    "seq": _seq, "ts": _ts, "display_name": _text(200), "address": _addr, "key": _pubkey,
+}
+"""A checkpoint state's ``node``: the latest ``node.configured`` (its seq, ts and data)."""
+
+
+def _fields(obj: Any, schema: Mapping[str, Callable[[Any], bool]]) -> bool:
+    return isinstance(obj, dict) and set(obj) == set(schema) and all(ok(obj[k]) for k, ok in schema.items())
+
+
+def _checkpoint_state(v: Any) -> bool:
+    """The shape of a checkpoint's ``state``: ``node`` and the four lists, each at most
+    ``MAX_CHECKPOINT_PEERS`` entries, strictly sorted by peer (so one word per peer)."""
+    if not isinstance(v, dict) or set(v) != {"node", *_CHECKPOINT_ENTRIES}:
+        return False
+    if not _fields(v["node"], _CHECKPOINT_NODE):
+        return False
+    for name, schema in _CHECKPOINT_ENTRIES.items():
+        entries = v[name]
+        if not isinstance(entries, list) or len(entries) > MAX_CHECKPOINT_PEERS:
+            return False
+        if not all(_fields(e, schema) for e in entries):
+            return False
+        peers = [e["peer"] for e in entries]
+        if any(a >= b for a, b in zip(peers, peers[1:], strict=False)):
+            return False
+    return True
+
+
+def _checkpoint_seqs(seq: int, data: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's numbers do not fit its own seq (``upto`` must be seq - 1 and every
+    fact it states must come from the prefix it covers), or None."""
+    if data["upto"] != seq - 1:
+        return f"feed.checkpoint: upto {data['upto']} is not its seq - 1 ({seq - 1})"
+    state = data["state"]
+    seqs = [state["node"]["seq"], *(e["seq"] for name in _CHECKPOINT_ENTRIES for e in state[name])]
+    if max(seqs) > data["upto"]:
+        return f"feed.checkpoint: states a fact of seq {max(seqs)}, past the {data['upto']} it covers"
+    return None
+
+
 _LINK = {"peer": _node}
 SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     NODE_CONFIGURED: {"id": _node, "display_name": _text(200), "address": _addr, "key": _pubkey},
@@ -209,6 +284,8 @@ SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     # over which loss and flaps were counted (and a flapping link must stay calm).
     LINK_HEALTH: {"peer": _node, "rtt_ms": _one_of(RTT_BUCKETS), "loss": _one_of(LOSS_BUCKETS),
                   "flaps": _one_of(FLAP_BUCKETS), "window": _window},
+    # The fold of the origin's own feed up to ``upto`` (see ``checkpoint``).
+    FEED_CHECKPOINT: {"upto": _seq, "state": _checkpoint_state},
 }
 
 
@@ -289,6 +366,11 @@ def make_event(
     9999): such an event would be refused by every node, this one included when it reads
     its log again."""
     _check_data(type, data)
+    why = _checkpoint_seqs(seq, data) if type == FEED_CHECKPOINT else None
+    if why:
+        raise InvalidEvent(why)
+    if type == FEED_CHECKPOINT and len(canonical(data)) > MAX_CHECKPOINT_BYTES - 1024:
+        raise InvalidEvent(f"feed.checkpoint: over {MAX_CHECKPOINT_BYTES} bytes")
     ts = format_ts(now)
     if not _ts(ts):
         raise InvalidEvent(f"the clock says {ts}, outside the years {MIN_YEAR}..{MAX_YEAR}; "
@@ -339,12 +421,15 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
     Any input, however hostile (nested past the stack, over the size limit, lone surrogates,
     values of the wrong type), ends in InvalidEvent, never in another exception. A line is
     measured in bytes, a Mapping (a queued event inside an offer, a spool meta) in canonical
-    bytes: both at most MAX_EVENT_BYTES. Does not check the signature or the chain: those
+    bytes: both at most MAX_EVENT_BYTES (a ``feed.checkpoint``: MAX_CHECKPOINT_BYTES; any
+    other type is measured again once parsed). Does not check the signature or the chain: those
     need the origin's feed (see ``ledger``). Does not modify ``raw``.
     """
     if isinstance(raw, (bytes, str)):
         line = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-        if len(line) > MAX_EVENT_BYTES:
+        size = len(line)
+        # Only a checkpoint (written canonically, as every event is) may pass 16 KiB.
+        if size > MAX_EVENT_BYTES and (size > MAX_CHECKPOINT_BYTES or _CHECKPOINT_MARK not in line):
             raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
         try:
             obj = json.loads(line)
@@ -360,10 +445,12 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
             raise InvalidEvent("bad JSON (too deeply nested)") from None
         except (ValueError, TypeError) as exc:  # a lone surrogate, a value JSON cannot hold
             raise InvalidEvent(f"not JSON ({exc.__class__.__name__}: {str(exc)[:60]})") from None
-        if size > MAX_EVENT_BYTES:
-            raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes ({size} in canonical form)")
+        if size > MAX_CHECKPOINT_BYTES:
+            raise InvalidEvent(f"event larger than {MAX_CHECKPOINT_BYTES} bytes ({size} in canonical form)")
     if not isinstance(obj, dict):
         raise InvalidEvent("event is not a JSON object")
+    if size > MAX_EVENT_BYTES and obj.get("type") != FEED_CHECKPOINT:
+        raise InvalidEvent(f"event larger than {MAX_EVENT_BYTES} bytes")
     v = obj.get("v")
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         raise InvalidEvent("missing or bad record version 'v'")
@@ -389,6 +476,10 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
     if not isinstance(obj["type"], str):
         raise InvalidEvent("bad type")
     _check_data(obj["type"], obj["data"])
+    if obj["type"] == FEED_CHECKPOINT:
+        why = _checkpoint_seqs(seq, obj["data"])
+        if why:
+            raise InvalidEvent(why)
     if not isinstance(obj["sig"], str) or len(obj["sig"]) > 200:
         raise InvalidEvent("bad sig")
     # The id is over the record as written (its own version), so hash the original body.

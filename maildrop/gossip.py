@@ -50,7 +50,7 @@ from typing import Any, Protocol
 from . import ids, reconcile
 from .errors import InvalidEvent, ProtocolError
 from .events import Event, canonical, parse_event
-from .protocol import Frame, FrameStream
+from .protocol import MAX_BODY, Frame, FrameStream
 
 BATCH = 500
 ROUND_EVENTS = 2_000
@@ -126,12 +126,32 @@ def decode_batch(frame: Frame) -> tuple[list[Event], int]:
     return good, bad
 
 
+def _batches(events: list[Event]) -> list[bytes]:
+    """``events`` as batch bodies of at most ``BATCH`` lines and ``MAX_BODY`` bytes (a
+    checkpoint may be up to 64 KiB), at most ``MAX_BATCHES`` of them: what does not fit
+    waits for the next round (the peer's vector still lacks it)."""
+    out: list[bytes] = []
+    lines: list[bytes] = []
+    size = 0
+    for e in events:
+        line = e.to_line()
+        if lines and (len(lines) == BATCH or size + len(line) > MAX_BODY):
+            out.append(b"".join(lines))
+            lines, size = [], 0
+            if len(out) == MAX_BATCHES:
+                return out
+        lines.append(line)
+        size += len(line)
+    out.append(b"".join(lines))
+    return out
+
+
 def _send_batches(stream: FrameStream, events: list[Event], **last: Any) -> None:
-    for i in range(0, max(len(events), 1), BATCH):
-        chunk = events[i : i + BATCH]
-        more = i + BATCH < len(events)
+    bodies = _batches(events)
+    for i, body in enumerate(bodies):
+        more = i + 1 < len(bodies)
         extra = {} if more else last
-        stream.send("events", encode_batch(chunk), more=more, count=len(chunk), **extra)
+        stream.send("events", body, more=more, count=body.count(b"\n"), **extra)
 
 
 def _recv_batches(stream: FrameStream, store: Store, stats: RoundStats) -> Frame:

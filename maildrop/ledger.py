@@ -51,6 +51,32 @@ Events from a peer (``receive``, with the receive time ``now``) also obey:
   under a key known now, at most ``MAX_PENDING_PER_ORIGIN`` per origin and
   ``MAX_PENDING`` in all, and for at most ``PENDING_MAX_AGE`` seconds (``expire``).
 
+Checkpoints (``feed.checkpoint``, see ``checkpoint``): a feed may start at a checkpoint
+(``Feed.base``: the seqs 1..base it covers are not held; ``base`` is the checkpoint's seq
+minus one). An accepted checkpoint drops from memory the events the checkpoint *before it*
+covers, so a feed holds its two latest checkpoints and what lies between and after them
+(queued in ``dropped`` with ``collect_dropped``, for the caller that compacts its file); the budget counts
+that live feed. Keeping one window more than needed is what lets every holder that kept up
+check each checkpoint against its whole prefix: when checkpoint N arrives right behind the
+events before it, a peer that lacks a few of them still gets them (``since`` serves the
+window from checkpoint N-1 on), instead of having to jump over them unchecked.
+
+- A holder of the whole prefix (from seq 1 or from an earlier checkpoint) folds it and
+  compares (``checkpoint.check``): a checkpoint that misstates it is a conflict like a
+  fork, the origin marked, the checkpoint and the prefix event it contradicts kept as
+  evidence. A holder whose head is short of the checkpoint's ``upto`` checks what it
+  holds, then jumps to the checkpoint (it never sees the events in between); the key it
+  holds must be the key the checkpoint names (a key change hidden in the gap cannot be
+  verified: refused, and the feed waits for a later checkpoint or a peer with the events).
+- A newcomer admits a feed that starts at a checkpoint as it admits one that starts at
+  seq 1: the checkpoint is signed with the key its state names; a pinned origin's state
+  must name the pinned key; an unpinned one needs a link both ends signed, the origin's
+  side read from the links the checkpoint states. What it trusts is the origin's
+  signature and its introducers, as for seq 1; the covered prefix it never sees.
+- ``since`` gives a peer whose vector is below ``base`` the checkpoint and what follows.
+- An event of a covered seq (``seq <= base``) is taken as held: nothing about it can be
+  checked any more, and it changes nothing.
+
 Local events (``offer``: the log file, this node's own appends) obey the chain rules and
 the pinned key (a feed that starts with another key waits for its rotation to the pin) only;
 the file holds nothing a peer could add without passing ``receive``. A pinned feed whose
@@ -69,7 +95,9 @@ import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from . import checkpoint
 from .events import (
+    FEED_CHECKPOINT,
     LINK_CONFIGURED,
     LINK_DOWN,
     LINK_HEALTH,
@@ -80,7 +108,8 @@ from .events import (
 )
 
 MAX_PENDING = 10_000
-"""Events held ahead of a gap, all origins together (each at most 16 KiB)."""
+"""Events held ahead of a gap, all origins together (each at most 16 KiB; a checkpoint, at most
+64 KiB, waits only to start an unheld feed, and at most ``MAX_VARIANTS`` of them per origin)."""
 MAX_PENDING_PER_ORIGIN = 2_000
 """Events held ahead of a gap for one origin; gossip asks again for the rest."""
 MAX_VARIANTS = 2
@@ -91,9 +120,11 @@ MAX_NODES = 2_000
 """Feeds (node ids) held at most; pinned peers and this node are always admitted."""
 MAX_CANDIDATES = 256
 """Unknown, not yet admitted node ids whose events may wait at once."""
-NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN, LINK_HEALTH})
+NETWORK_TYPES = frozenset({NODE_CONFIGURED, LINK_CONFIGURED, LINK_REMOVED, LINK_UP, LINK_DOWN, LINK_HEALTH,
+                           FEED_CHECKPOINT})
 NET_MAX_EVENTS = 20_000
-"""Network events held at most per (unpinned, distant) origin."""
+"""Network events held at most per (unpinned, distant) origin, in its live feed (from the
+checkpoint it starts at on)."""
 NET_BURST = 1_000
 """Network events a distant origin may add at once (token bucket size)."""
 NET_RATE = 0.1
@@ -112,13 +143,21 @@ def verify_now(ev: Event, key: str) -> bool:
 
 @dataclass
 class Feed:
+    """One origin's held events: seqs ``base + 1`` .. ``head_seq`` (``base`` > 0: the feed
+    starts at a checkpoint, which is ``events[0]``); ``key``: the key of its next event."""
+
     origin: str
     events: list[Event] = field(default_factory=list)
     key: str | None = None
+    base: int = 0
 
     @property
     def head_seq(self) -> int:
-        return len(self.events)
+        return self.base + len(self.events)
+
+    def at(self, seq: int) -> Event:
+        """The held event ``seq`` (``base < seq <= head_seq``)."""
+        return self.events[seq - self.base - 1]
 
     @property
     def head_id(self) -> str | None:
@@ -147,7 +186,10 @@ class _Waiting:
 class Ledger:
     """All valid events this node holds, by origin, plus pending, conflicts and notes."""
 
-    def __init__(self, pinned: Mapping[str, str] | None = None, me: str | None = None) -> None:
+    def __init__(self, pinned: Mapping[str, str] | None = None, me: str | None = None,
+                 collect_dropped: bool = False) -> None:
+        """``collect_dropped``: queue the events checkpoints cover in ``dropped`` for the
+        caller to drain (``take_dropped``; the event log does, to compact its file)."""
         self.pinned: dict[str, str] = dict(pinned or {})
         self.me = me
         self.feeds: dict[str, Feed] = {}
@@ -165,6 +207,9 @@ class Ledger:
         self._folded: dict[str, str] = {}  # casefolded id -> held id
         self._noted: dict[str, float] = {}
         self._anchored: set[str] = set()  # unheld pinned origins with a rotation to the pin waiting
+        self.collect_dropped = collect_dropped
+        self._waiting_checkpoints: dict[str, set[int]] = {}  # origin -> seqs where one may wait
+        self.dropped: list[Event] = []  # held events a checkpoint covered since the last take_dropped
 
     # -- queries --------------------------------------------------------------------------
     def version_vector(self) -> dict[str, int]:
@@ -186,7 +231,9 @@ class Ledger:
     def holds(self, ev: Event) -> bool:
         """True when this very event is held already (a duplicate: nothing to check)."""
         feed = self.feeds.get(ev.origin)
-        return feed is not None and 0 < ev.seq <= feed.head_seq and feed.events[ev.seq - 1].id == ev.id
+        if feed is None or not 0 < ev.seq <= feed.head_seq:
+            return False
+        return ev.seq <= feed.base or feed.at(ev.seq).id == ev.id
 
     def key_of(self, origin: str) -> str | None:
         feed = self.feeds.get(origin)
@@ -199,23 +246,23 @@ class Ledger:
         if feed is not None:
             return [feed.key] if feed.key else []
         keys = [self.pinned[origin]] if origin in self.pinned else []
-        keys += [w.ev.data["key"] for w in self.pending.get(origin, {}).get(1, [])
-                 if w.ev.type == NODE_CONFIGURED]
+        keys += [checkpoint.start_key(w.ev) for w in self._starts(origin)]
         return keys
 
     def since(self, their_vv: Mapping[str, int], limit: int | None = None) -> list[Event]:
         """Events the holder of ``their_vv`` lacks, each feed in seq order, at most ``limit``.
 
         Under a limit every lacking feed gets a fair share (then the leftover), so one feed
-        that the other side keeps refusing cannot starve the rest."""
+        that the other side keeps refusing cannot starve the rest. A feed that starts at a
+        checkpoint is given from the checkpoint on to a holder below its ``base``."""
         lacking: list[tuple[list[Event], int]] = []
         for origin in sorted(self.feeds):
             have = their_vv.get(origin, 0)
             if not isinstance(have, int) or have < 0:
                 have = 0
-            events = self.feeds[origin].events
-            if len(events) > have:
-                lacking.append((events, have))
+            feed = self.feeds[origin]
+            if feed.head_seq > have:
+                lacking.append((feed.events, max(0, have - feed.base)))
         give = [len(evs) - have for evs, have in lacking]
         if limit is not None:
             give = _fair_shares(give, limit)
@@ -234,6 +281,12 @@ class Ledger:
     def take_notes(self) -> list[str]:
         """The notes queued since the last call (the caller logs them)."""
         out, self.notes = self.notes, []
+        return out
+
+    def take_dropped(self) -> list[Event]:
+        """The held events checkpoints covered since the last call, and the covered events
+        the log file offered again (the caller compacts the file)."""
+        out, self.dropped = self.dropped, []
         return out
 
     # -- joining --------------------------------------------------------------------------
@@ -273,6 +326,8 @@ class Ledger:
             return self._older(feed, ev, now, verify)
         if feed is None and now is not None:
             return self._unheld(ev, now, verify)
+        if ev.type == FEED_CHECKPOINT and ev.seq > head + 1:
+            return self._jump(feed, ev, now, verify, signed_here)
         if ev.seq > head + 1 or self._before_pin(ev):
             return self._hold_pinned(ev, now, verify)
         reason = self._check_next(feed, ev, now, verify, signed_here)
@@ -287,7 +342,11 @@ class Ledger:
         return Offered(accepted)
 
     def _older(self, feed: Feed, ev: Event, now: float | None, verify: Verify) -> Offered:
-        held = feed.events[ev.seq - 1]
+        if ev.seq <= feed.base:  # covered by the checkpoint the feed starts at
+            if now is None and self.collect_dropped:
+                self.dropped.append(ev)
+            return Offered([], duplicate=True)
+        held = feed.at(ev.seq)
         if held.id == ev.id:
             return Offered([], duplicate=True)
         if verify(ev, self._key_at(feed, ev.seq)):
@@ -315,10 +374,8 @@ class Ledger:
     @staticmethod
     def _key_at(feed: Feed, seq: int) -> str:
         """The key that signs ``feed``'s event ``seq`` (for telling forks from forgeries)."""
-        if seq == 1:
-            return feed.events[0].data["key"]
-        key = ""
-        for e in feed.events[: seq - 1]:
+        key = checkpoint.start_key(feed.events[0])
+        for e in feed.events[: seq - feed.base - 1]:
             if e.type == NODE_CONFIGURED:
                 key = e.data["key"]
         return key
@@ -337,7 +394,55 @@ class Ledger:
             return f"bad signature for {ev.origin} seq {ev.seq} (forged?)"
         if ev.prev != feed.head_id:
             return self._fork(feed.events[-1], ev, now)
+        if ev.type == FEED_CHECKPOINT:
+            return self._check_checkpoint(feed, ev, now)
         return None
+
+    def _check_checkpoint(self, feed: Feed, ev: Event, now: float | None) -> str | None:
+        """Fold what ``feed`` holds before ``ev`` and compare; a lie is a conflict."""
+        why = checkpoint.check(ev, feed.events)
+        if why is None:
+            return None
+        if ev.origin == self.me:
+            self._note(f"own-lie:{ev.seq}", now, f"ledger.checkpoint.own_mismatch origin={ev.origin} "
+                       f"seq={ev.seq} ({why}; refused, this node never marks itself)")
+        else:
+            self.conflicts.setdefault(ev.origin, f"lying checkpoint: {why}")
+            self.evidence.setdefault(ev.origin, (checkpoint.witness(ev, feed.events), ev))
+            self._note(f"lie:{ev.origin}", now, f"ledger.checkpoint.mismatch origin={ev.origin} "
+                       f"seq={ev.seq} ({why})")
+        return f"{ev.origin}: {why}"
+
+    def _jump(self, feed: Feed | None, ev: Event, now: float | None, verify: Verify,
+              signed_here: bool) -> Offered:
+        """A checkpoint past the head of a held feed (or, from the log file, of an unheld
+        one): check what is held of its prefix, then start the feed at it."""
+        o = ev.origin
+        key = checkpoint.start_key(ev)
+        if feed is None:  # the log file: a compacted feed
+            pin = self.pinned.get(o)
+            if pin is not None and key != pin:
+                return self._hold_pinned(ev, now, verify)
+        elif key != feed.key and self.pinned.get(o) != key:
+            self._note(f"jump-key:{o}", now, f"ledger.checkpoint.key_gap origin={o} seq={ev.seq} "
+                       "(its key changed in events this node lacks; waits for them or a later checkpoint)")
+            return Offered([], rejected=f"{o}: checkpoint at seq {ev.seq} names another key than "
+                                        "the one held, and the change is in events not held here")
+        if not signed_here and not verify(ev, key):
+            return Offered([], rejected=f"bad signature for {o} seq {ev.seq} (forged?)")
+        if feed is not None:
+            why = self._check_checkpoint(feed, ev, now)
+            if why:
+                return Offered([], rejected=why)
+        if now is not None:
+            why = self._spend(ev, now)
+            if why:
+                return Offered([], rejected=why)
+        accepted = [self._join(ev)]
+        accepted += self._drain(o, now, verify)
+        if now is not None:
+            accepted += self._admit_from(accepted, now, verify)
+        return Offered(accepted)
 
     def _spend(self, ev: Event, now: float) -> str | None:
         """Charge ``ev`` to its origin's budget of network events; a reason if over it."""
@@ -361,8 +466,10 @@ class Ledger:
     def _join(self, ev: Event) -> Event:
         feed = self.feeds.get(ev.origin)
         if feed is None:
-            feed = self.feeds[ev.origin] = Feed(ev.origin)
+            feed = self.feeds[ev.origin] = Feed(ev.origin, base=ev.seq - 1)
             self._folded.setdefault(ev.origin.casefold(), ev.origin)
+        if ev.type == FEED_CHECKPOINT:
+            self._drop_covered(feed, ev)
         feed.events.append(ev)
         if ev.type == NODE_CONFIGURED:
             feed.key = ev.data["key"]
@@ -372,6 +479,25 @@ class Ledger:
             self._net_count[ev.origin] = self._net_count.get(ev.origin, 0) + 1
         self.count += 1
         return ev
+
+    def _drop_covered(self, feed: Feed, ev: Event) -> None:
+        """Before the checkpoint ``ev`` joins ``feed``: the events before the feed's latest
+        checkpoint leave memory (queued in ``dropped``; all held ones when ``ev`` lies past
+        the head: a jump), and its key and links are what its state says."""
+        if ev.seq == feed.head_seq + 1:
+            cut = next((i for i in range(len(feed.events) - 1, -1, -1)
+                        if feed.events[i].type == FEED_CHECKPOINT), 0)
+        else:
+            cut = len(feed.events)
+        covered, feed.events = feed.events[:cut], feed.events[cut:]
+        feed.base = (feed.events[0].seq if feed.events else ev.seq) - 1
+        state = ev.data["state"]
+        feed.key = state["node"]["key"]
+        self._links[ev.origin] = checkpoint.links_of(state)
+        self._net_count[ev.origin] = sum(1 for e in feed.events if e.type in NETWORK_TYPES)
+        self.count -= len(covered)
+        if self.collect_dropped:
+            self.dropped.extend(covered)
 
     # -- waiting --------------------------------------------------------------------------
     def _before_pin(self, ev: Event) -> bool:
@@ -427,11 +553,15 @@ class Ledger:
             return Offered([], duplicate=True, pending=True)
         if now is not None:
             keys = self.known_keys(ev.origin)
-            if ev.seq == 1 and ev.type == NODE_CONFIGURED:
-                keys.append(ev.data["key"])
+            if (ev.seq == 1 and ev.type == NODE_CONFIGURED) or ev.type == FEED_CHECKPOINT:
+                keys.append(checkpoint.start_key(ev))
             if not any(verify(ev, k) for k in keys):
                 return Offered([], rejected=f"{ev.origin} seq {ev.seq} waits for a gap but is not "
                                             "signed by a key known here (forged, or asked for again later)")
+            if ev.type == FEED_CHECKPOINT and sum(
+                    1 for w in self._starts(ev.origin) if w.ev.type == FEED_CHECKPOINT) >= MAX_VARIANTS:
+                return Offered([], rejected=f"too many checkpoints of {ev.origin} waiting to be admitted "
+                                            "(asked for again later)")
             if len(variants) >= MAX_VARIANTS or self._pending_of.get(ev.origin, 0) >= MAX_PENDING_PER_ORIGIN:
                 self._note(f"pending-origin:{ev.origin}", now, f"ledger.pending.full origin={ev.origin} "
                            f"limit={MAX_PENDING_PER_ORIGIN} (the rest is asked for again later)")
@@ -443,6 +573,8 @@ class Ledger:
         self._order += 1
         at = float("inf") if now is None else now
         self.pending.setdefault(ev.origin, {}).setdefault(ev.seq, []).append(_Waiting(ev, at, self._order))
+        if ev.type == FEED_CHECKPOINT:
+            self._waiting_checkpoints.setdefault(ev.origin, set()).add(ev.seq)
         self._pending_count += 1
         self._pending_of[ev.origin] = self._pending_of.get(ev.origin, 0) + 1
         return Offered([], pending=True)
@@ -459,6 +591,7 @@ class Ledger:
             self._pending_of.pop(origin, None)
         if not waiting:
             self.pending.pop(origin, None)
+            self._waiting_checkpoints.pop(origin, None)
 
     def _take(self, origin: str, seq: int) -> None:
         self._forget(origin, seq, len(self.pending.get(origin, {}).get(seq, [])))
@@ -492,6 +625,8 @@ class Ledger:
             if why:
                 self._note(f"admission:{o}", now, f"ledger.admission.refused origin={o} reason={why}")
                 return Offered([], rejected=f"{o} not admitted: {why}")
+        if pinned is not None and ev.type == FEED_CHECKPOINT and checkpoint.start_key(ev) == pinned:
+            return self._jump(None, ev, now, verify, False)
         if self._before_pin(ev) or (pinned is not None and ev.seq > 1):
             return self._hold_pinned(ev, now, verify)
         if ev.seq == 1:
@@ -505,7 +640,7 @@ class Ledger:
         held = self._hold(ev, now, verify)
         if held.rejected or held.duplicate:
             return held
-        if ev.seq == 1 or ev.type == LINK_CONFIGURED:
+        if ev.seq == 1 or ev.type in (LINK_CONFIGURED, FEED_CHECKPOINT):
             accepted = self._admit(o, now, verify)
             if accepted:
                 return Offered(accepted + self._admit_from(accepted, now, verify))
@@ -526,13 +661,27 @@ class Ledger:
             return f"too-many-unknown-nodes-waiting limit={MAX_CANDIDATES}"
         return None
 
+    def _starts(self, origin: str) -> list[_Waiting]:
+        """``origin``'s waiting events that can start a feed (a seq-1 ``node.configured``
+        or a checkpoint), in arrival order. Looks only at seq 1 and the seqs where a
+        checkpoint was put to wait (a set that may hold stale seqs: pruned here)."""
+        waiting = self.pending.get(origin, {})
+        seqs = self._waiting_checkpoints.get(origin, set())
+        seqs.intersection_update(waiting)
+        out = [w for w in waiting.get(1, []) if w.ev.type == NODE_CONFIGURED]
+        out += [w for seq in seqs if seq != 1 for w in waiting[seq] if w.ev.type == FEED_CHECKPOINT]
+        return sorted(out, key=lambda w: w.order)
+
     def _chain(self, first: Event, verify: Verify) -> list[Event]:
-        """The verified chain waiting behind the seq-1 event ``first``."""
-        chain, key = [first], first.data["key"]
+        """The verified chain waiting behind ``first`` (a seq-1 event or a checkpoint); a
+        checkpoint in it that misstates the chain before it ends the chain there (it is
+        judged when offered next)."""
+        chain, key = [first], checkpoint.start_key(first)
         waiting = self.pending.get(first.origin, {})
         while True:
             nxt = next((w.ev for w in waiting.get(chain[-1].seq + 1, [])
-                        if w.ev.prev == chain[-1].id and verify(w.ev, key)), None)
+                        if w.ev.prev == chain[-1].id and verify(w.ev, key)
+                        and (w.ev.type != FEED_CHECKPOINT or checkpoint.check(w.ev, chain) is None)), None)
             if nxt is None:
                 return chain
             chain.append(nxt)
@@ -543,6 +692,8 @@ class Ledger:
         """How many admitted nodes link to ``origin`` and are linked back by ``chain``."""
         said: dict[str, bool] = {}
         for e in chain:
+            if e.type == FEED_CHECKPOINT:
+                said = checkpoint.links_of(e.data["state"])
             if e.type in (LINK_CONFIGURED, LINK_REMOVED):
                 said[e.data["peer"]] = e.type == LINK_CONFIGURED
         return sum(1 for n, on in said.items()
@@ -552,7 +703,7 @@ class Ledger:
         """Admit ``o``'s best vouched waiting feed, if one is vouched for; its events."""
         if o in self.feeds or self._refuse_new(o):
             return []
-        firsts = sorted(self.pending.get(o, {}).get(1, []), key=lambda w: w.order)
+        firsts = [w for w in self._starts(o) if verify(w.ev, checkpoint.start_key(w.ev))]
         best: tuple[int, list[Event]] | None = None
         for w in firsts:
             chain = self._chain(w.ev, verify)
@@ -563,8 +714,8 @@ class Ledger:
             return []
         chain = best[1]
         for w in firsts:
-            if w.ev is not chain[0]:
-                self._note(f"rival:{o}:{w.ev.data['key']}", now, f"ledger.rival origin={o} "
+            if checkpoint.start_key(w.ev) != checkpoint.start_key(chain[0]):
+                self._note(f"rival:{o}:{checkpoint.start_key(w.ev)}", now, f"ledger.rival origin={o} "
                            "(a feed vouched for by fewer nodes, or later; not kept)")
         out: list[Event] = []
         for ev in chain:
@@ -580,14 +731,14 @@ class Ledger:
     def _admit_from(self, accepted: list[Event], now: float, verify: Verify) -> list[Event]:
         """Waiting feeds that the links among ``accepted`` introduce, transitively."""
         out: list[Event] = []
-        todo = [e.data["peer"] for e in accepted if e.type == LINK_CONFIGURED]
+        todo = _introduced(accepted)
         while todo:
             o = todo.pop()
             if o in self.feeds or o not in self.pending:
                 continue
             joined = self._admit(o, now, verify)
             out += joined
-            todo += [e.data["peer"] for e in joined if e.type == LINK_CONFIGURED]
+            todo += _introduced(joined)
         return out
 
     def _note(self, subject: str, now: float | None, line: str) -> None:
@@ -599,6 +750,18 @@ class Ledger:
             self._noted.clear()
         self._noted[subject] = at
         self.notes.append(line)
+
+
+def _introduced(events: list[Event]) -> list[str]:
+    """The peers ``events`` say their origin links to (``link.configured``, or a link a
+    checkpoint states as configured)."""
+    out = []
+    for e in events:
+        if e.type == LINK_CONFIGURED:
+            out.append(e.data["peer"])
+        elif e.type == FEED_CHECKPOINT:
+            out += [p for p, on in checkpoint.links_of(e.data["state"]).items() if on]
+    return out
 
 
 def _fair_shares(needs: list[int], limit: int) -> list[int]:

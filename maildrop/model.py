@@ -8,6 +8,9 @@ because every fact is merged commutatively:
   highest seq wins, and beside it the observer's highest-seq report that said the link flaps;
   whether the link still counts as flapping is read off those two reports' timestamps
   (``LinkHealth.flapping``), never off a clock, so every node decides it alike;
+- a ``feed.checkpoint`` states its origin's node facts, link words, observations and health
+  reports as of the prefix it covers, each with its seq: they merge by seq like the events
+  they stand for, so a checkpoint and what follows it fold to what the whole feed folds to;
 - a transfer is ``(origin, id)``: a *claim* made by the origin's signed ``queued`` fact
   (its lowest seq for that id, should it queue one id twice). Facts about an id name no
   origin, so they are kept per id and each claim reads only the facts its own parties may
@@ -178,6 +181,8 @@ class Network:
             if d["flaps"] > 0:
                 self._latest(self._flapped, key, (ev.seq, ev.ts, d))
             self._health[key] = health_of(self._health_rep[key], self._flapped.get(key))
+        elif t == E.FEED_CHECKPOINT:
+            self._apply_checkpoint(ev.origin, d["state"])
         elif t == E.TRANSFER_QUEUED:
             facts = self._facts_of(d["transfer"])
             mine = self.claims.setdefault(d["transfer"], {})
@@ -207,6 +212,25 @@ class Network:
             key, mine = (d["origin"], ev.origin), (d["by"], d["reason"], d["detail"])
             if key not in refusals or mine < refusals[key]:
                 refusals[key] = mine
+
+    def _apply_checkpoint(self, origin: str, state: Mapping[str, Any]) -> None:
+        """Merge what a checkpoint of ``origin``'s feed states, fact by fact, by seq."""
+        n = state["node"]
+        cur = self.nodes.get(origin)
+        if cur is None or n["seq"] > cur.seq:
+            self.nodes[origin] = NodeInfo(origin, n["display_name"], n["address"], n["key"], n["seq"])
+        for e in state["links"]:
+            self._latest(self._link_cfg, (origin, e["peer"]), (e["seq"], e["on"]))
+        for e in state["seen"]:
+            self._latest(self._link_obs, (origin, e["peer"]), (e["seq"], e["up"], e["ts"]))
+        touched = set()
+        for name, table in (("health", self._health_rep), ("flapped", self._flapped)):
+            for e in state[name]:
+                report = {k: e[k] for k in ("peer", "rtt_ms", "loss", "flaps", "window")}
+                self._latest(table, (origin, e["peer"]), (e["seq"], e["ts"], report))
+                touched.add((origin, e["peer"]))
+        for key in touched & set(self._health_rep):
+            self._health[key] = health_of(self._health_rep[key], self._flapped.get(key))
 
     @staticmethod
     def _latest(table: dict, key: tuple[str, str], value: tuple) -> None:

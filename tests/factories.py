@@ -8,6 +8,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from maildrop import events as E
+from maildrop.checkpoint import make_checkpoint_data
 from maildrop.events import Event, make_event
 from maildrop.keys import NodeKey
 
@@ -42,6 +43,13 @@ class FeedWriter:
 
     def link(self, peer: str) -> Event:
         return self.add(E.LINK_CONFIGURED, {"peer": peer})
+
+    def checkpoint(self, **lies: Any) -> Event:
+        """A checkpoint of the feed so far; ``lies`` replace parts of its state (a feed
+        that lies about its own prefix)."""
+        data = make_checkpoint_data(self.events)
+        data["state"].update(lies)
+        return self.add(E.FEED_CHECKPOINT, data)
 
 
 def network_of(edges: list[tuple[str, str]], nodes: list[str] | None = None) -> dict[str, FeedWriter]:

@@ -172,5 +172,7 @@ def test_same_origin_two_processes_never_fork(tmp_path):
         assert p.wait(60) == 0
     log = EventLog(path, writable=False)
     assert log.rejected == []
-    assert log.ledger.version_vector() == {"NodeA": 401}
+    # 401 events, and a checkpoint if the interleaving left few enough peers for one to fit
+    checkpoints = path.read_bytes().count(b'"type":"feed.checkpoint"')
+    assert log.ledger.version_vector() == {"NodeA": 401 + checkpoints}
     assert not log.ledger.conflicts
