@@ -75,6 +75,9 @@ def test_a_release_2026_12_01_network_upgrades_in_place(tmp_path):
         assert {k: v for k, v in new_inbox.items() if k in old_inbox} == old_inbox
         assert sorted(p.name for p in new_inbox) == sorted([*manifest["delivered"], late["name"]])
         assert len(new_inbox[Path("NodeA") / late["name"]]) == late["size"]
+        explained = json.loads(a.cli("explain", late["transfer"], "--json", check=True).stdout)
+        assert [(h["node"], h["outcome"]) for h in explained["hops"]] == [
+            ("NodeA", "handed"), ("NodeB", "handed"), ("NodeC", "delivered")]
 
         # The exactly-once memory survived: a copy of a file delivered before the upgrade,
         # offered again by its relay over real SSH, is not taken, and nothing new lands.
