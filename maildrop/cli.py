@@ -170,10 +170,10 @@ def _timeout(text: str) -> float:
 
 def _glue_relative(argv: list[str]) -> list[str]:
     """``--at -2h`` as ``--at=-2h``: argparse would read a value that starts with '-' as
-    an option."""
+    an option (only '-' and a digit is glued: ``--at --json`` stays a missing TIME)."""
     out: list[str] = []
-    for i, a in enumerate(argv):
-        if i and argv[i - 1] == "--at" and a.startswith("-") and out and out[-1] == "--at":
+    for a in argv:
+        if out and out[-1] == "--at" and len(a) > 1 and a[0] == "-" and a[1].isdigit():
             out[-1] = f"--at={a}"
         else:
             out.append(a)
@@ -990,7 +990,7 @@ def _transfer_id(config, text: str) -> str:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .control import request
+    from .control import Answer, request
     from .explain import explain
     from .model import fold
 
@@ -1002,11 +1002,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
     names = _names(config)
     claims = fold(facts).claims.get(tid, {})
     name = _name_of(claims[min(claims)], config.node_id, names) if claims else None
-    ans = request(config, "queue")
+    try:  # this node's own custody row: the facts explain the rest without it
+        ans = request(config, "queue")
+    except MaildropError as exc:
+        ans = Answer(EXIT_FAIL, str(exc))
     here = next((r for r in ans.rows if r["id"] == tid), None) if not ans.status else None
     doc = explain(tid, facts, config.node_id, name, here)
     assert doc is not None  # facts about tid are held
     doc["agent_running"] = bool(ans.agent)
+    doc["here_unknown"] = ans.message if ans.status else None
     if args.json:
         _print_json(doc)
         return EXIT_OK
@@ -1022,7 +1026,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(_table([[t["at"], t["by"], t["type"].removeprefix("transfer."), t["text"]] for t in doc["timeline"]],
                  ["TIME", "BY", "FACT", "WHAT"]))
     h = doc["here"]
-    if h is not None:
+    if doc["here_unknown"]:
+        print(f"here       unknown ({doc['here_unknown']})")
+    elif h is not None:
         state = h["state"] + (f" → {h['hop']}" if h["hop"] else "")
         print(f"here       {state}" + (f", last error: {h['last_error']}" if h["last_error"] else "")
               + ("" if ans.agent else " (the agent is not running: read from the log and spool)"))

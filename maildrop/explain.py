@@ -20,6 +20,9 @@ document with stable keys (``--json`` prints it as it is):
   the origin (others are listed, marked "not counted");
 - ``here``: this node's own custody row (``control`` queue row) when one is given.
 
+``hops`` are ordered by ``took``; a node no fact shows taking it (held here only as the one
+another custodian took it from) comes just before that hand-off.
+
 When several origins claimed the id, the least origin's claim is explained and the others
 are named in ``rival_claims``. Pure: no I/O, no clock; does not change its inputs.
 """
@@ -83,12 +86,15 @@ def explain(tid: str, facts: Iterable[Event], me: str, name: str | None = None,
         # Who handed it to the destination is in no fact: the one custodian still holding
         # it is named; the origin is not (a node that holds only the queued fact and the
         # receipt cannot tell a direct delivery from one over custodians it never heard of).
-        holders = [h for h in hops.values() if h["outcome"] == HOLDING and h["node"] != dest]
-        last = holders[0]["node"] if len(holders) == 1 and holders[0]["role"] == CUSTODIAN else None
-        hop = hops.setdefault(dest, _hop(dest, DESTINATION, last, receipt.ts))
+        holding = [h for h in hops.values() if h["outcome"] == HOLDING and h["role"] == CUSTODIAN]
+        last = holding[0] if len(holding) == 1 else None
+        hop = hops.setdefault(dest, _hop(dest, DESTINATION, last and last["node"], receipt.ts))
         hop.update(outcome=DELIVERED, left=receipt.ts)
-        for h in holders:
-            h.update(outcome=HANDED, to=dest if last else None, left=receipt.ts)
+        if last is not None:
+            last.update(outcome=HANDED, to=dest, left=receipt.ts)
+    start = hops.get(origin) if origin else None
+    if start is not None and start["outcome"] == HOLDING and len(hops) > 1 and failure is None:
+        start["outcome"] = HANDED  # someone else holds it: to whom, and when, no fact here says
     if failure is not None:
         for h in hops.values():
             if h["outcome"] == HOLDING:
@@ -101,10 +107,16 @@ def explain(tid: str, facts: Iterable[Event], me: str, name: str | None = None,
         "size": d.get("size"), "sha256": d.get("sha256"), "queued": queued.ts if queued else None,
         "state": state, "delivered": receipt.ts if receipt else None,
         "failed": failure.data["reason"] if failure else None,
-        "hops": sorted(hops.values(), key=lambda h: (h["took"] is None, h["took"] or "", h["node"])),
+        "hops": sorted(hops.values(), key=_hop_order),
         "timeline": timeline, "rival_claims": [o for o, _ in claims[1:]],
         "here": dict(here) if here is not None else None,
     }
+
+
+def _hop_order(h: dict[str, Any]) -> tuple[str, bool, str]:
+    """By the time the node took it; a node whose taking no fact here records (a custodian
+    named only as the one another took it from) just before the hand-off it made."""
+    return (h["took"] or h["left"] or "~", h["took"] is not None, h["node"])
 
 
 def _hop(node: str, role: str, from_: str | None, took: str | None) -> dict[str, Any]:

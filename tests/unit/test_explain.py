@@ -150,3 +150,12 @@ def test_held_since_is_the_oldest_record_or_the_retention_or_a_compacted_feed():
     check_held(held_since(history, T0 + 100, 1e9), T0)
     with pytest.raises(Unheld, match="before the history held here"):
         check_held(held_since(history, T0 + 100, 1e9), T0 - 1)
+
+
+def test_a_relay_that_holds_only_its_own_facts_orders_the_hop_before_it():
+    _, facts = three_hops()
+    doc = explain(TID, [facts[0], facts[2], facts[3]], "NodeC")  # the claim, C's custody, the receipt
+    assert [(h["node"], h["outcome"], h["to"]) for h in doc["hops"]] == [
+        ("NodeA", "handed", None), ("NodeB", "handed", "NodeC"), ("NodeC", "handed", "NodeD"),
+        ("NodeD", "delivered", None)]
+    assert doc["state"] == "delivered" and doc["hops"][0]["left"] is None
