@@ -60,6 +60,9 @@ def test_a_release_2026_12_01_network_upgrades_in_place(tmp_path):
         for n in (a, b, c):
             cp = n.cli("status")
             assert cp.returncode == 0 and "Traceback" not in cp.stderr, cp.stderr
+        held = json.loads(b.cli("explain", late["transfer"], "--json", check=True).stdout)
+        assert held["state"] == "in custody" and held["hops"][-1]["node"] == "NodeB"
+        assert held["here"] is not None and held["agent_running"] is False
         net.start(["NodeA", "NodeB"])
         wait_until(lambda: b.status()["conflicts"].get("NodeX"), 20, "NodeX still a conflict at NodeB")
         assert b.status()["conflicts"]["NodeX"] == manifest["conflict"]["reason"]
