@@ -24,6 +24,12 @@ def adopt(base: Path) -> tuple[Net, dict]:
     """The fixture's nodes under ``base``, on fresh free ports, as a ``Net`` (not started)."""
     manifest = json.loads((FIXTURE / "fixture.json").read_text())
     shutil.copytree(FIXTURE, base)
+    for name in manifest["nodes"]:  # git keeps neither modes nor empty folders: as a node had them
+        (base / name / "node_ed25519").chmod(0o600)
+        for folder in (base / name / "state").rglob("*"):
+            if folder.is_dir():
+                folder.chmod(0o700)
+        (base / name / "state").chmod(0o700)
     ports = {old: free_port() for old in manifest["ports"].values()}
     net = Net.__new__(Net)
     net.base, net.settings, net.edges = base, {}, [tuple(e) for e in manifest["edges"]]
