@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--limit", type=int, metavar="N", help="only the newest N events")
     sp = cmd("status", "this node, peers, known nodes, links, routes, transfers")
     sp.add_argument("--json", action="store_true", help="one JSON document")
+    sp.add_argument("--at", metavar="TIME",
+                    help="the model as it was at TIME: ISO 8601 (2026-12-01T18:00:00Z; without an "
+                         "offset: UTC) or relative (-2h, -30m, -1d)")
+    sp.epilog = ("Exit status: 0 shown; 1 (--at) TIME is before the history this node holds; "
+                 "2 usage error (a TIME that is not a time, or in the future).")
+    sp = cmd("explain", "every hop of TRANSFER with its times, outcome and reason, from the facts held here")
+    sp.epilog = ("TRANSFER is an id or its unique start, as 'maildrop queue' shows it. Exit status: "
+                 "0 explained; 1 no fact about TRANSFER is held here; 2 usage error (a malformed "
+                 "or ambiguous id).")
+    sp.add_argument("transfer", metavar="TRANSFER")
+    sp.add_argument("--json", action="store_true", help="one JSON document (stable keys)")
     sp = cmd("route", "the path from this node to NODE")
     sp.add_argument("node", metavar="NODE")
     sp.add_argument("--json", action="store_true")
@@ -157,10 +168,22 @@ def _timeout(text: str) -> float:
     return seconds
 
 
+def _glue_relative(argv: list[str]) -> list[str]:
+    """``--at -2h`` as ``--at=-2h``: argparse would read a value that starts with '-' as
+    an option (only '-' and a digit is glued: ``--at --json`` stays a missing TIME)."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1] == "--at" and len(a) > 1 and a[0] == "-" and a[1].isdigit():
+            out[-1] = f"--at={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     complete(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_relative(sys.argv[1:] if argv is None else list(argv)))
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
@@ -486,6 +509,8 @@ def _sync_lines(doc: dict[str, Any], now: float) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.at is not None:
+        return _status_at(args)
     config = _config(args)
     doc = status_document(config)
     if args.json:
@@ -915,10 +940,175 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir)
 
 
+# -- explain and time travel (docs/history.md) -----------------------------------------------
+
+HISTORY_KEEP = 14 * 86400.0
+"""Seconds of finished transfers' facts a node keeps (``history.keep``'s default): the
+floor of ``status --at``."""
+
+
+def _held_events(config) -> tuple[list, dict[str, str]]:
+    """Every record this node holds (network events and transfer facts) and its conflicts:
+    the one place ``status --at`` reads history from."""
+    from .eventlog import EventLog
+
+    elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False,
+                    me=config.node_id)
+    try:
+        return list(elog.ledger.all_events()), dict(elog.ledger.conflicts)
+    finally:
+        elog.close()
+
+
+def facts_for(config, tid: str) -> list:
+    """Every transfer fact this node holds about ``tid`` (any origin, oldest first)."""
+    from .events import TRANSFER_TYPES
+
+    events, _ = _held_events(config)
+    return sorted((e for e in events if e.type in TRANSFER_TYPES and e.data["transfer"] == tid),
+                  key=lambda e: (e.ts, e.origin, e.seq))
+
+
+def _transfer_id(config, text: str) -> str:
+    """The full id for TRANSFER (an id or its unique start among the ids held here)."""
+    import re
+
+    from .events import TRANSFER_TYPES
+
+    if not re.fullmatch(r"[0-9a-f]{1,32}", text):
+        raise UsageError(f"{text!r} is not a transfer id; expected up to 32 hex digits (0-9, a-f), "
+                         "as 'maildrop queue' shows them")
+    if len(text) == 32:
+        return text
+    events, _ = _held_events(config)
+    found = sorted({e.data["transfer"] for e in events
+                    if e.type in TRANSFER_TYPES and e.data["transfer"].startswith(text)})
+    if len(found) > 1:
+        raise UsageError(f"{text!r} is the start of {len(found)} transfer ids ({', '.join(f[:16] for f in found[:3])}"
+                         f"{', …' if len(found) > 3 else ''}); give more digits")
+    if not found:
+        raise MaildropError(f"no transfer {text} is known here (no fact about it is held on this node)")
+    return found[0]
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .control import Answer, request
+    from .explain import explain
+    from .model import fold
+
+    config = _config(args)
+    tid = _transfer_id(config, args.transfer)
+    facts = facts_for(config, tid)
+    if not facts:
+        raise MaildropError(f"no transfer {tid} is known here (no fact about it is held on this node)")
+    names = _names(config)
+    claims = fold(facts).claims.get(tid, {})
+    name = _name_of(claims[min(claims)], config.node_id, names) if claims else None
+    try:  # this node's own custody row: the facts explain the rest without it
+        ans = request(config, "queue")
+    except MaildropError as exc:
+        ans = Answer(EXIT_FAIL, str(exc))
+    here = next((r for r in ans.rows if r["id"] == tid), None) if not ans.status else None
+    doc = explain(tid, facts, config.node_id, name, here)
+    assert doc is not None  # facts about tid are held
+    doc["agent_running"] = bool(ans.agent)
+    doc["here_unknown"] = ans.message if ans.status else None
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    print(f"transfer   {doc['transfer']}  {doc['origin'] or '?'} → {doc['destination'] or '?'}  "
+          f"{doc['name'] or '(name not readable here)'}  {_size(doc['size'])}")
+    print(f"state      {doc['state']}" + (f" ({doc['failed']})" if doc["failed"] else "")
+          + f"   as node {doc['node']} holds it")
+    print("hops")
+    print(_table([[h["node"], h["role"], h["from"] or "-", h["took"] or "?", h["outcome"]
+                   + (f" → {h['to']}" if h["to"] else ""), h["left"] or "-", h["reason"]]
+                  for h in doc["hops"]], ["NODE", "ROLE", "FROM", "TOOK", "OUTCOME", "AT", "REASON"]))
+    print("facts")
+    print(_table([[t["at"], t["by"], t["type"].removeprefix("transfer."), t["text"]] for t in doc["timeline"]],
+                 ["TIME", "BY", "FACT", "WHAT"]))
+    h = doc["here"]
+    if doc["here_unknown"]:
+        print(f"here       unknown ({doc['here_unknown']})")
+    elif h is not None:
+        state = h["state"] + (f" → {h['hop']}" if h["hop"] else "")
+        print(f"here       {state}" + (f", last error: {h['last_error']}" if h["last_error"] else "")
+              + ("" if ans.agent else " (the agent is not running: read from the log and spool)"))
+    return EXIT_OK
+
+
+def status_at_document(config, at: float, now: float) -> dict[str, Any]:
+    """``status --at``: the model folded from the records dated at or before ``at``.
+    Raises MaildropError (exit 1) when ``at`` is before the history held here."""
+    from .routing import route
+    from .timetravel import Unheld, check_held, held_since, model_at
+
+    events, conflicts = _held_events(config)
+    try:
+        check_held(held_since(events, now, HISTORY_KEEP), at)
+    except Unheld as exc:
+        raise MaildropError(str(exc)) from None
+    net = model_at(events, at)
+    names = _names(config)
+    transfers = []
+    for t in sorted(net.all_transfers(), key=lambda t: t.queued_ts or ""):
+        d = t.as_dict()
+        d.update(_file_of(t, config.node_id, names))
+        transfers.append(d)
+    doc = net.as_dict()
+    doc.update({
+        "node": config.node_id, "at": _iso(at), "events": net.event_count,
+        "routes": {n: route(net, config.node_id, n, excluded=conflicts)
+                   for n in sorted(net.nodes) if n != config.node_id},
+        "transfers": transfers,
+    })
+    return doc
+
+
+def _iso(ts: float) -> str:
+    from .events import format_ts
+
+    return format_ts(ts)
+
+
+def _status_at(args: argparse.Namespace) -> int:
+    from .timetravel import parse_at
+
+    now = time.time()
+    try:
+        at = parse_at(args.at, now)
+    except ValueError as exc:
+        raise UsageError(f"--at: {exc}; expected e.g. 2026-12-01T18:00:00Z or -2h") from None
+    config = _config(args)
+    doc = status_at_document(config, at, now)
+    if args.json:
+        _print_json(doc)
+        return EXIT_OK
+    print(f"node       {doc['node']} as its records say at {doc['at']} ({doc['events']} records up to then)")
+    print("known nodes and routes")
+    rows = []
+    for n in doc["nodes"]:
+        r = doc["routes"].get(n["id"])
+        rows.append([n["id"], n["address"], "(this node)" if n["id"] == doc["node"]
+                     else (" → ".join(r) if r else "no route")])
+    print(_table(rows, ["NODE", "ADDRESS", "ROUTE"]))
+    print("links")
+    print(_table([[lk["from"], lk["to"], lk["state"]] for lk in doc["links"]], ["FROM", "TO", "STATE"]))
+    print("transfers")
+    shown = doc["transfers"][-STATUS_TRANSFERS:]
+    if len(doc["transfers"]) > len(shown):
+        print(f"  … {len(doc['transfers']) - len(shown)} more, older ('--json' lists every one)")
+    print(_table([[t["id"][:12], t["origin"] or "?", t["destination"] or "?", t["name"] or "-",
+                   _size(t["size"]), t["state"], t["delivered"] or ""] for t in shown],
+                 ["ID", "FROM", "TO", "NAME", "SIZE", "STATE", "DELIVERED"]))
+    return EXIT_OK
+
+
 COMMANDS = {
     "init": cmd_init, "pubkey": cmd_pubkey, "events": cmd_events, "status": cmd_status,
     "route": cmd_route, "run": cmd_run, "send": cmd_send, "check": cmd_check, "demo": cmd_demo,
     "serve": cmd_serve,
     "conflicts": cmd_conflicts, "rotate-key": cmd_rotate_key,
     "queue": cmd_queue, "flush": cmd_flush, "cancel": cmd_cancel, "hold": cmd_hold, "release": cmd_release,
+    "explain": cmd_explain,
 }

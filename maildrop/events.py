@@ -2,7 +2,7 @@
 
 One event is one JSON object on one line::
 
-    {"v":1,"origin":"NodeA","seq":12,"prev":"<id of seq 11>","ts":"2026-11-27T15:30:00.123Z",
+    {"v":2,"origin":"NodeA","seq":12,"prev":"<id of seq 11>","ts":"2026-11-27T15:30:00.123Z",
      "type":"transfer.queued","data":{...},"id":"<sha256 hex>","sig":"<base64 ed25519>"}
 
 - ``id`` is the sha256 of the canonical form (sorted keys, no spaces, UTF-8) of the event
@@ -21,7 +21,9 @@ One event is one JSON object on one line::
   ``data.upto`` (always its own seq minus one, so its ``prev`` is the id of event ``upto``:
   the hash of the chain up to there); its ``data.state`` is checked here for shape only
   (``checkpoint`` folds and compares). It may be up to ``MAX_CHECKPOINT_BYTES``.
-- Old record versions are upgraded when read (``_UPGRADES``), never rewritten.
+- Old record versions are upgraded when read (``_UPGRADES``), never rewritten: an ``Event``
+  keeps the version it was written with (``Event.v``), so ``to_line`` gives back the record
+  exactly as signed (version 1: every record before issue 11; version 2: the current one).
 
 Pure: no clock (``now`` is passed in), no files, no sockets.
 """
@@ -45,7 +47,8 @@ from . import ids
 from .errors import InvalidEvent
 from .keys import NodeKey, normalize_public_line, verify
 
-VERSION = 1
+VERSION = 2
+"""The record version this code writes. Versions 1..VERSION are read (``_UPGRADES``)."""
 MAX_EVENT_BYTES = 16 * 1024
 MAX_CHECKPOINT_BYTES = 64 * 1024
 """The largest ``feed.checkpoint`` in canonical form. A checkpoint carries, per peer of its
@@ -85,6 +88,9 @@ TRANSFER_REFUSED = "transfer.refused"
 LINK_HEALTH = "link.health"
 FEED_CHECKPOINT = "feed.checkpoint"
 _CHECKPOINT_MARK = b'"type":"feed.checkpoint"'
+TRANSFER_TYPES = frozenset({TRANSFER_QUEUED, TRANSFER_RELAYED, TRANSFER_DELIVERED, TRANSFER_FAILED,
+                            TRANSFER_REFUSED})
+"""The types of transfer facts (the others are network events)."""
 
 # ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
 # within a bucket writes no event (docs/routing.md).
@@ -338,6 +344,12 @@ class Event:
         """One canonical JSON line, newline-terminated: the on-disk and on-wire form."""
         return canonical(self.to_dict()) + b"\n"
 
+    @property
+    def is_legacy_fact(self) -> bool:
+        """A transfer fact written as record version 1: it sits in its origin's v1 chain
+        (``seq`` >= 1) and is a fact about its transfer too (see ``_upgrade_1_to_2``)."""
+        return self.v == 1 and self.type in TRANSFER_TYPES
+
     def verify_signature(self, public_line: str) -> bool:
         """True when ``sig`` is ``public_line``'s signature of ``id``. An event often comes
         twice (with an offer and by gossip): the answer is remembered (``_checked``)."""
@@ -411,8 +423,24 @@ def brief(value: Any, limit: int = 80) -> str:
     return f"a {type(value).__name__}"
 
 
-# Upgraders from record version N to N+1; none yet (version 1 is the first).
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _upgrade_1_to_2(obj: dict[str, Any]) -> dict[str, Any]:
+    """Read a version 1 record as version 2 (docs/history.md, "Upgrading: record versions").
+
+    Version 2 changed where a transfer fact lives, not what any record says: every field of
+    a version 1 record keeps its meaning and its value, so the reading is the record with
+    ``"v": 2``. A v1 record of a transfer type keeps the ``seq`` and ``prev`` it was signed
+    with: it is a link of its origin's v1 chain (the chain's hashes need it) and, read as
+    v2, a *legacy fact* (``Event.is_legacy_fact``), not a standalone one (seq 0). The id is
+    still checked over the original body, and the ``Event`` keeps ``v`` 1, so ``to_line``
+    gives back the very record that was signed. Returns a new dict; ``obj`` is not changed.
+    """
+    return {**obj, "v": 2}
+
+
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1_to_2}
+"""Version-to-version readers: ``_UPGRADES[n]`` reads a record of version n as version
+n + 1 (a new dict). ``parse_event`` chains them up to ``VERSION`` for the checks and the
+code; the stored record is never rewritten."""
 
 
 def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
@@ -488,4 +516,5 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
         raise InvalidEvent("id does not match content (tampered or corrupted)")
     if obj["type"] == NODE_CONFIGURED and obj["data"]["id"] != origin:
         raise InvalidEvent("node.configured names another node than its origin")
-    return Event(origin, seq, prev, ts, obj["type"], dict(obj["data"]), obj["id"], obj["sig"], VERSION)
+    # The record keeps its own version: its id and signature are over the body as written.
+    return Event(origin, seq, prev, ts, obj["type"], dict(obj["data"]), obj["id"], obj["sig"], v)
