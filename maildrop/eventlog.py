@@ -19,7 +19,7 @@ Events from peers are signature-checked *before* the lock is taken (``ingest``),
 of forgeries costs CPU on the receiving thread, never the lock others wait for.
 
 Checkpoints and compaction: ``append_own`` appends this node's own ``feed.checkpoint``
-once its feed has grown by ``CHECKPOINT_EVERY`` events since the last one
+once its feed has grown by ``CHECKPOINT_EVERY`` network events since the last one
 (``checkpoint_if_old``: at start, when its live feed holds records older than
 ``events.VERSION``). Every event that leaves the ledger's memory (those before a feed's
 second latest checkpoint, see ``ledger``) goes to ``on_dropped`` (a hook: a no-op here)
@@ -60,7 +60,7 @@ from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
 from .events import FEED_CHECKPOINT, NODE_CONFIGURED, VERSION, Event, make_event, parse_event
 from .keys import NodeKey
-from .ledger import Ledger, Verify
+from .ledger import NETWORK_TYPES, Feed, Ledger, Verify
 from .model import Network
 
 log = logging.getLogger("maildrop.eventlog")
@@ -71,7 +71,9 @@ EXPIRE_EVERY = 10.0
 """Seconds between two sweeps of the ledger's pending events."""
 CONFLICTS_FILE = "conflicts.jsonl"
 CHECKPOINT_EVERY = 256
-"""Own events after which this node appends a checkpoint of its feed. A live feed then
+"""Own *network* events after which this node appends a checkpoint of its feed (the transfer
+records a version-1 feed also holds do not count: a checkpoint covers them too, but they
+leave only through ``on_dropped``, which keeps the ones this node is a party to). A live feed then
 holds at most about twice this many events (~200 KiB), so every holder's copy stays small,
 while a checkpoint (a node with a handful of peers: 1 to 3 KiB, a few events' worth)
 costs each holder about one percent more bytes than the events it stands for."""
@@ -107,7 +109,7 @@ class EventLog:
         self._expired_at = 0.0
         self._offset = 0
         self._covered = 0  # lines on disk that a checkpoint covers (compaction drops them)
-        self._checkpoint_skipped_at = 0  # own head when a checkpoint did not fit (too many peers)
+        self._grown: dict[str, int] = {}  # origin -> own network events since its last checkpoint
         self.on_dropped: Callable[[list[Event]], None] = lambda events: None
         """Called with the events a checkpoint covered, before they leave the disk (the
         transfer facts among them are kept elsewhere by whoever sets it)."""
@@ -331,6 +333,7 @@ class EventLog:
         self.network = Network()
         self._offset = 0
         self._covered = 0
+        self._grown = {}
         self._read_new(initial=True)
 
     # -- the API ----------------------------------------------------------------------------
@@ -361,8 +364,10 @@ class EventLog:
         self, key: NodeKey, origin: str, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
     ) -> list[Event]:
         """Sign and append this node's next events (one write, one sync). Returns them.
-        Then, once the feed has grown by ``CHECKPOINT_EVERY`` since its last checkpoint,
-        append a checkpoint too (not among the returned events) and compact if due."""
+        Then, once the feed has grown by ``CHECKPOINT_EVERY`` network events since its last
+        checkpoint, append a checkpoint too (not among the returned events) and compact if
+        due. Counted here, from one scan of the feed on the first append: own events another
+        process appends (a CLI command) are not counted, which only delays a checkpoint."""
         items = list(items)
         if not items:
             return []
@@ -370,11 +375,10 @@ class EventLog:
             raise MaildropError("event log opened read-only")
         with self.lock, self._flock(exclusive=True):
             self._read_new()
+            if origin not in self._grown:
+                self._grown[origin] = _grown(self.ledger.feeds.get(origin))
             out = self._append(key, origin, items, now)
-            feed = self.ledger.feeds[origin]
-            last = next((e.seq for e in reversed(feed.events) if e.type == FEED_CHECKPOINT), 0)
-            last = max(last, self._checkpoint_skipped_at)
-            if feed.head_seq - last >= CHECKPOINT_EVERY:
+            if self._grown[origin] >= CHECKPOINT_EVERY:
                 self._checkpoint(key, origin, now)
             self._maybe_compact()
             return out
@@ -398,6 +402,8 @@ class EventLog:
                 raise MaildropError(f"own event refused by own log: {res.rejected}")
             for e in res.accepted:
                 self.network.apply(e)
+            if origin in self._grown and ev.type in NETWORK_TYPES:
+                self._grown[origin] = 0 if ev.type == FEED_CHECKPOINT else self._grown[origin] + 1
         self._take_dropped()
         return out
 
@@ -409,7 +415,7 @@ class EventLog:
         try:
             ev = self._append(key, origin, [(FEED_CHECKPOINT, checkpoint.make_checkpoint_data(feed.events))], now)[0]
         except InvalidEvent as exc:
-            self._checkpoint_skipped_at = feed.head_seq  # tried again CHECKPOINT_EVERY later
+            self._grown[origin] = 0  # tried again CHECKPOINT_EVERY network events later
             log.warning("checkpoint.skipped origin=%s seq=%d reason=%s", origin, feed.head_seq + 1, exc)
             return None
         log.info("checkpoint.written origin=%s seq=%d", origin, ev.seq)
@@ -497,6 +503,16 @@ class EventLog:
             if fd >= 0:
                 os.close(fd)
         self._fd = self._lock_fd = -1
+
+
+def _grown(feed: Feed | None) -> int:
+    """Network events of ``feed`` after its latest checkpoint (all of them without one)."""
+    n = 0
+    for e in reversed(feed.events if feed else []):
+        if e.type == FEED_CHECKPOINT:
+            break
+        n += e.type in NETWORK_TYPES
+    return n
 
 
 def _preverify(events: Sequence[Event], keys: Mapping[str, list[str]]) -> Verify:
