@@ -89,6 +89,12 @@ def rchar(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of all of a process's threads so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load() -> str:
     return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -123,6 +129,7 @@ class Bench:
         self.n = 0
         self.first_byte: float | None = None
         self.origin_read = 0
+        self.cpu: dict[str, float] = {}
 
     def drop(self, dest: str, name: str, size: int) -> tuple[Path, float]:
         """The safe producer habit: write ``.name.tmp`` in A's outbox folder for ``dest``, then
@@ -143,12 +150,15 @@ class Bench:
     def send(self, dest: str, size: int, timeout: float = 900, check: bool = False) -> float:
         """Seconds drop → inbox. With ``check``: the delivered file's sha256 must be the
         source's (else SystemExit), and ``first_byte`` (seconds until the first byte is in
-        the next hop's spool) and ``origin_read`` (bytes the origin read until then) are set."""
+        the next hop's spool), ``origin_read`` (bytes the origin read until then) and ``cpu``
+        (CPU seconds each agent used from the drop to the delivery) are set."""
         self.n += 1
         origin = self.net["NodeA"].proc.pid
+        pids = {n: node.proc.pid for n, node in self.net.nodes.items()}
         hop = self.net[CHAIN[1]].dir / "state" / "spool"
         r0 = rchar(origin)
         target, t0, digest = self._drop(dest, f"f{self.n}.bin", size)
+        c0 = {n: cpu_seconds(p) for n, p in pids.items()}
         self.first_byte, self.origin_read = None, 0
         if check:
             def started() -> bool:
@@ -157,6 +167,7 @@ class Bench:
             self.first_byte, self.origin_read = time.monotonic() - t0, rchar(origin) - r0
         wait_until(target.exists, timeout, f"{target.name} at {dest}", every=0.002)
         took = time.monotonic() - t0
+        self.cpu = {n: cpu_seconds(p) - c0[n] for n, p in pids.items()}
         if check and (got := sha256_of(target)) != digest:
             raise SystemExit(f"{target} has sha256 {got}, the source had {digest}")
         target.unlink()
@@ -247,6 +258,8 @@ def run_tmpfs(args: argparse.Namespace, size: int) -> float:
         row(f"tmpfs, {args.size} MiB, 1 hop, MB/s ({load()})", f"{rate / 1e6:.0f} ({t:.2f} s)",
             f"scp {size / r_scp / 1e6:.0f} (median of {', '.join(f'{x:.2f}' for x in scps)} s)",
             f"{r_scp / t:.2f}× scp", "≥ 1.0× scp")
+        row("CPU seconds of that 1 hop: origin / receiver", f"{bench.cpu['NodeA']:.2f} / {bench.cpu['NodeB']:.2f}",
+            "—", "—", "—")
         row("origin: reads of the file before the first byte left", f"{bench.origin_read / size:.2f}× its size "
             f"(first byte after {bench.first_byte:.2f} s)", "—", "—", "≤ 1")
         pids = [bench.net[n].proc.pid for n in ("NodeB", "NodeC", "NodeD")]
@@ -260,6 +273,8 @@ def run_tmpfs(args: argparse.Namespace, size: int) -> float:
             if i:
                 os.unlink(prev)
             prev = ssh.path(f"h{i}.bin")
+        row("CPU seconds of those 4 hops, A / B / C / D / E",
+            " / ".join(f"{bench.cpu[n]:.2f}" for n in CHAIN), "—", "—", "—")
         row(f"tmpfs, {args.size} MiB, 4 hops, MB/s ({load()})", f"{size / t4 / 1e6:.0f} ({t4:.2f} s)",
             f"4 scp in a row {size / r4 / 1e6:.0f} ({r4:.2f} s)", f"{r4 / t4:.2f}× 4 scp", "≥ 1.2× 4 scp")
         row("relay RSS while relaying, MiB (peak of B, C, D)", " / ".join(f"{sampler.peak[p]:.0f}" for p in pids),
@@ -288,6 +303,8 @@ def run_disk(args: argparse.Namespace, size: int, tmpfs_rate: float | None) -> N
         ref = f"dd fdatasync {size / before / 1e6:.0f} before, {size / after / 1e6:.0f} after"
         if tmpfs_rate:
             ref += f"; tmpfs 1 hop {tmpfs_rate / 1e6:.0f}"
+        row("CPU seconds of that hop: origin / receiver", f"{bench.cpu['NodeA']:.2f} / {bench.cpu['NodeB']:.2f}",
+            "—", "—", "—")
         row(f"disk, {args.size} MiB, 1 hop, durable, MB/s ({load()})", f"{rate / 1e6:.0f} ({t:.2f} s)", ref,
             f"{rate / limit:.2f}× the slower", "≥ 0.8× the slower")
     finally:
