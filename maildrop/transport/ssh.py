@@ -433,7 +433,7 @@ class _Channels(paramiko.transport.ChannelMap):
     """paramiko's map of a connection's channels, which gives every channel put in it a
     ``_ChunkPipe`` as its receive buffers. paramiko puts a channel here (both when we open
     it and when the peer does) before the Transport thread can route a byte to it, so the
-    swap never races a feed. A test checks the channels of a real connection."""
+    swap never races a feed. A test checks the map of a real transport (and paramiko's calls)."""
 
     def put(self, chanid: int, chan: paramiko.Channel) -> None:
         chan.in_buffer, chan.in_stderr_buffer = _ChunkPipe(), _ChunkPipe()
