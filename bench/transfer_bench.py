@@ -15,8 +15,8 @@ Two settings, each with its references from the same run:
   every 20 ms) and how many times the origin read the file before the first byte left
   (its ``rchar`` from ``/proc/<pid>/io``, from the drop until the first byte is in B's spool,
   divided by the file's size).
-- **disk** (``--disk /var/tmp``): the node folders on the real disk, durable at every
-  custody point. References: ``dd bs=1M conv=fdatasync`` of the same file right before and
+- **disk** (``--disk /var/tmp``): two agents, A and B, with their folders on the real
+  disk, durable at every custody point. References: ``dd bs=1M conv=fdatasync`` of the same file right before and
   right after (their median), and the tmpfs 1-hop rate.
 
 ``--profile DIR`` also records the 1-hop tmpfs transfer with py-spy (``--gil --threads``,
