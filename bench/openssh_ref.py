@@ -27,7 +27,8 @@ def _free_port() -> int:
 
 
 class OpenSSH:
-    def __init__(self) -> None:
+    def __init__(self, work_dir: str = "/var/tmp") -> None:
+        """``work_dir``: where the copies land (``/dev/shm`` for tmpfs, ``/var/tmp`` for the disk)."""
         if not Path("/usr/sbin/sshd").exists():
             raise SystemExit("openssh-server is not installed: apt-get install openssh-server rsync")
         try:
@@ -66,7 +67,7 @@ LogLevel ERROR
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     break
             time.sleep(0.05)
-        self.work = Path(tempfile.mkdtemp(prefix="maildrop-openssh-work-", dir="/var/tmp"))
+        self.work = Path(tempfile.mkdtemp(prefix="maildrop-openssh-work-", dir=work_dir))
         shutil.chown(self.work, USER, USER)
 
     def _opts(self) -> list[str]:

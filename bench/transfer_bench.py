@@ -1,26 +1,50 @@
-"""Transfer benchmark: maildrop beside OpenSSH doing the same work, in the same run.
+"""Bulk-data benchmark: maildrop beside OpenSSH doing the same work, in the same run.
 
-Five real agents in a chain NodeA–B–C–D–E on 127.0.0.1 (1 hop = A→B, 2 hops = A→C,
-4 hops = A→E). Every maildrop time is drop → inbox: from the rename into A's outbox until
-the file is in the destination's inbox (hashed and verified on every hop, fsynced, linked in).
-OpenSSH runs against a private sshd on 127.0.0.1 (bench/openssh_ref.py); "through N hops"
-means N scp runs one after another, as a person relaying by hand would.
+Five real agents in a chain NodeA–B–C–D–E on 127.0.0.1 (1 hop = A→B, 4 hops = A→E),
+end-to-end encryption on (the default). Every maildrop time is drop → inbox: from the rename
+into A's outbox until the file is in the destination's inbox (sealed at the origin, verified
+on every hop, fsynced at every custody point, decrypted, linked in). The delivered file's
+sha256 is checked against the source's; a mismatch ends the run.
 
-Usage: python bench/transfer_bench.py [--big-mib 1024] [--mid-mib 256] [--files 1000] [--latency-runs 20]
-Needs root, openssh-server, openssh-client and rsync.
+Two settings, each with its references from the same run:
+
+- **tmpfs** (``--tmpfs /dev/shm``): the node folders and OpenSSH's copies on tmpfs, where
+  fsync is free (scp never fsyncs). References: ``scp -c aes128-gcm@openssh.com`` (median of
+  ``--scp-runs``) and four scp in a row (hop by hop, as a person relaying by hand would).
+  Also measured: the relays' peak RSS while relaying (``/proc/<pid>/status`` VmRSS, sampled
+  every 20 ms) and how many times the origin read the file before the first byte left
+  (its ``rchar`` from ``/proc/<pid>/io``, from the drop until the first byte is in B's spool,
+  divided by the file's size).
+- **disk** (``--disk /var/tmp``): two agents, A and B, with their folders on the real
+  disk, durable at every custody point. References: ``dd bs=1M conv=fdatasync`` of the same file right before and
+  right after (their median), and the tmpfs 1-hop rate.
+
+``--profile DIR`` also records the 1-hop tmpfs transfer with py-spy (``--gil --threads``,
+speedscope) on the origin and the receiver and prints each thread's GIL seconds and its
+heaviest frames (``--profile-only`` skips everything else).
+
+Usage: PYTHONPATH=<checkout> python bench/transfer_bench.py [--size 1024] [--scp-runs 3]
+       [--only tmpfs|disk] [--profile DIR [--profile-only]]
+Needs root, openssh-server and openssh-client; ``--profile`` needs py-spy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,87 +58,119 @@ CHAIN = ["NodeA", "NodeB", "NodeC", "NodeD", "NodeE"]
 MiB = 1 << 20
 
 
-def make_file(path: Path, size: int) -> None:
+def make_file(path: Path, size: int) -> str:
+    """Write ``size`` random bytes to ``path``; returns their sha256."""
+    h = hashlib.sha256()
     block = os.urandom(4 * MiB)
     with open(path, "wb") as f:
         left = size
         while left:
             n = min(left, len(block))
             f.write(block[:n])
+            h.update(block[:n])
             left -= n
+    return h.hexdigest()
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 * MiB)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def rchar(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of all of a process's threads so far."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load() -> str:
+    return "load " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 class Sampler(threading.Thread):
-    """Samples the RSS of some pids every 50 ms (peak while a transfer runs)."""
+    """Samples the RSS of some pids every 20 ms; ``peak`` is the highest seen per pid."""
 
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
         self.pids = pids
-        self.peak = 0.0
+        self.peak = dict.fromkeys(pids, 0.0)
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(0.05):
+        while not self.stop.wait(0.02):
             for pid in self.pids:
-                try:
+                with contextlib.suppress(OSError):
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("VmRSS:"):
-                            self.peak = max(self.peak, int(line.split()[1]) / 1024)
-                except OSError:
-                    pass
+                            self.peak[pid] = max(self.peak[pid], int(line.split()[1]) / 1024)
 
 
 class Bench:
-    def __init__(self, base: Path) -> None:
+    """A chain of real agents under ``base``; ``send`` times one file drop → inbox."""
+
+    def __init__(self, base: Path, names: list[str] | None = None) -> None:
+        names = names or CHAIN
         settings = {"gossip": {"interval": "5s"}, "outbox": {"settle": "1s"},
-                    "transfers": {"max_file_size": "8GiB"}}
-        self.net = LocalNet(base, CHAIN, list(zip(CHAIN, CHAIN[1:], strict=False)), settings)
+                    "transfers": {"max_file_size": "64GiB"}}
+        self.net = LocalNet(base, names, list(zip(names, names[1:], strict=False)), settings)
         self.net.start(log_level="warning")
         self.n = 0
+        self.first_byte: float | None = None
+        self.origin_read = 0
+        self.cpu: dict[str, float] = {}
 
     def drop(self, dest: str, name: str, size: int) -> tuple[Path, float]:
         """The safe producer habit: write ``.name.tmp`` in A's outbox folder for ``dest``, then
         rename it to ``name``. Returns (the expected inbox path, the time of the rename)."""
+        target, t0, _ = self._drop(dest, name, size)
+        return target, t0
+
+    def _drop(self, dest: str, name: str, size: int) -> tuple[Path, float, str]:
         folder = self.net["NodeA"].outbox / dest
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{name}.tmp"
-        make_file(tmp, size)
+        digest = make_file(tmp, size)
+        os.sync()  # the producer's writeback is not the agents' bill
         t0 = time.monotonic()
         os.rename(tmp, folder / name)
-        return self.net[dest].inbox / "NodeA" / name, t0
+        return self.net[dest].inbox / "NodeA" / name, t0, digest
 
-    def send(self, dest: str, size: int, timeout: float = 600) -> float:
+    def send(self, dest: str, size: int, timeout: float = 900, check: bool = False) -> float:
+        """Seconds drop → inbox. With ``check``: the delivered file's sha256 must be the
+        source's (else SystemExit), and ``first_byte`` (seconds until the first byte is in
+        the next hop's spool), ``origin_read`` (bytes the origin read until then) and ``cpu``
+        (CPU seconds each agent used from the drop to the delivery) are set."""
         self.n += 1
-        target, t0 = self.drop(dest, f"f{self.n}.bin", size)
+        origin = self.net["NodeA"].proc.pid
+        pids = {n: node.proc.pid for n, node in self.net.nodes.items()}
+        hop = self.net[CHAIN[1]].dir / "state" / "spool"
+        r0 = rchar(origin)
+        target, t0, digest = self._drop(dest, f"f{self.n}.bin", size)
+        c0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        self.first_byte, self.origin_read = None, 0
+        if check:
+            def started() -> bool:
+                return any(e.name.endswith(".part") and e.stat().st_size > 0 for e in os.scandir(hop))
+            wait_until(started, timeout, f"the first byte at {CHAIN[1]}", every=0.002)
+            self.first_byte, self.origin_read = time.monotonic() - t0, rchar(origin) - r0
         wait_until(target.exists, timeout, f"{target.name} at {dest}", every=0.002)
         took = time.monotonic() - t0
+        self.cpu = {n: cpu_seconds(p) - c0[n] for n, p in pids.items()}
+        if check and (got := sha256_of(target)) != digest:
+            raise SystemExit(f"{target} has sha256 {got}, the source had {digest}")
         target.unlink()
-        return took
-
-    def send_many(self, dest: str, count: int, size: int) -> float:
-        self.n += 1
-        data = os.urandom(size)
-        names = [f"b{self.n}-{i:05d}.dat" for i in range(count)]
-        folder = self.net["NodeA"].outbox / dest
-        folder.mkdir(parents=True, exist_ok=True)
-        for nm in names:
-            (folder / f".{nm}.tmp").write_bytes(data)
-        inbox = self.net[dest].inbox / "NodeA"
-        t0 = time.monotonic()
-        for nm in names:
-            os.rename(folder / f".{nm}.tmp", folder / nm)
-        wait_until(lambda: inbox.exists() and sum(1 for p in inbox.iterdir() if p.name.startswith(f"b{self.n}-")) == count,
-                   600, f"{count} files at {dest}", every=0.01)
-        took = time.monotonic() - t0
-        for nm in names:
-            (inbox / nm).unlink()
         return took
 
     def latency(self, dest: str, runs: int) -> list[float]:
@@ -132,103 +188,148 @@ def row(metric: str, ours: str, ref: str, ratio: str, target: str) -> None:
     print(f"| {metric} | {ours} | {ref} | {ratio} | {target} |", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--big-mib", type=int, default=1024)
-    ap.add_argument("--mid-mib", type=int, default=256)
-    ap.add_argument("--files", type=int, default=1000)
-    ap.add_argument("--latency-runs", type=int, default=20)
-    args = ap.parse_args()
-    big, mid = args.big_mib * MiB, args.mid_mib * MiB
-    base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir="/var/tmp"))
-    ssh = OpenSSH()
+def dd_fdatasync(src: Path, dst: Path) -> float:
+    """Seconds for ``dd bs=1M conv=fdatasync`` of ``src`` to ``dst`` (removed after)."""
+    t0 = time.monotonic()
+    subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fdatasync", "status=none"], check=True)
+    took = time.monotonic() - t0
+    dst.unlink()
+    return took
+
+
+def profiled(pids: dict[str, int], out: Path, run: Callable[[], float]) -> float:
+    """Run ``run`` while py-spy records each pid; print each thread's GIL seconds."""
+    out.mkdir(parents=True, exist_ok=True)
+    spies = {name: subprocess.Popen(
+        ["py-spy", "record", "--gil", "--threads", "--nonblocking", "-r", "100", "--format", "speedscope",
+         "-o", str(out / f"{name}.speedscope.json"), "-p", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in pids.items()}
+    time.sleep(1.0)  # py-spy attaching
+    took = run()
+    for spy in spies.values():
+        spy.send_signal(2)
+    for spy in spies.values():
+        spy.wait(60)
+    for name in pids:
+        summarize(name, out / f"{name}.speedscope.json", 0.01)
+    return took
+
+
+def summarize(name: str, path: Path, interval: float) -> None:
+    """Per thread: seconds holding the GIL and the five frames most often on top."""
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+    for prof in doc["profiles"]:
+        samples = prof["samples"]
+        if len(samples) < 10:
+            continue
+        top: Counter[str] = Counter()
+        for stack in samples:
+            if stack:
+                f = frames[stack[-1]]
+                top[f"{f['name']} ({Path(f.get('file', '?')).name}:{f.get('line', '?')})"] += 1
+        print(f"- {name} {prof['name']}: {len(samples) * interval:.2f} s holding the GIL; top: "
+              + "; ".join(f"{k} {100 * v / len(samples):.0f}%" for k, v in top.most_common(5)), flush=True)
+
+
+def run_tmpfs(args: argparse.Namespace, size: int) -> float:
+    """The tmpfs rows; returns the 1-hop rate (bytes/s)."""
+    base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir=args.tmpfs))
+    ssh = OpenSSH(args.tmpfs)
     bench = Bench(base)
     try:
-        print(f"# transfer benchmark — {platform.node()}, {os.cpu_count()} cores, "
-              f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-        print("| metric | maildrop | OpenSSH, same run | ratio | target |")
-        print("| --- | --- | --- | --- | --- |")
-        ref_src = Path(ssh.path("src.bin"))
-        make_file(ref_src, big)
-
-        # 1. one hop, big file
-        t = bench.send("NodeB", big)
-        r_scp = ssh.scp(ref_src, ssh.path("one.bin"))
-        r_cat = ssh.ssh_cat(ref_src, ssh.path("cat.bin"))
-        row(f"{args.big_mib} MiB, 1 hop, MB/s", f"{big / t / 1e6:.0f}", f"scp {big / r_scp / 1e6:.0f}; ssh cat {big / r_cat / 1e6:.0f}",
-            f"{r_scp / t:.2f}× scp", "≥ 1.2× scp")
-        ssh.clean()
-        make_file(ref_src, big)
-
-        # 2. mid file over 2 hops
-        mid_src = Path(ssh.path("mid.bin"))
-        make_file(mid_src, mid)
-        t = bench.send("NodeC", mid)
-        r = ssh.scp(mid_src, ssh.path("m1.bin")) + ssh.scp(ssh.path("m1.bin"), ssh.path("m2.bin"))
-        row(f"{args.mid_mib} MiB, 2 hops, s", f"{t:.2f}", f"2× scp {r:.2f}", f"{r / t:.2f}× faster", "≤ 1.5 s")
-
-        # 3. big file over 4 hops, with the relays' memory
+        bench.send("NodeB", 4096)  # warm-up: the watch on the outbox folder, a pooled channel
+        bench.send("NodeE", 4096)
+        if args.profile:
+            pids = {n: bench.net[n].proc.pid for n in ("NodeA", "NodeB")}
+            t = profiled(pids, Path(args.profile), lambda: bench.send("NodeB", size, check=True))
+            print(f"(profiled 1 hop: {size / t / 1e6:.0f} MB/s, {load()})")
+            if args.profile_only:
+                return size / t
+        src = Path(ssh.path("src.bin"))
+        make_file(src, size)
+        scps = []
+        for i in range(args.scp_runs):
+            scps.append(ssh.scp(src, ssh.path(f"one{i}.bin")))
+            os.unlink(ssh.path(f"one{i}.bin"))
+        r_scp = statistics.median(scps)
+        t = bench.send("NodeB", size, check=True)
+        rate = size / t
+        row(f"tmpfs, {args.size} MiB, 1 hop, MB/s ({load()})", f"{rate / 1e6:.0f} ({t:.2f} s)",
+            f"scp {size / r_scp / 1e6:.0f} (median of {', '.join(f'{x:.2f}' for x in scps)} s)",
+            f"{r_scp / t:.2f}× scp", "≥ 1.0× scp")
+        row("CPU seconds of that 1 hop: origin / receiver", f"{bench.cpu['NodeA']:.2f} / {bench.cpu['NodeB']:.2f}",
+            "—", "—", "—")
+        row("origin: reads of the file before the first byte left", f"{bench.origin_read / size:.2f}× its size "
+            f"(first byte after {bench.first_byte:.2f} s)", "—", "—", "≤ 1")
         pids = [bench.net[n].proc.pid for n in ("NodeB", "NodeC", "NodeD")]
         sampler = Sampler(pids)
         sampler.start()
-        t = bench.send("NodeE", big)
+        t4 = bench.send("NodeE", size, check=True)
         sampler.stop.set()
-        r = 0.0
-        prev = str(ref_src)
+        r4, prev = 0.0, str(src)
         for i in range(4):
-            r += ssh.scp(prev, ssh.path(f"h{i}.bin"))
+            r4 += ssh.scp(prev, ssh.path(f"h{i}.bin"))
+            if i:
+                os.unlink(prev)
             prev = ssh.path(f"h{i}.bin")
-        row(f"{args.big_mib} MiB, 4 hops, MB/s", f"{big / t / 1e6:.0f} ({t:.2f} s)", f"4× scp {big / r / 1e6:.0f} ({r:.2f} s)",
-            f"{r / t:.2f}× faster", "faster than 4× scp")
-        row("relay RSS while relaying, MiB (peak)", f"{sampler.peak:.0f}", "—", "—", "< 100")
-        ssh.clean()
-
-        # 4. many small files over 2 hops
-        t = bench.send_many("NodeC", args.files, 4096)
-        many = Path(ssh.path("many"))
-        many.mkdir()
-        data = os.urandom(4096)
-        for i in range(args.files):
-            (many / f"s{i:05d}").write_bytes(data)
-        r_scp = ssh.scp(many, ssh.path("many1"), recursive=True)
-        r_scp += ssh.scp(ssh.path("many1"), ssh.path("many2"), recursive=True)
-        r_rsync = ssh.rsync(many, ssh.path("many3"))
-        row(f"{args.files} × 4 KiB, 2 hops, s", f"{t:.2f} ({args.files / t:.0f} files/s)",
-            f"2× scp -r {r_scp:.2f}; rsync 1 hop {r_rsync:.2f}", f"{r_scp / t:.2f}× faster", "≤ 2 s")
-        ssh.clean()
-
-        # 5. latency of one small file renamed in
-        small = Path(ssh.path("small"))
-        small.write_bytes(os.urandom(4096))
-        for hops, dest, target in ((2, "NodeC", "< 100 ms"), (4, "NodeE", "< 300 ms")):
-            lat = bench.latency(dest, args.latency_runs)
-            ref = []
-            for _ in range(5):
-                r = 0.0
-                prev = str(small)
-                for i in range(hops):
-                    r += ssh.scp(prev, ssh.path(f"l{i}"))
-                    prev = ssh.path(f"l{i}")
-                ref.append(r)
-            med, ref_med = statistics.median(lat), statistics.median(ref)
-            row(f"4 KiB renamed in, {hops} hops, median latency ms", f"{1000 * med:.0f} (p90 {1000 * sorted(lat)[int(0.9 * len(lat))]:.0f})",
-                f"{hops}× scp {1000 * ref_med:.0f}", f"{ref_med / med:.1f}× faster", target)
-
-        # 6. idle cost
-        time.sleep(3)
-        pids = {n: bench.net[n].proc.pid for n in CHAIN}
-
-        def cpu(pid: int) -> float:
-            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-        c0 = {n: cpu(p) for n, p in pids.items()}
-        time.sleep(10)
-        use = [100 * (cpu(p) - c0[n]) / 10 for n, p in pids.items()]
-        row("idle agent CPU %, mean / max", f"{statistics.mean(use):.2f} / {max(use):.2f}", "—", "—", "< 1 %")
+        row("CPU seconds of those 4 hops, A / B / C / D / E",
+            " / ".join(f"{bench.cpu[n]:.2f}" for n in CHAIN), "—", "—", "—")
+        row(f"tmpfs, {args.size} MiB, 4 hops, MB/s ({load()})", f"{size / t4 / 1e6:.0f} ({t4:.2f} s)",
+            f"4 scp in a row {size / r4 / 1e6:.0f} ({r4:.2f} s)", f"{r4 / t4:.2f}× 4 scp", "≥ 1.2× 4 scp")
+        row("relay RSS while relaying, MiB (peak of B, C, D)", " / ".join(f"{sampler.peak[p]:.0f}" for p in pids),
+            "—", "—", "< 100")
+        return rate
     finally:
         bench.close()
         ssh.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def run_disk(args: argparse.Namespace, size: int, tmpfs_rate: float | None) -> None:
+    base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir=args.disk))
+    bench = Bench(base, CHAIN[:2])
+    try:
+        bench.send("NodeB", 4096)
+        src = base / "dd-src.bin"
+        make_file(src, size)
+        os.sync()
+        before = dd_fdatasync(src, base / "dd-out.bin")
+        t = bench.send("NodeB", size, check=True)
+        after = dd_fdatasync(src, base / "dd-out.bin")
+        dd = statistics.median([before, after])
+        limit = min(size / dd, tmpfs_rate) if tmpfs_rate else size / dd
+        rate = size / t
+        ref = f"dd fdatasync {size / before / 1e6:.0f} before, {size / after / 1e6:.0f} after"
+        if tmpfs_rate:
+            ref += f"; tmpfs 1 hop {tmpfs_rate / 1e6:.0f}"
+        row("CPU seconds of that hop: origin / receiver", f"{bench.cpu['NodeA']:.2f} / {bench.cpu['NodeB']:.2f}",
+            "—", "—", "—")
+        row(f"disk, {args.size} MiB, 1 hop, durable, MB/s ({load()})", f"{rate / 1e6:.0f} ({t:.2f} s)", ref,
+            f"{rate / limit:.2f}× the slower", "≥ 0.8× the slower")
+    finally:
+        bench.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=1024, help="MiB per file (default 1024)")
+    ap.add_argument("--scp-runs", type=int, default=3)
+    ap.add_argument("--only", choices=["tmpfs", "disk"])
+    ap.add_argument("--tmpfs", default="/dev/shm")
+    ap.add_argument("--disk", default="/var/tmp")
+    ap.add_argument("--profile", metavar="DIR")
+    ap.add_argument("--profile-only", action="store_true")
+    args = ap.parse_args()
+    size = args.size * MiB
+    print(f"# transfer benchmark — {platform.node()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| metric | maildrop | OpenSSH / dd, same run | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    rate = run_tmpfs(args, size) if args.only != "disk" else None
+    if args.only != "tmpfs" and not args.profile_only:
+        run_disk(args, size, rate)
 
 
 if __name__ == "__main__":

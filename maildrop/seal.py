@@ -29,7 +29,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,14 +104,23 @@ def seal_envelope(env: Envelope, keys: Sequence[str]) -> str:
 
 class _Reader:
     """A file object over a read descriptor for pyrage, hashing what it reads when ``h`` is
-    given. An OSError of the descriptor is kept in ``error``: it is the disk, not the bytes."""
+    given. An OSError of the descriptor is kept in ``error``: it is the disk, not the bytes.
 
-    def __init__(self, fd: int, h: Any | None = None) -> None:
-        self.fd, self.h, self.n, self.error = fd, h, 0, None
+    ``ready`` (a file still being written): called with the bytes read so far before each
+    read, it blocks until more are there and returns how many the file holds now (the same
+    number at its end: end of file); an OSError it raises ends the read like the disk's."""
+
+    def __init__(self, fd: int, h: Any | None = None, ready: Callable[[int], int] | None = None) -> None:
+        self.fd, self.h, self.n, self.error, self.ready = fd, h, 0, None, ready
 
     def read(self, size: int = -1) -> bytes:
+        size = size if size > 0 else 1 << 20
         try:
-            data = os.read(self.fd, size if size > 0 else 1 << 20)
+            if self.ready is not None:
+                size = min(size, self.ready(self.n) - self.n)
+                if size <= 0:
+                    return b""
+            data = os.read(self.fd, size)
         except OSError as exc:
             self.error = exc
             raise
@@ -207,14 +216,16 @@ class Keyring:
             raise SealError(f"the sealed envelope does not open with this node's key ({exc})") from None
         return Envelope.from_bytes(raw)
 
-    def open_file(self, src_fd: int, dst_fd: int, env: Envelope) -> None:
+    def open_file(self, src_fd: int, dst_fd: int, env: Envelope,
+                  ready: Callable[[int], int] | None = None) -> None:
         """Decrypt the ciphertext open as ``src_fd`` into ``dst_fd`` (not synced) and check
         it against ``env`` (size, sha256). SealError when the bytes do not decrypt or do not
         match (``dst_fd`` then holds a partial or wrong plaintext: the caller discards it);
-        OSError when a descriptor fails."""
+        OSError when a descriptor fails (or ``ready`` does). ``ready``: the ciphertext is
+        still arriving (``_Reader``); it is decrypted as it lands."""
         if not self._identities:
             raise SealError("no key to open it with")
-        reader, writer = _Reader(src_fd), _Writer(dst_fd)
+        reader, writer = _Reader(src_fd, ready=ready), _Writer(dst_fd)
         try:
             pyrage.decrypt_io(reader, writer, self._identities)
         except (pyrage.DecryptError, OSError) as exc:

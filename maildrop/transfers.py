@@ -143,6 +143,50 @@ class _Flusher:
             self._thread.join()
 
 
+class _Opener:
+    """At the destination: decrypts a sealed part into ``<tid>.open`` on its own thread while
+    the part still arrives (``Progress`` says how far it is), so the file is open about when
+    its last byte lands instead of one whole read of the part later. The ``.open`` is written
+    back while it grows (``_Flusher``) and synced with the batch, as before; what it holds is
+    trusted only once its part passed its hash and ``join`` says it matched its envelope.
+    ``cancel`` (the part failed, the offer broke) stops it and waits for it. The thread is the
+    only writer of ``error`` until ``join``/``cancel`` returns."""
+
+    def __init__(self, custody: Custody, queued: Event, prog: Progress) -> None:
+        self._prog = prog
+        self._cancelled = False  # under prog.cond
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(custody, queued), name="open", daemon=True)
+        self._thread.start()
+
+    def _ready(self, n: int) -> int:
+        prog = self._prog
+        with prog.cond:
+            while prog.done <= n < prog.size and prog.finished is None and not self._cancelled:
+                prog.cond.wait(1.0)
+            if n < prog.size and (self._cancelled or prog.done <= n):
+                raise OSError("the incoming copy stopped")
+            return prog.done
+
+    def _run(self, custody: Custody, queued: Event) -> None:
+        tid = queued.data["transfer"]
+        try:
+            custody._decrypt(queued, custody.spool.part(tid), custody.spool.opened(tid), self._ready)
+        except BaseException as exc:  # SealError (the bytes) or OSError (the disk): join() says
+            self.error = exc
+
+    def join(self) -> BaseException | None:
+        """Wait for the decryption; None when the ``.open`` matched its envelope."""
+        self._thread.join()
+        return self.error
+
+    def cancel(self) -> None:
+        with self._prog.cond:
+            self._cancelled = True
+            self._prog.cond.notify_all()
+        self._thread.join()
+
+
 @dataclass(frozen=True)
 class Offered:
     """One checked file of an incoming offer."""
@@ -512,9 +556,14 @@ class Custody:
                         out = self.spool.create(self.spool.data(tid))
                     except OSError as exc:  # a full disk or no descriptor left: try again later
                         raise WriteFailed(exc.errno, f"creating the ciphertext: {exc.strerror}") from None
+                    # A big ciphertext is written back while it is sealed, so the sync
+                    # before the event finds little left (durability is still that sync).
+                    flusher = _Flusher(out) if os.fstat(fd).st_size >= FLUSH_FROM else None
                     try:
                         sealed = seal_file(fd, out, keys)
                     finally:
+                        if flusher is not None:
+                            flusher.stop()
                         os.close(out)
                 finally:
                     os.close(fd)
@@ -632,15 +681,27 @@ class Custody:
                 if ans.a == "refuse":
                     self._log_refusal(peer, offered.transfer, TransferRefused(ans.reason, ans.detail))
         accepted = [(o, answers[i].offset) for i, o in checked if answers[i].a == "accept"]
+        progress: list[Progress] = []
+        openers: dict[str, _Opener] = {}  # big sealed files decrypted as they arrive
+        try:
+            self._receive_files(peer, stream, answers, accepted, owner, progress, openers)
+        finally:
+            for opener in openers.values():  # only those the commit did not wait for
+                opener.cancel()
+
+    def _receive_files(self, peer: str, stream: FrameStream, answers: list[Answer],
+                       accepted: list[tuple[Offered, int]], owner: Owner, progress: list[Progress],
+                       openers: dict[str, _Opener]) -> None:
+        """The second half of ``_receive_offer``: send the answers, take the accepted files'
+        bytes, decrypt and sync them, commit, answer ``stored``."""
         results: dict[str, Answer] = {}
         good: list[Offered] = []
-        progress: list[Progress] = []
         current: Offered | None = None
         try:
             stream.send("answers", answers=[a.wire() for a in answers])
             for offered, offset in accepted:
                 current = offered
-                refusal = self._take_bytes(peer, stream, offered, offset, progress)
+                refusal = self._take_bytes(peer, stream, offered, offset, progress, openers)
                 if refusal is None:
                     good.append(offered)
                 else:
@@ -673,14 +734,15 @@ class Custody:
             # durable here, on this thread (one syncfs for a batch), so the service never
             # waits for the disk (or for decryption) on anyone's behalf.
             if good:
-                opened = self._open_arrived(peer, good, results)
+                opened = self._open_arrived(peer, good, results, openers)
                 if len(opened) < len(good):
                     owner.receive_failed([o.transfer for o in good if o not in opened], "undecryptable")
                 good = opened
             if good:
-                sync_files([self.spool.part(o.transfer) for o in good]
-                           + [self.spool.opened(o.transfer) for o in good if self._sealed_to_me(o.queued)],
-                           self.spool.folder)
+                # At the destination a sealed file's part is not synced: its verified, synced
+                # ``.open`` is what the delivery links (docs/durability.md).
+                sync_files([self.spool.opened(o.transfer) if self._sealed_to_me(o.queued)
+                            else self.spool.part(o.transfer) for o in good], self.spool.folder)
             stored = owner.commit(peer, good) if good else []
         except BaseException:
             owner.receive_failed([o.transfer for o in good], "the commit did not finish")
@@ -698,18 +760,24 @@ class Custody:
     def _sealed_to_me(self, queued: Event) -> bool:
         return queued.data["destination"] == self.me and E.is_sealed(queued.data)
 
-    def _open_arrived(self, peer: str, good: list[Offered], results: dict[str, Answer]) -> list[Offered]:
+    def _open_arrived(self, peer: str, good: list[Offered], results: dict[str, Answer],
+                      openers: dict[str, _Opener]) -> list[Offered]:
         """At the destination: decrypt each verified sealed part into ``<tid>.open`` (not
-        synced yet) and check it against its envelope. One that does not open is refused
-        for good (``undecryptable``: a result in ``results``) and its bytes discarded;
-        returns the others. OSError (the disk) ends the offer (the parts stay)."""
+        synced yet) and check it against its envelope -- or wait for its ``_Opener``, which
+        did it while the part arrived. One that does not open is refused for good
+        (``undecryptable``: a result in ``results``) and its bytes discarded; returns the
+        others. OSError (the disk) ends the offer (the parts stay)."""
         out = []
         for o in good:
             if not self._sealed_to_me(o.queued):
                 out.append(o)
                 continue
             try:
-                self._decrypt(o.queued, self.spool.part(o.transfer), self.spool.opened(o.transfer))
+                opener = openers.pop(o.transfer, None)
+                if opener is None:
+                    self._decrypt(o.queued, self.spool.part(o.transfer), self.spool.opened(o.transfer))
+                elif (err := opener.join()) is not None:
+                    raise err
             except SealError as exc:
                 self.spool.discard(o.transfer, sync=False)
                 self._log_refusal(peer, o.transfer, TransferRefused("undecryptable", str(exc)))
@@ -718,11 +786,13 @@ class Custody:
             out.append(o)
         return out
 
-    def _decrypt(self, queued: Event, src: Path, dst: Path) -> Envelope:
+    def _decrypt(self, queued: Event, src: Path, dst: Path,
+                 ready: Callable[[int], int] | None = None) -> Envelope:
         """Decrypt the sealed copy ``src`` of ``queued`` into the spool file ``dst`` (mode
-        0640, not synced) and check it against its envelope, which must name ``queued``'s
-        origin. SealError when it does not open or match (``dst`` is left for the caller to
-        discard); OSError from the disk."""
+        0640, not synced; a big one written back as it grows) and check it against its
+        envelope, which must name ``queued``'s origin. SealError when it does not open or
+        match (``dst`` is left for the caller to discard); OSError from the disk. ``ready``:
+        ``src`` is still arriving (``seal._Reader``)."""
         env = self.names.envelope(queued.data["sealed"])
         if env is None:
             raise SealError("the sealed envelope does not open with this node's key "
@@ -732,9 +802,12 @@ class Custody:
         src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             out = self.spool.create(dst)
+            flusher = _Flusher(out) if env.size >= FLUSH_FROM else None
             try:
-                self.keyring.open_file(src_fd, out, env)
+                self.keyring.open_file(src_fd, out, env, ready)
             finally:
+                if flusher is not None:
+                    flusher.stop()
                 os.close(out)
         finally:
             os.close(src_fd)
@@ -819,12 +892,14 @@ class Custody:
 
 
     def _take_bytes(self, peer: str, stream: FrameStream, offered: Offered, offset: int,
-                    progress: list[Progress]) -> Answer | None:
+                    progress: list[Progress], openers: dict[str, _Opener]) -> Answer | None:
         """The bytes of one accepted file into ``<tid>.part``: verified, its sender recorded
         (not synced yet: ``commit_received`` syncs the batch). None when good; a ``refuse`` Answer on a hash mismatch. Whatever happens
         after the part is opened, its descriptor is closed (and the flusher stopped) on the
         way out. A hash mismatch after a resume cuts the part back to the resume point once
-        (the bytes before it may be honest); a second one discards it."""
+        (the bytes before it may be honest); a second one discards it. A big file sealed to
+        us is decrypted while it arrives (an ``_Opener`` put in ``openers``; cancelled on a
+        mismatch), and its part is not written back (only its ``.open`` is synced)."""
         queued, tid = offered.queued, offered.transfer
         d = queued.data
         size = d["size"]
@@ -842,7 +917,10 @@ class Custody:
         try:
             if d["destination"] != self.me and self.on_receiving and size - offset >= CUT_THROUGH_MIN:
                 self.on_receiving(queued, offered.route + (self.me,), prog, fd)
-            flusher = _Flusher(fd) if size - offset >= FLUSH_FROM else None
+            opening = self._sealed_to_me(queued) and size >= CUT_THROUGH_MIN
+            if opening:
+                openers[tid] = _Opener(self, queued, prog)
+            flusher = _Flusher(fd) if size - offset >= FLUSH_FROM and not opening else None
             remaining = size - offset
             while remaining:
                 chunk = stream.recv_some(min(remaining, CHUNK))
@@ -855,6 +933,8 @@ class Custody:
             if flusher is not None:
                 flusher.stop()
             if h.hexdigest() != d["sha256"]:
+                if tid in openers:
+                    openers.pop(tid).cancel()
                 if offset and tid not in self._resume_failed:
                     self._resume_failed.add(tid)
                     os.ftruncate(fd, offset)  # keep what came before the resume, once
