@@ -112,6 +112,11 @@ CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed 
 RECOVER_WAIT_EMPTY = 60.0
 """Seconds a node with no event of its own in its log waits at start for a peer to answer."""
 RECOVER_ROUNDS = 100
+SNAPSHOT_EVERY_EVENTS = 10_000
+"""New events held since the last snapshot that make the main loop write the next one."""
+SNAPSHOT_EVERY = 300.0
+"""Seconds after which any new event makes the main loop write a snapshot (and at a clean
+stop): a start then replays at most this much of the log's tail."""
 """Gossip rounds with one peer at most while taking the own feed back (2,000 events each)."""
 
 
@@ -295,6 +300,8 @@ class Agent:
         self.server: SSHServer | None = None
         self.local: LocalServer | None = None  # state/serve.sock, for `maildrop serve`
         self.started = time.time()
+        self._snapshot_count = self.log.snapshot_count  # events in the latest snapshot (main thread)
+        self._snapshot_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -502,12 +509,27 @@ class Agent:
                 self._changed()
             self.control.poll()  # queue/flush/cancel/hold/release requests from the CLI
             self._recheck_sync()
+            self._snapshot_due()
             self.write_status()
             if wd is not None and time.monotonic() >= next_wd:
                 sdnotify.watchdog_ping()
                 next_wd = time.monotonic() + wd
         self.shutdown()
         return status
+
+    def _snapshot_due(self, stopping: bool = False) -> None:
+        """Write ``state/snapshot.json`` when ``SNAPSHOT_EVERY_EVENTS`` events joined since
+        the last one, or any did and ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Runs
+        on the main thread; a failure is logged and costs only a longer next start."""
+        new = self.log.ledger.count - self._snapshot_count
+        if new <= 0 or not (stopping or new >= SNAPSHOT_EVERY_EVENTS
+                            or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY):
+            return
+        try:
+            self._snapshot_count = self.log.write_snapshot()
+        except MaildropError as exc:
+            log.warning("snapshot.failed error=%s (the next start replays more of the log)", exc)
+        self._snapshot_at = time.monotonic()
 
     def shutdown(self) -> None:
         sdnotify.stopping()
@@ -533,6 +555,7 @@ class Agent:
             if t.is_alive():
                 log.warning("agent.stop.slow service=%s", name)
         self.write_status(running=False)
+        self._snapshot_due(stopping=True)
         self.log.close()
         logging.getLogger("maildrop").removeHandler(self._errors)
         log.info("agent.stopped node=%s", self.me)
