@@ -112,12 +112,14 @@ CONFIRM_ROUNDS = 10  # gossip intervals a relay waits for the next hop's signed 
 RECOVER_WAIT_EMPTY = 60.0
 """Seconds a node with no event of its own in its log waits at start for a peer to answer."""
 RECOVER_ROUNDS = 100
-SNAPSHOT_EVERY_EVENTS = 10_000
-"""New events held since the last snapshot that make the main loop write the next one."""
-SNAPSHOT_EVERY = 300.0
-"""Seconds after which any new event makes the main loop write a snapshot (and at a clean
-stop): a start then replays at most this much of the log's tail."""
 """Gossip rounds with one peer at most while taking the own feed back (2,000 events each)."""
+SNAPSHOT_EVERY_EVENTS = 5_000
+"""New events since the last snapshot that make the main loop write the next one (and at
+least a ``1 / SNAPSHOT_GROWTH`` share of all held: a write costs time ∝ all held events)."""
+SNAPSHOT_GROWTH = 4
+SNAPSHOT_EVERY = 600.0
+"""Seconds after which any new event makes the main loop write a snapshot (as does a clean
+stop), so a start replays little of the log's tail."""
 
 
 def open_log(config: Config, writable: bool = True, own_key: str | None = None) -> EventLog:
@@ -518,11 +520,14 @@ class Agent:
         return status
 
     def _snapshot_due(self, stopping: bool = False) -> None:
-        """Write ``state/snapshot.json`` when ``SNAPSHOT_EVERY_EVENTS`` events joined since
-        the last one, or any did and ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Runs
-        on the main thread; a failure is logged and costs only a longer next start."""
-        new = self.log.ledger.count - self._snapshot_count
-        if new <= 0 or not (stopping or new >= SNAPSHOT_EVERY_EVENTS
+        """Write ``state/snapshot.json`` when enough events joined since the last one
+        (``SNAPSHOT_EVERY_EVENTS``, and a ``1 / SNAPSHOT_GROWTH`` share of all held: a start
+        that replayed a long log writes one at its first tick), or any did and
+        ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Runs on the main thread (a write
+        takes time ∝ the events held); a failure is logged and costs only a longer next start."""
+        held = self.log.ledger.count
+        new = held - self._snapshot_count
+        if new <= 0 or not (stopping or new >= max(SNAPSHOT_EVERY_EVENTS, held // SNAPSHOT_GROWTH)
                             or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY):
             return
         try:
