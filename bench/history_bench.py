@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import maildrop
 
-    print(f"maildrop from {Path(maildrop.__file__).parent}; {platform.machine()}, "
+    print(f"agents and CLI run PYTHONPATH={os.environ.get('PYTHONPATH', '')!r} (the builder "
+          f"{Path(maildrop.__file__).parent}); {platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; load {os.getloadavg()[0]:.1f}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="history-bench-") as tmp:
