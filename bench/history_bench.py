@@ -56,8 +56,10 @@ from maildrop.seal import Envelope, seal_envelope  # noqa: E402
 
 PAIR = ("NodeA", "NodeB")
 FILE_SIZE = 4096
-SIGN_CHUNK = 20_000
+SIGN_CHUNK = 10_000
 """Ids signed per pool task."""
+BUILD_CHUNK = 50_000
+"""Files made, signed and written at a time."""
 _KEYS: dict[str, object] = {}
 
 
@@ -83,16 +85,34 @@ def build_history(events_path: Path, keys: dict[str, Path], k: int, *, workers: 
     log at ``events_path`` (whose feeds of both must be there); returns the bytes added.
 
     The one function to repoint when transfer facts move to their own store: it makes the
-    signed events; the last lines write them."""
-    origin, dest = PAIR
+    signed events (``_signed``, ``BUILD_CHUNK`` files at a time, so memory stays flat at any
+    ``k``) and appends their lines; one fsync at the end."""
+    origin = PAIR[0]
     heads = _heads(events_path, origin)
     pubs = [load_key(keys[o]).public_line for o in PAIR]
     sealed = [seal_envelope(Envelope(f"file-{i:07d}.dat", origin, FILE_SIZE, f"{i:064x}"), pubs)
-              for i in range(min(names, k))]
+              for i in range(max(1, min(names, k)))]
     t0 = time.time() - 86_400 if start is None else start
-    chains = {o: list(heads[o]) for o in PAIR}
+    chains = {o: heads[o] for o in PAIR}
+    added = 0
+    with ProcessPoolExecutor(workers or os.cpu_count(), initializer=_init_signer,
+                             initargs=({o: str(p) for o, p in keys.items()},)) as pool, \
+            open(events_path, "ab") as f:
+        for first in range(0, k, BUILD_CHUNK):
+            data = _signed(range(first, min(k, first + BUILD_CHUNK)), chains, sealed, t0, pool)
+            f.write(data)
+            added += len(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return added
+
+
+def _signed(files: range, chains: dict[str, tuple[int, str | None]], sealed: list[str], t0: float,
+            pool: ProcessPoolExecutor) -> bytes:
+    """The log lines of ``files`` (queued, then its receipt), continuing ``chains`` (updated)."""
+    origin, dest = PAIR
     bodies: list[dict] = []
-    for i in range(k):
+    for i in files:
         tid = f"{i:032x}"
         cipher = hashlib.sha256(tid.encode()).hexdigest()
         for o, type_, data in ((origin, "transfer.queued", {"transfer": tid, "destination": dest,
@@ -104,19 +124,12 @@ def build_history(events_path: Path, keys: dict[str, Path], k: int, *, workers: 
                     "ts": format_ts(t0 + i * 0.001), "type": type_, "data": data}
             eid = compute_id(body)
             body["id"] = eid
-            chains[o] = [seq + 1, eid]
+            chains[o] = (seq + 1, eid)
             bodies.append(body)
     todo = [(b["origin"], b["id"]) for b in bodies]
-    chunks = [todo[i:i + SIGN_CHUNK] for i in range(0, len(todo), SIGN_CHUNK)]
-    with ProcessPoolExecutor(workers or os.cpu_count(), initializer=_init_signer,
-                             initargs=({o: str(p) for o, p in keys.items()},)) as pool:
-        sigs = [s for part in pool.map(_sign, chunks) for s in part]
-    data = b"".join(canonical({**b, "sig": s}) + b"\n" for b, s in zip(bodies, sigs, strict=True))
-    with open(events_path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return len(data)
+    sigs = [s for part in pool.map(_sign, [todo[i:i + SIGN_CHUNK] for i in range(0, len(todo), SIGN_CHUNK)])
+            for s in part]
+    return b"".join(canonical({**b, "sig": s}) + b"\n" for b, s in zip(bodies, sigs, strict=True))
 
 
 def make_pair(base: Path) -> LocalNet:
