@@ -17,7 +17,8 @@ Measured for each node (only NodeA runs; its peer is down, which costs nothing a
 - start → listening: from spawning ``maildrop run`` until its port accepts a TCP connection;
   first with no snapshot (the whole log replayed); then the agent is stopped cleanly and,
   when the code under test wrote ``state/snapshot.json`` at its stop, started again;
-- ``status --json`` wall time and its peak RSS (``wait4``), with the agent running;
+- ``status --json`` wall time and its peak RSS (``wait4``), with the agent running; then,
+  the agent stopped, ``events -n 10``, ``route`` and ``queue`` (``READS``);
 - the agent's peak RSS (VmHWM) once it listens and status has run;
 - state on disk: the bytes of ``state/`` (the log, the snapshot, ...).
 
@@ -172,17 +173,22 @@ def start_to_listening(node: LocalNode, timeout: float) -> tuple[float, float]:
     return time.monotonic() - t0, cpu_of(node.proc.pid)
 
 
-def status_json(node: LocalNode) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of ``maildrop status --json``."""
+def cli_time(node: LocalNode, *args: str) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of ``maildrop ARGS`` (output dropped)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "maildrop", "-c", str(node.config_path), "status", "--json"],
+    proc = subprocess.Popen([sys.executable, "-m", "maildrop", "-c", str(node.config_path), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=node.env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        raise RuntimeError(f"status exited {proc.returncode}: {proc.stderr.read().decode()[-500:]}")  # type: ignore[union-attr]
+        raise RuntimeError(f"{args} exited {proc.returncode}: {proc.stderr.read().decode()[-500:]}")  # type: ignore[union-attr]
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+
+
+READS = {"events": ("events", "--json", "-n", "10"), "route": ("route", "NodeB", "--json"),
+         "queue": ("queue", "--json")}
+"""The other read commands timed once each, the agent stopped (read from the log)."""
 
 
 def hwm(pid: int) -> float:
@@ -201,17 +207,19 @@ def measure(net: LocalNet, timeout: float) -> dict[str, float | None]:
     state = load_config(node.config_path).state_dir
     out: dict[str, float | None] = {}
     out["start"], out["start_cpu"] = start_to_listening(node, timeout)
-    out["status"], out["status_cpu"], out["status_rss"] = status_json(node)
+    out["status"], out["status_cpu"], out["status_rss"] = cli_time(node, "status", "--json")
     assert node.proc is not None
     out["agent_rss"] = hwm(node.proc.pid)
     out["start2"] = None
     node.stop(timeout)  # a clean stop writes the snapshot (when the code under test has one)
     if (state / "snapshot.json").exists():
         out["start2"], out["start2_cpu"] = start_to_listening(node, timeout)
-        out["status2"], out["status2_cpu"], _ = status_json(node)
+        out["status2"], out["status2_cpu"], _ = cli_time(node, "status", "--json")
         assert node.proc is not None
         out["agent_rss2"] = hwm(node.proc.pid)
         node.stop(timeout)
+    for name, args in READS.items():
+        out[name], out[f"{name}_cpu"], _ = cli_time(node, *args)
     out["disk"] = disk(state) / 2**20
     return out
 
@@ -268,6 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fmt(m["status"], "s", m["status_cpu"]), _fmt(m["status_rss"], "m"), _fmt(m["agent_rss"], "m"),
             _fmt(m["start2"], "s", m.get("start2_cpu")), _fmt(m.get("status2"), "s", m.get("status2_cpu")),
             _fmt(m.get("agent_rss2"), "m"), _fmt(m["disk"], "m")]) + " |")
+    print("other reads, agent stopped: wall s (CPU s)")
+    print("| history | " + " | ".join(" ".join(a) for a in READS.values()) + " |")
+    print("|" + " --- |" * (len(READS) + 1))
+    for name, _, m in rows:
+        print(f"| {name} | " + " | ".join(_fmt(m[r], "s", m[f"{r}_cpu"]) for r in READS) + " |")
     ref = rows[0][2]
     for name, _, m in rows[1:]:
         best = m["start2"] if m["start2"] is not None else m["start"]

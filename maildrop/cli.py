@@ -344,11 +344,12 @@ def _summary(data: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _agent_state(config) -> dict[str, Any] | None:
-    from .agent import STATUS_FILE
+AGENT_STATUS_FILE = "agent.json"  # agent.STATUS_FILE, without importing the agent (paramiko, ...)
 
+
+def _agent_state(config) -> dict[str, Any] | None:
     try:
-        st = json.loads((config.state_dir / STATUS_FILE).read_bytes())
+        st = json.loads((config.state_dir / AGENT_STATUS_FILE).read_bytes())
     except (FileNotFoundError, ValueError, PermissionError):
         return None
     pid = st.get("pid")
