@@ -302,8 +302,11 @@ class Agent:
         self.server: SSHServer | None = None
         self.local: LocalServer | None = None  # state/serve.sock, for `maildrop serve`
         self.started = time.time()
-        self._snapshot_count = self.log.snapshot_count  # events in the latest snapshot (main thread)
+        # The latest snapshot: events it holds (written by its writer thread, read by the main
+        # loop only while no writer runs), when it was started, the writer (main loop only).
+        self._snapshot_count = self.log.snapshot_count
         self._snapshot_at = time.monotonic()
+        self._snapshotting: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -523,18 +526,32 @@ class Agent:
         """Write ``state/snapshot.json`` when enough events joined since the last one
         (``SNAPSHOT_EVERY_EVENTS``, and a ``1 / SNAPSHOT_GROWTH`` share of all held: a start
         that replayed a long log writes one at its first tick), or any did and
-        ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Runs on the main thread (a write
-        takes time ∝ the events held); a failure is logged and costs only a longer next start."""
+        ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Called by the main loop; a write
+        takes time ∝ the events held, so it runs on its own short-lived thread (one at a
+        time, never supervised: a failure is logged and costs only a longer next start);
+        at a stop it runs here, after the one in progress."""
+        writer = self._snapshotting
+        if writer is not None and writer.is_alive():
+            if not stopping:
+                return
+            writer.join()
         held = self.log.ledger.count
         new = held - self._snapshot_count
         if new <= 0 or not (stopping or new >= max(SNAPSHOT_EVERY_EVENTS, held // SNAPSHOT_GROWTH)
                             or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY):
             return
+        self._snapshot_at = time.monotonic()
+        if stopping:
+            self._write_snapshot()
+            return
+        self._snapshotting = threading.Thread(target=self._write_snapshot, name="snapshot", daemon=True)
+        self._snapshotting.start()
+
+    def _write_snapshot(self) -> None:
         try:
             self._snapshot_count = self.log.write_snapshot()
         except MaildropError as exc:
             log.warning("snapshot.failed error=%s (the next start replays more of the log)", exc)
-        self._snapshot_at = time.monotonic()
 
     def shutdown(self) -> None:
         sdnotify.stopping()
