@@ -1,6 +1,7 @@
 """The snapshot of the fold on real files: round trip, and every way it must be ignored."""
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -137,6 +138,21 @@ def test_a_snapshot_the_ledger_refuses_is_dropped_and_the_log_replayed(tmp_path,
     bad = snapshot.encode("NodeA", offset, covered, [held[0], stray, *held[2:]])
     snapshot.path_for(path).write_bytes(bad)
     assert _picture(_ignored(path, caplog, "refused")) == full
+
+
+def test_a_whole_snapshot_with_events_of_the_wrong_shape_is_ignored(tmp_path, caplog):
+    _, path, elog = _log_with_history(tmp_path)
+    held = list(elog.ledger.all_events())
+    offset, covered = elog.size_bytes, elog._covered.hexdigest()
+    full = _picture(elog)
+    elog.close()
+    rows = [[e.origin, e.seq, e.prev, e.ts, e.type, dict(e.data), e.id, e.sig, e.v] for e in held]
+    rows[1][5] = {}  # a link.configured without its peer: the fold cannot read it
+    body = E.canonical(rows)
+    header = {"v": snapshot.FORMAT, "node": "NodeA", "offset": offset, "covered": covered,
+              "count": len(rows), "body": hashlib.sha256(body).hexdigest()}
+    snapshot.path_for(path).write_bytes(E.canonical(header) + b"\n" + body)
+    assert _picture(_ignored(path, caplog, "bad-event")) == full
 
 
 def test_a_crash_while_writing_leaves_the_old_snapshot(tmp_path):
