@@ -8,19 +8,22 @@ Crash semantics:
   ``events.jsonl.torn-<time>``, truncates them, and logs it. They are never folded.
 - A bad line in the middle (bad JSON, schema, id, chain) is rejected with a reason and
   logged; it stays in the file and nothing valid is lost (gossip refills any gap it leaves).
+- A failed write (disk full) is cut back to the last good offset and the log reloaded, so
+  memory never runs ahead of the disk.
 
 Verify once: every line of the file was signature-checked before it was written (``ingest``
 checks a peer's events, ``append_own`` signs its own), so loading the file checks only what
 is cheap (JSON, schema, the id is the sha256 of the content, each ``prev`` is the held
 head) and trusts the signatures. ``verify_stored=True`` (``maildrop check``) checks every
-signature again and ignores the snapshot. A start reads the snapshot (``snapshot``) when it
-is intact and covers a prefix of this very file, and replays only the lines after it.
-- A failed write (disk full) is cut back to the last good offset and the log reloaded, so
-  memory never runs ahead of the disk.
+signature again and ignores the snapshot. A start reads ``state/snapshot.json`` (its format
+is ``snapshot``; the file is written and checked here) when it is intact and covers a
+prefix of this very file, and replays only the lines after it. Its crash semantics: written
+aside, fsynced, renamed, folder fsynced: the old snapshot or the new one, never a mix.
 
 Concurrency: processes serialize appends with ``flock`` on ``events.lock`` (the agent and a
 CLI command may append at once); before appending, a writer reads what others appended.
-Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``.
+Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``
+(and the read offset with its running sha256, which ``write_snapshot`` takes under it).
 Events from peers are signature-checked *before* the lock is taken (``ingest``), so a flood
 of forgeries costs CPU on the receiving thread, never the lock others wait for.
 
