@@ -451,6 +451,9 @@ class EventLog:
         with self.lock:
             offset, covered = self._offset, self._covered.hexdigest()
             held = list(self.ledger.all_events())
+        target = snapshot.path_for(self.path)
+        for stray in target.parent.glob(f".{target.name}.*.tmp"):  # left by a crash mid-write
+            stray.unlink(missing_ok=True)
         try:
             size = _replace(snapshot.path_for(self.path), snapshot.encode(self.me, offset, covered, held))
         except OSError as exc:

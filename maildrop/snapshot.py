@@ -17,16 +17,16 @@ Layout: one header line, then the body.
   sha256 of those ``offset`` bytes, ``count`` events, ``body`` the sha256 of the body.
 - body: canonical JSON, an array of ``[origin, seq, prev, ts, type, data, id, sig, v]``.
 
-It is used only when every check holds (``decode``, then ``eventlog`` hashes the prefix): the header parses and is this
-format and node, the body's sha256 matches, the log is at least ``offset`` bytes long and
-its first ``offset`` bytes hash to ``covered``. So a compacted or rewritten log, a log
+It is used only when every check holds (``decode``, then ``eventlog`` hashes the prefix):
+the header parses and is this format and node, the body's sha256 matches, the log is at
+least ``offset`` bytes long and its first ``offset`` bytes hash to ``covered``. So a compacted or rewritten log, a log
 restored from an older backup, a truncated or corrupted snapshot, or a snapshot copied from
 another node is ignored (logged ``snapshot.ignored reason=...``) and the log replayed whole.
 
 Crash: ``eventlog`` writes aside (``.snapshot.json.<pid>.tmp``), fsyncs, renames over the old
 one and fsyncs the folder: a crash leaves the old snapshot or the new one, never a mix (a
-stray temp file is overwritten by the next write of the same pid, or ignored). A lost
-snapshot costs only time: the log is the record.
+stray temp file is never read, and the next write removes it). A lost snapshot costs only
+time: the log is the record.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .events import Event, canonical
 SNAPSHOT_FILE = "snapshot.json"
 FORMAT = 1
 """The layout version of the snapshot file; another one is ignored (the log is replayed)."""
+
 
 class Ignored(Exception):
     """A snapshot that cannot be used; ``str`` is the reason (one word, then details)."""
