@@ -113,6 +113,13 @@ RECOVER_WAIT_EMPTY = 60.0
 """Seconds a node with no event of its own in its log waits at start for a peer to answer."""
 RECOVER_ROUNDS = 100
 """Gossip rounds with one peer at most while taking the own feed back (2,000 events each)."""
+SNAPSHOT_EVERY_EVENTS = 5_000
+"""New events since the last snapshot that make the main loop write the next one (and at
+least a ``1 / SNAPSHOT_GROWTH`` share of all held: a write costs time ∝ all held events)."""
+SNAPSHOT_GROWTH = 4
+SNAPSHOT_EVERY = 600.0
+"""Seconds after which any new event makes the main loop write a snapshot (as does a clean
+stop), so a start replays little of the log's tail."""
 
 
 def open_log(config: Config, writable: bool = True, own_key: str | None = None) -> EventLog:
@@ -295,6 +302,11 @@ class Agent:
         self.server: SSHServer | None = None
         self.local: LocalServer | None = None  # state/serve.sock, for `maildrop serve`
         self.started = time.time()
+        # The latest snapshot: events it holds (written by its writer thread, read by the main
+        # loop only while no writer runs), when it was started, the writer (main loop only).
+        self._snapshot_count = self.log.snapshot_count
+        self._snapshot_at = time.monotonic()
+        self._snapshotting: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -503,12 +515,44 @@ class Agent:
                 self._changed()
             self.control.poll()  # queue/flush/cancel/hold/release requests from the CLI
             self._recheck_sync()
+            self._snapshot_due()
             self.write_status()
             if wd is not None and time.monotonic() >= next_wd:
                 sdnotify.watchdog_ping()
                 next_wd = time.monotonic() + wd
         self.shutdown()
         return status
+
+    def _snapshot_due(self, stopping: bool = False) -> None:
+        """Write ``state/snapshot.json`` when enough events joined since the last one
+        (``SNAPSHOT_EVERY_EVENTS``, and a ``1 / SNAPSHOT_GROWTH`` share of all held: a start
+        that replayed a long log writes one at its first tick), or any did and
+        ``SNAPSHOT_EVERY`` s passed, or at a clean stop. Called by the main loop; a write
+        takes time ∝ the events held, so it runs on its own short-lived thread (one at a
+        time, never supervised: a failure is logged and costs only a longer next start);
+        at a stop it runs here, after the one in progress."""
+        writer = self._snapshotting
+        if writer is not None and writer.is_alive():
+            if not stopping:
+                return
+            writer.join()
+        held = self.log.ledger.count
+        new = held - self._snapshot_count
+        if new <= 0 or not (stopping or new >= max(SNAPSHOT_EVERY_EVENTS, held // SNAPSHOT_GROWTH)
+                            or time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY):
+            return
+        self._snapshot_at = time.monotonic()
+        if stopping:
+            self._write_snapshot()
+            return
+        self._snapshotting = threading.Thread(target=self._write_snapshot, name="snapshot", daemon=True)
+        self._snapshotting.start()
+
+    def _write_snapshot(self) -> None:
+        try:
+            self._snapshot_count = self.log.write_snapshot()
+        except MaildropError as exc:
+            log.warning("snapshot.failed error=%s (the next start replays more of the log)", exc)
 
     def shutdown(self) -> None:
         sdnotify.stopping()
@@ -534,6 +578,7 @@ class Agent:
             if t.is_alive():
                 log.warning("agent.stop.slow service=%s", name)
         self.write_status(running=False)
+        self._snapshot_due(stopping=True)
         self.log.close()
         logging.getLogger("maildrop").removeHandler(self._errors)
         log.info("agent.stopped node=%s", self.me)

@@ -302,7 +302,9 @@ def _check_log(c: Config, r: _Report) -> None:
         r.warn(f"no event log yet at {c.events_path}", "run 'maildrop run' (or 'maildrop init') to start one")
         return
     try:
-        elog = EventLog(c.events_path, pinned={p.id: p.key for p in c.peers}, writable=False)
+        # Every stored signature again (a start trusts them: they were checked on arrival).
+        elog = EventLog(c.events_path, pinned={p.id: p.key for p in c.peers}, writable=False,
+                        verify_stored=True)
     except (OSError, MaildropError) as exc:
         r.fail(f"event log {c.events_path}: {exc}", "check its owner and mode")
         return
@@ -310,7 +312,7 @@ def _check_log(c: Config, r: _Report) -> None:
         r.warn(f"event log has {len(elog.rejected)} invalid line(s); first: {elog.rejected[0]}",
                "they are ignored; see 'maildrop events' (gossip refills valid events)")
     else:
-        r.ok(f"event log {c.events_path}: {elog.ledger.count} valid events")
+        r.ok(f"event log {c.events_path}: {elog.ledger.count} valid events (signatures checked)")
     for p in c.peers:
         held = elog.ledger.key_of(p.id)
         if held is not None and held != p.key:

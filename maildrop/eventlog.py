@@ -6,15 +6,25 @@ Crash semantics:
 - A power cut mid-write leaves a torn tail (bytes after the last newline, or trailing lines
   that are not JSON). A writer that opens the log sets the torn bytes aside in
   ``events.jsonl.torn-<time>``, truncates them, and logs it. They are never folded.
-- A bad line in the middle (bad JSON, id, signature, chain) is rejected with a reason and
+- A bad line in the middle (bad JSON, schema, id, chain) is rejected with a reason and
   logged; it stays in the file (until a compaction, which writes only what is live) and
   nothing valid is lost (gossip refills any gap it leaves).
 - A failed write (disk full) is cut back to the last good offset and the log reloaded, so
   memory never runs ahead of the disk.
 
+Verify once: every line of the file was signature-checked before it was written (``ingest``
+checks a peer's events, ``append_own`` signs its own), so loading the file checks only what
+is cheap (JSON, schema, the id is the sha256 of the content, each ``prev`` is the held
+head) and trusts the signatures. ``verify_stored=True`` (``maildrop check``) checks every
+signature again and ignores the snapshot. A start reads ``state/snapshot.json`` (its format
+is ``snapshot``; the file is written and checked here) when it is intact and covers a
+prefix of this very file, and replays only the lines after it. Its crash semantics: written
+aside, fsynced, renamed, folder fsynced: the old snapshot or the new one, never a mix.
+
 Concurrency: processes serialize appends with ``flock`` on ``events.lock`` (the agent and a
 CLI command may append at once); before appending, a writer reads what others appended.
-Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``.
+Threads share one ``EventLog`` and its ``lock``, which also guards ``ledger`` and ``network``
+(and the read offset with its running sha256, which ``write_snapshot`` takes under it).
 Events from peers are signature-checked *before* the lock is taken (``ingest``), so a flood
 of forgeries costs CPU on the receiving thread, never the lock others wait for.
 
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -55,12 +66,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, snapshot
 from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
 from .events import FEED_CHECKPOINT, NODE_CONFIGURED, VERSION, Event, make_event, parse_event
 from .keys import NodeKey
-from .ledger import NETWORK_TYPES, Feed, Ledger, Verify
+from .ledger import NETWORK_TYPES, Feed, Ledger, Verify, verify_now
 from .model import Network
 
 log = logging.getLogger("maildrop.eventlog")
@@ -80,6 +91,8 @@ costs each holder about one percent more bytes than the events it stands for."""
 COMPACT_MIN = 256
 """Covered lines on disk before a writer compacts the file (and at least as many as the
 live ones, so the rewrite costs O(1) per covered line)."""
+HASH_CHUNK = 1 << 20
+"""Bytes of the log hashed at a time while checking the prefix a snapshot covers."""
 
 
 @dataclass
@@ -93,10 +106,17 @@ class EventLog:
     """One node's event log: the file, the ledger of valid events and the model they fold to."""
 
     def __init__(self, path: Path, *, pinned: Mapping[str, str] | None = None, writable: bool = True,
-                 me: str | None = None) -> None:
+                 me: str | None = None, verify_stored: bool = False) -> None:
+        """Open and fold the log. ``verify_stored``: check every stored signature again and
+        never use the snapshot (slow: for ``maildrop check``); else trust the signatures of
+        the lines (they were checked before they were written) and start from the snapshot
+        when it is usable (it needs ``me``)."""
         self.path = path
         self.writable = writable
         self.me = me
+        self._verify_stored: Verify = verify_now if verify_stored else _trusted
+        self._prefix_hash = hashlib.sha256()  # sha256 of the file's bytes before ``_offset``
+        self.snapshot_count = 0  # events the snapshot this log started from held (0: none)
         self.lock = threading.RLock()
         self.ledger = Ledger(pinned, me, collect_dropped=True)
         self.network = Network()
@@ -132,6 +152,8 @@ class EventLog:
             if writable:
                 for stale in path.parent.glob(f".{path.name}.compact-*"):
                     stale.unlink(missing_ok=True)
+            if not verify_stored and me is not None:
+                self._start_from_snapshot()
             self._read_new(initial=True)
             if writable:
                 self._maybe_compact()
@@ -171,6 +193,84 @@ class EventLog:
         log.info("eventlog.reopened path=%s (replaced by another process: compacted, or created)", self.path)
         self._reload()
 
+    def _start_from_snapshot(self) -> None:
+        """Fold the snapshot's events, if it is usable, and go on after the offset it
+        covers. Its events were checked when they joined the log; should the ledger refuse
+        one now (its rules changed), the snapshot is dropped and the log replayed whole.
+        Caller holds the flock."""
+        assert self.me is not None
+        snap = self._load_snapshot(snapshot.path_for(self.path), self.me)
+        if snap is None:
+            return
+        offset, covered, events = snap
+        try:
+            for ev in events:
+                res = self.ledger.offer(ev, verify=_trusted)
+                if res.rejected:
+                    raise snapshot.Ignored(f"refused ({res.rejected})")
+                for e in res.accepted:
+                    self.network.apply(e)
+        except (snapshot.Ignored, KeyError, TypeError, AttributeError, ValueError) as exc:
+            # A refused event, or one whose fields are not what the fold reads (a snapshot
+            # made by hand: its checksum only proves it is whole).
+            why = exc if isinstance(exc, snapshot.Ignored) else f"bad-event ({type(exc).__name__})"
+            log.warning("snapshot.ignored path=%s reason=%s; replaying the log", snapshot.path_for(self.path), why)
+            self._reset()
+            self.ledger.conflicts, self.ledger.evidence = {}, {}  # none of them is the file's
+            return
+        self._offset = offset
+        self._prefix_hash = covered
+        self.snapshot_count = len(events)
+        log.info("snapshot.loaded events=%d offset=%d", len(events), offset)
+
+    def _load_snapshot(self, path: Path, me: str) -> tuple[int, Any, list[Event]] | None:
+        """``(offset, running sha256 of the log's first offset bytes, events)`` of the
+        snapshot at ``path`` when it is intact and covers a prefix of this very log, else
+        None (none there, or ignored: logged ``snapshot.ignored reason=...``)."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("snapshot.ignored path=%s reason=unreadable (%s); replaying the log", path, exc.strerror)
+            return None
+        try:
+            offset, covered, events = snapshot.decode(data, me)
+            h = self._hash_prefix(offset)
+            if h.hexdigest() != covered:
+                raise snapshot.Ignored("log-changed (the log's first bytes differ from those it "
+                                       "covers: compacted, rewritten or restored)")
+        except snapshot.Ignored as exc:
+            log.warning("snapshot.ignored path=%s reason=%s; replaying the log", path, exc)
+            return None
+        return offset, h, events
+
+    def _hash_prefix(self, offset: int) -> Any:
+        """sha256 of the log's first ``offset`` bytes; snapshot.Ignored if it is shorter."""
+        if self._fd < 0 or os.fstat(self._fd).st_size < offset:
+            raise snapshot.Ignored("log-shorter (the log is shorter than the snapshot covers: "
+                                   "restored or truncated)")
+        h = hashlib.sha256()
+        at = 0
+        while at < offset:
+            chunk = os.pread(self._fd, min(HASH_CHUNK, offset - at), at)
+            if not chunk:
+                raise snapshot.Ignored("log-shorter (the log shrank while it was read)")
+            h.update(chunk)
+            at += len(chunk)
+        return h
+
+    def _reset(self) -> None:
+        """Forget every folded event (the conflicts stay): the file is read again from 0."""
+        conflicts, evidence = self.ledger.conflicts, self.ledger.evidence
+        self.ledger = Ledger(self.ledger.pinned, self.me, collect_dropped=True)
+        self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
+        self.network = Network()
+        self._offset = 0
+        self._prefix_hash = hashlib.sha256()
+        self._covered = 0
+        self._grown = {}
+
     def _read_new(self, initial: bool = False) -> list[Event]:
         """Read and fold every complete line after ``_offset``. Caller holds the flock."""
         if not initial and self._replaced():
@@ -205,12 +305,13 @@ class EventLog:
             except InvalidEvent as exc:
                 self._reject(f"line at byte {self._offset}+: {exc}", n)
                 continue
-            result = self.ledger.offer(ev)
+            result = self.ledger.offer(ev, verify=self._verify_stored)
             if result.rejected:
                 self._reject(result.rejected, n)
             for e in result.accepted:
                 self.network.apply(e)
             accepted.extend(result.accepted)
+        self._prefix_hash.update(data[:end])
         self._offset += end
         self._take_dropped()
         self._log_notes()
@@ -254,6 +355,7 @@ class EventLog:
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         shrank, self._offset = self._offset - len(buf), len(buf)
+        self._prefix_hash = hashlib.sha256(buf)
         log.info("eventlog.compacted path=%s dropped_lines=%d bytes=%d shrank=%d",
                  self.path, self._covered, len(buf), shrank)
         self._covered = 0
@@ -324,16 +426,11 @@ class EventLog:
             os.ftruncate(self._fd, before)
             self._reload()
             raise MaildropError(f"cannot append to {self.path}: {os.strerror(exc.errno or errno.EIO)}") from exc
+        self._prefix_hash.update(buf)
         self._offset += len(buf)
 
     def _reload(self) -> None:
-        conflicts, evidence = self.ledger.conflicts, self.ledger.evidence
-        self.ledger = Ledger(self.ledger.pinned, self.me, collect_dropped=True)
-        self.ledger.conflicts, self.ledger.evidence = conflicts, evidence
-        self.network = Network()
-        self._offset = 0
-        self._covered = 0
-        self._grown = {}
+        self._reset()
         self._read_new(initial=True)
 
     # -- the API ----------------------------------------------------------------------------
@@ -498,6 +595,27 @@ class EventLog:
     def size_bytes(self) -> int:
         return self._offset
 
+    def write_snapshot(self) -> int:
+        """Replace ``state/snapshot.json`` with the events held now and the log offset they
+        fold from; returns how many events it holds. The state is taken under the lock,
+        the file written outside it (events are immutable). Raises MaildropError if the
+        file cannot be written (the old one stays; nothing else depends on it)."""
+        if not self.writable or self.me is None:
+            raise MaildropError("a snapshot is written by the agent's own writable log")
+        with self.lock:
+            offset, covered = self._offset, self._prefix_hash.hexdigest()
+            held = list(self.ledger.all_events())
+        target = snapshot.path_for(self.path)
+        for stray in target.parent.glob(f".{target.name}.*.tmp"):  # left by a crash mid-write
+            stray.unlink(missing_ok=True)
+        try:
+            size = _replace(snapshot.path_for(self.path), snapshot.encode(self.me, offset, covered, held))
+        except OSError as exc:
+            raise MaildropError(f"cannot write {snapshot.path_for(self.path)}: "
+                                f"{os.strerror(exc.errno or errno.EIO)}") from exc
+        log.info("snapshot.written events=%d offset=%d bytes=%d", len(held), offset, size)
+        return len(held)
+
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):
             if fd >= 0:
@@ -513,6 +631,31 @@ def _grown(feed: Feed | None) -> int:
             break
         n += e.type in NETWORK_TYPES
     return n
+
+
+def _replace(path: Path, data: bytes) -> int:
+    """Replace ``path`` with ``data`` atomically and durably (write aside, fsync, rename,
+    fsync the folder); returns the size. Raises OSError: the old file is then in place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return len(data)
+
+
+def _trusted(_ev: Event, _key: str) -> bool:
+    """The ``Verify`` of stored lines: their signatures were checked before they were written."""
+    return True
 
 
 def _preverify(events: Sequence[Event], keys: Mapping[str, list[str]]) -> Verify:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce", "admission",
-        "health", "checkpoint", "explain", "timetravel",
+        "health", "checkpoint", "explain", "timetravel", "snapshot",
         "protocol", "gossip", "reconcile", "config", "logsafe", "durable", "lifecycle"}
 EDGES = {"eventlog", "spool", "seal", "transport.ssh", "transport.local", "transport.openssh", "watcher",
          "sdnotify", "metrics", "failpoints"}
