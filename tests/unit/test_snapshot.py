@@ -130,7 +130,7 @@ def test_a_snapshot_of_another_node_or_format_is_ignored(tmp_path, caplog):
 def test_a_snapshot_the_ledger_refuses_is_dropped_and_the_log_replayed(tmp_path, caplog):
     key, path, elog = _log_with_history(tmp_path)
     held = list(elog.ledger.all_events())
-    offset, covered = elog.size_bytes, elog._covered.hexdigest()
+    offset, covered = elog.size_bytes, elog._prefix_hash.hexdigest()
     full = _picture(elog)
     elog.close()
     # Intact and covering this log, but its seq 2 links to no held event (a bug of its writer).
@@ -143,7 +143,7 @@ def test_a_snapshot_the_ledger_refuses_is_dropped_and_the_log_replayed(tmp_path,
 def test_a_whole_snapshot_with_events_of_the_wrong_shape_is_ignored(tmp_path, caplog):
     _, path, elog = _log_with_history(tmp_path)
     held = list(elog.ledger.all_events())
-    offset, covered = elog.size_bytes, elog._covered.hexdigest()
+    offset, covered = elog.size_bytes, elog._prefix_hash.hexdigest()
     full = _picture(elog)
     elog.close()
     rows = [[e.origin, e.seq, e.prev, e.ts, e.type, dict(e.data), e.id, e.sig, e.v] for e in held]
