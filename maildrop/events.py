@@ -2,8 +2,13 @@
 
 One event is one JSON object on one line::
 
-    {"v":1,"origin":"NodeA","seq":12,"prev":"<id of seq 11>","ts":"2026-11-27T15:30:00.123Z",
-     "type":"transfer.queued","data":{...},"id":"<sha256 hex>","sig":"<base64 ed25519>"}
+    {"v":2,"origin":"NodeA","seq":12,"prev":"<id of seq 11>","ts":"2026-11-27T15:30:00.123Z",
+     "type":"link.up","data":{...},"id":"<sha256 hex>","sig":"<base64 ed25519>"}
+
+- Network events (``node.configured``, ``link.*``) are links of their origin's feed: ``seq``
+  from 1, ``prev`` the id of the one before. Transfer facts (``TRANSFER_TYPES``) written
+  since version 2 are standalone: ``seq`` 0, ``prev`` null (``Event.is_fact``,
+  ``make_fact``); a version-1 transfer record is a legacy fact inside its origin's chain.
 
 - ``id`` is the sha256 of the canonical form (sorted keys, no spaces, UTF-8) of the event
   without ``id`` and ``sig``; ``sig`` is the origin's ed25519 signature of the ASCII id.
@@ -41,7 +46,8 @@ from . import ids
 from .errors import InvalidEvent
 from .keys import NodeKey, normalize_public_line, verify
 
-VERSION = 1
+VERSION = 2
+"""The record version written. Version 1 records are read for ever (``_UPGRADES``)."""
 MAX_EVENT_BYTES = 16 * 1024
 MAX_SEQ = 2**63 - 1
 # Every ts from the epoch on parses, so a node whose clock was reset to 1970 still writes
@@ -72,6 +78,11 @@ TRANSFER_DELIVERED = "transfer.delivered"
 TRANSFER_FAILED = "transfer.failed"
 TRANSFER_REFUSED = "transfer.refused"
 LINK_HEALTH = "link.health"
+TRANSFER_TYPES = frozenset({TRANSFER_QUEUED, TRANSFER_RELAYED, TRANSFER_DELIVERED, TRANSFER_FAILED,
+                            TRANSFER_REFUSED})
+"""Transfer facts: in a version-2 record standalone (``seq`` 0, ``prev`` null, in no feed),
+held only by the transfer's origin, destination and custodians (docs/history.md). A
+version-1 record of one of these types is a *legacy* fact: a link of its origin's chain."""
 
 # ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
 # within a bucket writes no event (docs/routing.md).
@@ -251,6 +262,11 @@ class Event:
             "ts": self.ts, "type": self.type, "data": dict(self.data),
         }
 
+    @property
+    def is_fact(self) -> bool:
+        """A standalone transfer fact (``seq`` 0): in no feed, never gossiped."""
+        return self.seq == 0
+
     def to_dict(self) -> dict[str, Any]:
         d = self.body()
         d["id"] = self.id
@@ -282,22 +298,41 @@ def compute_id(body: Mapping[str, Any]) -> str:
 
 
 def make_event(
-    key: NodeKey, origin: str, seq: int, prev: str | None, now: float, type: str, data: Mapping[str, Any]
+    key: NodeKey, origin: str, seq: int, prev: str | None, now: float, type: str, data: Mapping[str, Any],
+    v: int = VERSION,
 ) -> Event:
-    """Build and sign this node's next event. Raises InvalidEvent if ``data`` breaks its schema
-    or ``now`` is outside the years MIN_YEAR..MAX_YEAR (a clock before the epoch or past
-    9999): such an event would be refused by every node, this one included when it reads
-    its log again."""
+    """Build and sign this node's next network event (the next link of its feed). Raises
+    InvalidEvent if ``data`` breaks its schema, ``type`` is a transfer fact (those are made
+    with ``make_fact``; ``v=1`` makes a legacy chained one, as maildrop wrote before version
+    2, for tests and fixtures) or ``now`` is outside the years MIN_YEAR..MAX_YEAR (a clock
+    before the epoch or past 9999): such an event would be refused by every node, this one
+    included when it reads its log again."""
+    if type in TRANSFER_TYPES and v >= 2:
+        raise InvalidEvent(f"{type} is a transfer fact: it is made with make_fact, in no feed")
+    return _signed(key, v, origin, seq, prev, now, type, data)
+
+
+def make_fact(key: NodeKey, origin: str, now: float, type: str, data: Mapping[str, Any]) -> Event:
+    """Build and sign a standalone transfer fact of this node (``seq`` 0, ``prev`` null,
+    the current ``VERSION``). Raises InvalidEvent as ``make_event`` does, and for a type
+    that is not a transfer fact."""
+    if type not in TRANSFER_TYPES:
+        raise InvalidEvent(f"{brief(type, 40)} is not a transfer fact")
+    return _signed(key, VERSION, origin, 0, None, now, type, data)
+
+
+def _signed(key: NodeKey, v: int, origin: str, seq: int, prev: str | None, now: float, type: str,
+            data: Mapping[str, Any]) -> Event:
     _check_data(type, data)
     ts = format_ts(now)
     if not _ts(ts):
         raise InvalidEvent(f"the clock says {ts}, outside the years {MIN_YEAR}..{MAX_YEAR}; "
                            "set the system clock")
-    body = {"v": VERSION, "origin": origin, "seq": seq, "prev": prev, "ts": ts,
+    body = {"v": v, "origin": origin, "seq": seq, "prev": prev, "ts": ts,
             "type": type, "data": dict(data)}
     eid = compute_id(body)
     sig = base64.b64encode(key.sign(eid.encode())).decode()
-    return Event(origin, seq, prev, body["ts"], type, dict(data), eid, sig)
+    return Event(origin, seq, prev, body["ts"], type, dict(data), eid, sig, v)
 
 
 def _check_data(type: str, data: Any) -> None:
@@ -329,8 +364,15 @@ def brief(value: Any, limit: int = 80) -> str:
     return f"a {type(value).__name__}"
 
 
-# Upgraders from record version N to N+1; none yet (version 1 is the first).
-_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _upgrade_1(obj: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 to 2 for the reading: the fields are the same (a version-1 transfer fact is
+    a legacy, chained one, see ``TRANSFER_TYPES``). Part E may refine this reading."""
+    return {**obj, "v": 2}
+
+
+# Upgraders from record version N to N+1, for the reading only: the record stored and
+# re-sent is the original (its id is over its own body).
+_UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _upgrade_1}
 
 
 def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
@@ -378,16 +420,22 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
     origin, seq, prev, ts = obj["origin"], obj["seq"], obj["prev"], obj["ts"]
     if not ids.is_node_id(origin):
         raise InvalidEvent(f"bad origin {brief(origin, 70)}")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
         raise InvalidEvent(f"bad seq {brief(seq)}")
+    if not isinstance(obj["type"], str):
+        raise InvalidEvent("bad type")
+    if seq == 0 and (original["v"] < 2 or obj["type"] not in TRANSFER_TYPES):
+        raise InvalidEvent("bad seq 0: only a version-2 transfer fact is standalone")
+    if seq >= 1 and original["v"] >= 2 and obj["type"] in TRANSFER_TYPES:
+        raise InvalidEvent(f"a version-2 {obj['type']} is a standalone fact: seq 0, prev null")
+    if seq == 0 and prev is not None:
+        raise InvalidEvent("a transfer fact (seq 0) must have prev null")
     if seq == 1 and prev is not None:
         raise InvalidEvent("seq 1 must have prev null")
     if seq > 1 and not _hex64(prev):
         raise InvalidEvent("bad prev")
     if not _ts(ts):
         raise InvalidEvent(f"bad ts {brief(ts)} (want a real UTC time, {MIN_YEAR}..{MAX_YEAR})")
-    if not isinstance(obj["type"], str):
-        raise InvalidEvent("bad type")
     _check_data(obj["type"], obj["data"])
     if not isinstance(obj["sig"], str) or len(obj["sig"]) > 200:
         raise InvalidEvent("bad sig")
@@ -397,4 +445,6 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
         raise InvalidEvent("id does not match content (tampered or corrupted)")
     if obj["type"] == NODE_CONFIGURED and obj["data"]["id"] != origin:
         raise InvalidEvent("node.configured names another node than its origin")
-    return Event(origin, seq, prev, ts, obj["type"], dict(obj["data"]), obj["id"], obj["sig"], VERSION)
+    # The record keeps its own version: ``to_line`` writes it back exactly as signed.
+    return Event(origin, seq, prev, ts, obj["type"], dict(obj["data"]), obj["id"], obj["sig"],
+                 original["v"])
