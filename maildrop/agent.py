@@ -78,7 +78,7 @@ from .protocol import MAX_BATCH, FrameStream
 from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
-from .transfers import Answer, Custody, offer_chunks
+from .transfers import STALE_MARGIN, Answer, Custody, offer_chunks
 from .transport import openssh
 from .transport.local import SOCKET_NAME, LocalServer
 from .transport.ssh import (
@@ -99,6 +99,8 @@ PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible, *openssh.PERMANENT)
 SERVE_OPS = {"fingerprint", "gossip", "offer", "ping"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
+HISTORY_SWEEP_EVERY = 3600.0
+"""Seconds between two retention sweeps of the fact store (one runs at start too)."""
 STATUS_REASONS = 200  # transfers with a reason listed in state/agent.json at most
 SMALL_FILE = 1024 * 1024  # files up to this size travel in batches on the small-file lane
 SMALL_LANE = 4  # small-file offers (batches) at once per peer
@@ -332,6 +334,7 @@ class Agent:
         new = announce(self.config, self.key, self.log)
         if new:
             log.info("agent.announced events=%d", len(new))
+        self.sweep_history()
         self.custodian.adopt(self.custody.recover())
         self.control.start()  # saved holds apply before the custody service plans
         self.custodian.serving()
@@ -486,7 +489,11 @@ class Agent:
         wd = sdnotify.watchdog_interval()
         status = 0
         next_wd = 0.0
+        next_history = time.monotonic() + HISTORY_SWEEP_EVERY
         while not self.stop.wait(STATUS_EVERY if wd is None else min(STATUS_EVERY, wd)):
+            if time.monotonic() >= next_history:
+                next_history = time.monotonic() + HISTORY_SWEEP_EVERY
+                self.sweep_history()
             if reload is not None and reload.is_set():
                 reload.clear()
                 applied = self.reload()
@@ -540,7 +547,8 @@ class Agent:
     # -- reload (SIGHUP, systemctl reload) -------------------------------------------------------
     RELOADABLE = frozenset({"display_name", "advertise", "peers", "gossip_interval",
                             "link_down_after", "expire_after", "resend_after", "max_file_size",
-                            "min_free_space", "parallel", "log_level", "log_json", "admission"})
+                            "min_free_space", "parallel", "log_level", "log_json", "admission",
+                            "history_keep"})
     """Config fields ``reload`` applies to the running agent (``log.*`` through ``run``'s
     ``on_reload``). Any other field that changed (node.id, node.listen, root, key, outbox.*,
     metrics.listen, and every field added later) needs a restart."""
@@ -551,7 +559,8 @@ class Agent:
                    "max_file_size": "transfers.max_file_size",
                    "min_free_space": "transfers.min_free_space", "parallel": "transfers.parallel",
                    "settle": "outbox.settle", "rescan_interval": "outbox.rescan_interval",
-                   "polling": "outbox.polling", "log_level": "log.level", "log_json": "log.json",
+                   "polling": "outbox.polling", "history_keep": "history.keep",
+                   "log_level": "log.level", "log_json": "log.json",
                    "metrics_listen": "metrics.listen"}
     """Config fields by the YAML keys an operator knows them as (the others: their own name)."""
 
@@ -1001,6 +1010,21 @@ class Agent:
                               "%.0f s (or at the next start)", len(batch), BROKEN_RETRY)
                 unfinished_since = time.monotonic()
 
+    def sweep_history(self) -> int:
+        """Retention (``history.keep``): drop the facts of transfers that ended longer ago,
+        and the exactly-once memory past its horizon (``transfers.expire_after`` +
+        ``transfers.STALE_MARGIN``, the age from which offers are refused as ``stale``).
+        Runs at start and every ``HISTORY_SWEEP_EVERY`` s; a failure is logged, never fatal."""
+        try:
+            n = self.log.facts.sweep(time.time(), self.config.history_keep,
+                                     self.config.expire_after + STALE_MARGIN)
+        except Exception:
+            log.exception("history.sweep.failed")
+            return 0
+        if n:
+            log.info("history.swept transfers=%d keep=%.0f", n, self.config.history_keep)
+        return n
+
     def _after_sweep(self) -> None:
         """Make ``outbox/<id>/`` for every node a route reaches (not for every node known:
         ids cost a folder and a watch each)."""
@@ -1187,8 +1211,8 @@ class Agent:
             _METRIC_STATE.get(t.phase, t.phase) if not t.hold else "on-hold"
             for t in self.custodian.snapshot().values() if t.phase != L.FORWARDED)
         with self.log.lock:
-            transfers = collections.Counter(t.state for t in self.log.network.all_transfers())
             events, conflicts = self.log.ledger.count, len(self.log.ledger.conflicts)
+        transfers = collections.Counter(self.log.facts.counts())
         peers = {lk.id: metrics.PeerSample(lk.state == "up", lk.rounds, lk.client.bytes_sent,
                                            lk.client.bytes_received)
                  for lk in list(self.links.values())}

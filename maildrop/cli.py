@@ -395,6 +395,9 @@ def status_document(config) -> dict[str, Any]:
                   "started": agent.get("started") if agent else None},
         "peers": peers, "differing_peers": [p["id"] for p in peers if p["in_sync"] is False],
         "routes": routes, "transfers": transfers,
+        # Transfers by state among the facts this node holds (the list above shows the open
+        # ones and the most recently ended: ``model.RECENT_ENDED``).
+        "transfer_counts": elog.facts.counts(),
         "errors": (agent or {}).get("errors", []) if agent else [],
     })
     elog.close()

@@ -39,7 +39,7 @@ from . import lifecycle as L
 from .admission import Held, Rules, counted, decide
 from .eventlog import EventLog
 from .events import Event
-from .model import DELIVERED, FAILED
+from .model import DELIVERED
 from .relay import plan
 from .transfers import Answer, Custody, Offered, Recovered
 
@@ -360,10 +360,15 @@ class Custodian:
         reports = [(tid, before, e) for tid, before, e in effects if isinstance(e, L.Report)]
         if reports:
             try:
-                self.custody.append([(E.TRANSFER_REFUSED, self._report(tid, e)) for tid, _, e in reports])
-                for tid, _, e in reports:
+                evs = self.custody.append([(E.TRANSFER_REFUSED, self._report(tid, e)) for tid, _, e in reports])
+                for (tid, before, e), ev in zip(reports, evs, strict=True):
                     log.warning("transfer.refused transfer=%s by=%s reason=%s detail=%s",
                                 tid, e.by, e.reason, e.detail)
+                    # The origin acts on it, the node that handed it to us routes around us.
+                    sender = before.passed[-1] if before.passed else None
+                    for to in dict.fromkeys((before.origin, sender)):
+                        if to is not None and to != self.me:
+                            self.custody.notify(to, ev)
             except Exception:
                 for tid, before, e in reports:
                     self._broke(tid, before, e)
@@ -468,7 +473,7 @@ class Custodian:
         if t is not None and t.phase == L.DELIVERING and t.reason:
             return Answer("pending", detail=t.reason)
         if t is not None or whole or self._have(tid, queued):
-            return Answer("have")
+            return Answer("have", facts=self.custody.facts_for_sender(tid))
         d = queued.data
         refusal = decide(self.rules(), self.me, queued.origin, d["destination"], d["size"],
                          self._held.get(queued.origin, Held()))
@@ -484,19 +489,20 @@ class Custodian:
         return Answer("accept", offset=offset)
 
     def _open(self, tid: str, queued: Event) -> bool:
-        """True while ``queued``'s claim has no end in the model (neither delivered nor failed)."""
-        with self.events.lock:
-            tr = self.events.network.transfer(tid, queued.origin)
-            return tr is None or tr.state not in (DELIVERED, FAILED)
+        """True while ``queued``'s claim has no end (neither delivered nor failed), by the
+        model or the fact store."""
+        return self.custody.ended(tid, queued.origin) is None
 
     def _have(self, tid: str, queued: Event) -> bool:
         """True when this node has (or had) the bytes by the model: its own file came back
         around, or the receipt or our signed custody is known."""
         if queued.origin == self.me:
             return True
+        if self.custody.ended(tid, queued.origin) == DELIVERED:
+            return True
         with self.events.lock:
             tr = self.events.network.transfer(tid, queued.origin)
-            return tr is not None and (tr.state == DELIVERED or self.me in tr.custody)
+            return tr is not None and self.me in tr.custody
 
     def _commit(self, peer: str, files: list[Offered]) -> list[Answer]:
         try:
@@ -515,8 +521,8 @@ class Custodian:
             t = self._transfers.get(o.transfer)
             if t is not None and t.phase == L.DELIVERING and t.reason:
                 out.append(Answer("pending", detail=t.reason))
-            else:
-                out.append(Answer("stored"))
+            else:  # our custody (or, delivered, the receipt) goes back inline
+                out.append(Answer("stored", facts=self.custody.facts_for_sender(o.transfer)))
         return out
 
     # -- what readers see (through call) ----------------------------------------------------------
