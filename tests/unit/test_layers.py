@@ -9,7 +9,7 @@ CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay"
         "health",
         "protocol", "gossip", "config", "logsafe", "durable", "lifecycle"}
 EDGES = {"eventlog", "spool", "seal", "transport.ssh", "transport.local", "transport.openssh", "watcher",
-         "sdnotify", "metrics", "failpoints"}
+         "sdnotify", "metrics", "failpoints", "notices"}
 SHELL = {"transfers", "custodian", "agent", "localnet", "demo", "check", "control"}
 THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"},
                     "prometheus_client": {"metrics"}, "pyrage": {"seal"}}
