@@ -8,8 +8,8 @@ PKG = Path(__file__).resolve().parents[2] / "maildrop"
 CORE = {"ids", "errors", "keys", "events", "ledger", "model", "routing", "relay", "announce", "admission",
         "health",
         "protocol", "gossip", "config", "logsafe", "durable", "lifecycle"}
-EDGES = {"eventlog", "factstore", "spool", "seal", "transport.ssh", "transport.local", "transport.openssh", "watcher",
-         "sdnotify", "metrics", "failpoints"}
+EDGES = {"eventlog", "factstore", "spool", "seal", "transport.ssh", "transport.local", "transport.openssh",
+         "watcher", "sdnotify", "metrics", "failpoints", "notices"}
 SHELL = {"transfers", "custodian", "agent", "localnet", "demo", "check", "control"}
 THIRD_PARTY_HOME = {"paramiko": {"transport.ssh"}, "watchdog": {"watcher"},
                     "prometheus_client": {"metrics"}, "pyrage": {"seal"}}
