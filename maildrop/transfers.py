@@ -233,9 +233,6 @@ class Custody:
         self.silence_after = 15.0  # a sender silent this long mid-offer is gone (the agent sets it)
         # Told of every transfer this node has just queued (take, replayed take).
         self.on_taken: Callable[[list[Event]], None] = lambda _evs: None
-        # ``notify(to, fact)``: send one of our facts to a party that is not the peer at hand
-        # (a store-and-forward notice; the agent sets it; a no-op by default).
-        self.notify: Callable[[str, Event], None] = lambda _to, _ev: None
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
@@ -799,9 +796,13 @@ class Custody:
         if not any(queued.verify_signature(k) for k in keys):
             raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
         try:
-            parse_ts(queued.ts)
+            at = parse_ts(queued.ts)
         except (ValueError, OverflowError):
             raise TransferRefused("bad-offer", f"queued time {queued.ts!r} is not a date") from None
+        horizon = self.stale_after + STALE_MARGIN
+        if queued.origin != self.me and at < time.time() - horizon:  # before it is kept at all
+            raise TransferRefused("stale", f"queued at {queued.ts}, more than {horizon:.0f} s ago: "
+                                  "no node keeps or delivers it any more")
         return queued
 
     def _check_offer(self, peer: str, frame: dict[str, Any], queued: Event,
@@ -812,10 +813,7 @@ class Custody:
         if self.ended(tid, queued.origin) == FAILED:
             # cancelled or expired by its origin: neither kept nor delivered any more
             raise TransferRefused("failed", f"{queued.origin} gave up on this transfer")
-        horizon = self.stale_after + STALE_MARGIN
-        if queued.origin != self.me and parse_ts(queued.ts) < time.time() - horizon:
-            raise TransferRefused("stale", f"queued at {queued.ts}, more than {horizon:.0f} s ago: "
-                                  "no node keeps or delivers it any more")
+
         route = frame["route"]
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
             raise TransferRefused("bad-offer", "route is malformed")
