@@ -365,7 +365,7 @@ class Custodian:
                     log.warning("transfer.refused transfer=%s by=%s reason=%s detail=%s",
                                 tid, e.by, e.reason, e.detail)
                     # The origin acts on it, the node that handed it to us routes around us.
-                    sender = before.passed[-1] if before.passed else None
+                    sender = next((n for n in reversed(before.passed) if n != self.me), None)
                     for to in dict.fromkeys((before.origin, sender)):
                         if to is not None and to != self.me:
                             self.custody.notify(to, ev)

@@ -79,6 +79,7 @@ def test_minimal_config_and_defaults() -> None:
     assert c.link_down_after == 15.0
     assert c.expire_after == 7 * 86400
     assert c.resend_after == 6 * 3600
+    assert c.history_keep == 14 * 86400
     assert c.max_file_size == 64 * 2**30
     assert c.min_free_space == 256 * 2**20
     assert c.parallel == 4
@@ -753,6 +754,13 @@ def test_peer_address_is_this_nodes_own() -> None:
 
 
 # --------------------------------------------------------------------------- setting errors
+
+
+def test_history_keep() -> None:
+    assert parse_config(BASE + "history:\n  keep: 3d\n", CFG).history_keep == 3 * 86400
+    assert err(BASE + "history:\n  keep: forever\n") == (
+        "history.keep: 'forever' is not a duration; expected e.g. 30s, 5m, 2h, 7d"
+    )
 
 
 def test_bad_durations() -> None:
