@@ -91,6 +91,9 @@ class Custodian:
         # ``_transfers``: after a crash it is rebuilt from what ``adopt`` takes back.
         self._held: dict[str, Held] = {}
         self._broken: dict[str, float] = {}  # transfer id -> when it may be planned again
+        # Our own transfers -> the hops we offered them to (soft): told the receipt by
+        # notice when it comes, so a hop left with a part lets it go (``_tell_offered``).
+        self._offered: dict[str, set[str]] = {}
         self._resuming: set[str] = set()  # deliveries recovered at start (a link may exist)
         self._cutting: set[str] = set()  # arrivals a cut-through forwards now: not planned meanwhile
         self._thread: threading.Thread | None = None
@@ -304,6 +307,7 @@ class Custodian:
         if new.ended:
             self._keep(tid, None)
             self._resuming.discard(tid)
+            self._tell_offered(new)
         else:
             self._keep(tid, new)
             if new.due(now):
@@ -312,6 +316,20 @@ class Custodian:
             if wake is not None:
                 self._next_wake = min(self._next_wake, wake)
         effects.extend((tid, t, e) for e in fx)
+
+    def _tell_offered(self, t: L.Transfer) -> None:
+        """Our own transfer ended: when delivered, every hop we offered it to (but the
+        destination) hears the receipt by notice — one that kept a part of an offer cut
+        short lets it go then, instead of after ``stale_after``. A relay's cut offers are
+        not followed this way: their parts go as ``stale-part``."""
+        hops = self._offered.pop(t.id, set()) - {self.me, t.destination}
+        if t.phase != L.DELIVERED or not hops:
+            return
+        receipts = [e for e in self.custody.log.facts.facts_of(t.id)
+                    if e.type == E.TRANSFER_DELIVERED and e.origin == t.destination]
+        for hop in sorted(hops):
+            for ev in receipts[:1]:
+                self.custody.notify(hop, ev)
 
     def _plan(self, now: float, full: bool, effects: list) -> None:
         policy = self.policy()
@@ -391,6 +409,8 @@ class Custodian:
                 t = self._transfers.get(tid)
                 if t is not None:
                     offers.setdefault(e.hop, []).append(Job(tid, e.token, t.passed, t.size))
+                    if t.role == L.ORIGIN:
+                        self._offered.setdefault(tid, set()).add(e.hop)
         for tid, _, e in drops:
             self.custody.let_go(tid, e.reason)  # unlinked on the reaper thread
         if deliveries:
