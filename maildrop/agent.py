@@ -270,8 +270,8 @@ class Agent:
         except PermissionError as exc:  # e.g. events.jsonl owned by another user
             raise _unwritable(config, exc.filename) from None
         self._ready = threading.Event()  # set once the own feed is taken back and announced
-        # A hop's signed custody reaches a relay by gossip within about one round (rounds are
-        # kicked by new events): ten rounds without it and the relay resends elsewhere.
+        # A hop's signed custody comes back inline in its ``stored`` answer (from an older
+        # hop: by notice): ten gossip rounds without it and the relay resends elsewhere.
         self.policy = L.Policy(expire_after=config.expire_after, resend_after=config.resend_after,
                                confirm_after=CONFIRM_ROUNDS * config.gossip_interval)
         self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
