@@ -1348,7 +1348,7 @@ class Agent:
         """A fact routed to this node arrived (once per fact id): into the fact store and the
         model (``EventLog.ingest_facts``: refused, and logged, when it is not about a
         transfer of ours); new facts replan at once."""
-        res = self.log.ingest_facts([ev])
+        res = self.log.ingest_facts([ev], addressed=True)
         log.info("notice.delivered to=%s fact=%s transfer=%s origin=%s new=%d", self.me, ev.type,
                  ev.data.get("transfer"), ev.origin, len(res.accepted))
         if res.accepted:

@@ -52,6 +52,7 @@ from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
 from .events import (
     NODE_CONFIGURED,
+    TRANSFER_FAILED,
     TRANSFER_QUEUED,
     TRANSFER_RELAYED,
     TRANSFER_TYPES,
@@ -371,7 +372,7 @@ class EventLog:
             return out
 
     def ingest_facts(self, events: Iterable[Event], now: float | None = None, *,
-                     offered: bool = False) -> Ingested:
+                     offered: bool = False, addressed: bool = False) -> Ingested:
         """Take transfer facts from a peer (with an offer: ``offered``; in a ``stored`` or
         ``have`` answer; by notice) into the store and the model.
 
@@ -379,8 +380,10 @@ class EventLog:
         the store only, its chain comes by gossip), signed by its origin under a key the
         ledger knows for it, and about a transfer this node has a part in: a
         ``transfer.queued`` that comes with an offer to us, names us as its destination or
-        is ours; any other fact only when this node already holds a fact of that transfer
-        (the id is random: only a party can name it). The rest is refused, logged as one
+        is ours; a ``transfer.failed`` its origin addressed to us by notice (``addressed``:
+        we are its destination or a custodian, and a copy may still come); any other fact
+        only when this node already holds a fact of that transfer (the id is random: only
+        a party can name it). The rest is refused, logged as one
         line with a count, never stored. Durable on return (``FactStore.put``)."""
         result = Ingested()
         events = list(events)
@@ -405,7 +408,8 @@ class EventLog:
             for ev in signed:
                 tid = ev.data["transfer"]
                 if tid in known or ev.origin == self.me or (ev.type == TRANSFER_QUEUED and (
-                        offered or ev.data["destination"] == self.me)):
+                        offered or ev.data["destination"] == self.me)) or (
+                        addressed and ev.type == TRANSFER_FAILED):
                     ours.append(ev)
                 else:
                     result.rejected.append(f"{ev.type} of {tid} from {ev.origin}: not a transfer of ours")
