@@ -311,7 +311,7 @@ class Custody:
         match = [e for e in claims.values() if (e.data["size"], e.data["sha256"]) == (size, sha)]
         return min(match, key=lambda e: (e.origin, e.seq)) if match else None
 
-    def _in_ledger(self, queued: Event) -> bool:
+    def _in_store(self, queued: Event) -> bool:
         """True once this queued event is held in the fact store."""
         return self.log.facts.has_fact(queued.id)
 
@@ -635,7 +635,7 @@ class Custody:
                 parsed.append((i, item, self._parse_offered(item)))
             except TransferRefused as exc:
                 self._refusal(answers, i, peer, item, exc)
-        missing = [q for _, _, q in parsed if not self._in_ledger(q)]
+        missing = [q for _, _, q in parsed if not self._in_store(q)]
         if missing:  # the batch's queued facts join the store in one transaction
             self.log.ingest_facts(missing, offered=True)
         checked: list[tuple[int, Offered]] = []
@@ -918,9 +918,9 @@ class Custody:
         "have". Should the append fail, the copies go back to being parts (the sender's next
         offer resumes them), so no whole copy is left that nobody holds."""
         for o in files:
-            if not self._in_ledger(o.queued):
-                # The origin's feed has a gap here, so recovery could not find the queued
-                # event in the log: keep it beside the copy (before the copy is whole).
+            if not self._in_store(o.queued):
+                # The queued fact is not in the fact store (its put was refused), so recovery
+                # could not find it there: keep it beside the copy (before the copy is whole).
                 self.spool.write_meta(o.transfer, {"queued": o.queued.to_dict(), "from": peer,
                                                    "passed": list(o.route)})
         for o in files:
