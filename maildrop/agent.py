@@ -63,7 +63,7 @@ from tenacity import (
 )
 
 from . import events as E
-from . import gossip, health, metrics, sdnotify
+from . import gossip, health, metrics, notices, sdnotify
 from . import lifecycle as L
 from .announce import config_events
 from .config import Config, Peer, format_hostport, load_config
@@ -72,13 +72,14 @@ from .custodian import Custodian, Job
 from .errors import ConfigError, MaildropError, ProtocolError, TransferRefused
 from .eventlog import EventLog
 from .events import Event
+from .failpoints import failpoint
 from .keys import NEW_SUFFIX, NodeKey, load_key, load_old_key, sibling
 from .logsafe import OneLine
-from .protocol import MAX_BATCH, FrameStream
+from .protocol import MAX_BATCH, MAX_NOTICE_BYTES, MAX_NOTICE_FACTS, MAX_NOTICE_HOPS, FrameStream
 from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
-from .transfers import Answer, Custody, offer_chunks
+from .transfers import STALE_MARGIN, Answer, Custody, offer_chunks
 from .transport import openssh
 from .transport.local import SOCKET_NAME, LocalServer
 from .transport.ssh import (
@@ -96,9 +97,11 @@ from .watcher import OutboxWatcher
 log = logging.getLogger("maildrop.agent")
 
 PERMANENT = (HostKeyMismatch, AuthRefused, PeerIncompatible, *openssh.PERMANENT)
-SERVE_OPS = {"fingerprint", "buckets", "gossip", "offer", "ping"}
+SERVE_OPS = {"fingerprint", "buckets", "gossip", "offer", "ping", "notice"}
 STATUS_FILE = "agent.json"
 STATUS_EVERY = 1.0
+HISTORY_SWEEP_EVERY = 3600.0
+"""Seconds between two retention sweeps of the fact store (one runs at start too)."""
 STATUS_REASONS = 200  # transfers with a reason listed in state/agent.json at most
 SMALL_FILE = 1024 * 1024  # files up to this size travel in batches on the small-file lane
 SMALL_LANE = 4  # small-file offers (batches) at once per peer
@@ -120,6 +123,12 @@ SNAPSHOT_GROWTH = 4
 SNAPSHOT_EVERY = 600.0
 """Seconds after which any new event makes the main loop write a snapshot (as does a clean
 stop), so a start replays little of the log's tail."""
+NOTICE_AGE_FACTOR = 2
+"""A notice is dropped once its fact is older than this many ``transfers.expire_after``: a
+fact made at the end of a transfer's window still has a whole window to travel."""
+NOTICE_TICK = 2.0
+"""Seconds the notice pump waits at most between two looks at its queue (it is also kicked
+by every model change and link up)."""
 
 
 def open_log(config: Config, writable: bool = True, own_key: str | None = None) -> EventLog:
@@ -268,8 +277,8 @@ class Agent:
         except PermissionError as exc:  # e.g. events.jsonl owned by another user
             raise _unwritable(config, exc.filename) from None
         self._ready = threading.Event()  # set once the own feed is taken back and announced
-        # A hop's signed custody reaches a relay by gossip within about one round (rounds are
-        # kicked by new events): ten rounds without it and the relay resends elsewhere.
+        # A hop's signed custody comes back inline in its ``stored`` answer (from an older
+        # hop: by notice): ten gossip rounds without it and the relay resends elsewhere.
         self.policy = L.Policy(expire_after=config.expire_after, resend_after=config.resend_after,
                                confirm_after=CONFIRM_ROUNDS * config.gossip_interval)
         self.custody = Custody(self.me, self.key, self.log, self.spool, config.inbox, config.failed,
@@ -277,6 +286,10 @@ class Agent:
                                min_free_space=config.min_free_space,
                                stale_after=config.expire_after, on_change=self._changed)
         self.custody.on_receiving = self._on_receiving
+        self.notices = notices.Notices(config.state_dir / notices.FILE_NAME,
+                                       max_age=NOTICE_AGE_FACTOR * config.expire_after)
+        self.custody.notify = self.notices.send
+        self._notice_kick = threading.Event()  # set: the notice pump looks at its queue now
         self.custody.silence_after = config.link_down_after
         self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
                                    self._dispatch, after_sweep=self._after_sweep,
@@ -345,6 +358,7 @@ class Agent:
         if new:
             log.info("agent.announced events=%d", len(new))
         self.log.checkpoint_if_old(self.key, self.me, time.time())
+        self.sweep_history()
         self.custodian.adopt(self.custody.recover())
         self.control.start()  # saved holds apply before the custody service plans
         self.custodian.serving()
@@ -353,6 +367,7 @@ class Agent:
         for link in self.links.values():
             self._spawn(f"gossip:{link.id}", self._gossip_loop, link)
         self._spawn("taker", self._taker_loop)
+        self._spawn("notices", self._notice_loop)
         watcher = OutboxWatcher(self.config.outbox, self._on_outbox_file, settle=self.config.settle,
                                 rescan_interval=self.config.rescan_interval,
                                 polling=self.config.polling, logger=logging.getLogger("maildrop.watcher"))
@@ -499,7 +514,11 @@ class Agent:
         wd = sdnotify.watchdog_interval()
         status = 0
         next_wd = 0.0
+        next_history = time.monotonic() + HISTORY_SWEEP_EVERY
         while not self.stop.wait(STATUS_EVERY if wd is None else min(STATUS_EVERY, wd)):
+            if time.monotonic() >= next_history:
+                next_history = time.monotonic() + HISTORY_SWEEP_EVERY
+                self.sweep_history()
             if reload is not None and reload.is_set():
                 reload.clear()
                 applied = self.reload()
@@ -558,6 +577,7 @@ class Agent:
         sdnotify.stopping()
         self.stop.set()
         self.custodian.kick()
+        self._notice_kick.set()
         for link in self.links.values():
             link.halt.set()
             link.kick.set()
@@ -579,6 +599,7 @@ class Agent:
                 log.warning("agent.stop.slow service=%s", name)
         self.write_status(running=False)
         self._snapshot_due(stopping=True)
+        self.notices.close()
         self.log.close()
         logging.getLogger("maildrop").removeHandler(self._errors)
         log.info("agent.stopped node=%s", self.me)
@@ -586,7 +607,8 @@ class Agent:
     # -- reload (SIGHUP, systemctl reload) -------------------------------------------------------
     RELOADABLE = frozenset({"display_name", "advertise", "peers", "gossip_interval",
                             "link_down_after", "expire_after", "resend_after", "max_file_size",
-                            "min_free_space", "parallel", "log_level", "log_json", "admission"})
+                            "min_free_space", "parallel", "log_level", "log_json", "admission",
+                            "history_keep"})
     """Config fields ``reload`` applies to the running agent (``log.*`` through ``run``'s
     ``on_reload``). Any other field that changed (node.id, node.listen, root, key, outbox.*,
     metrics.listen, and every field added later) needs a restart."""
@@ -597,7 +619,8 @@ class Agent:
                    "max_file_size": "transfers.max_file_size",
                    "min_free_space": "transfers.min_free_space", "parallel": "transfers.parallel",
                    "settle": "outbox.settle", "rescan_interval": "outbox.rescan_interval",
-                   "polling": "outbox.polling", "log_level": "log.level", "log_json": "log.json",
+                   "polling": "outbox.polling", "history_keep": "history.keep",
+                   "log_level": "log.level", "log_json": "log.json",
                    "metrics_listen": "metrics.listen"}
     """Config fields by the YAML keys an operator knows them as (the others: their own name)."""
 
@@ -754,6 +777,7 @@ class Agent:
         """New facts or new custody: follow rotated peer keys, replan now and tell the peers soon."""
         self._follow_keys()
         self.custodian.kick()
+        self._notice_kick.set()
         for link in self.links.values():
             link.kick.set()
 
@@ -781,6 +805,8 @@ class Agent:
                     self.custody.receive_offer(peer_id, stream, frame, self.custodian)
                 elif frame.op == "ping":
                     stream.send("pong")
+                elif frame.op == "notice":
+                    self._serve_notice(peer_id, stream, frame)
             except (TimeoutError, EOFError, OSError):
                 return  # the peer went away or went silent: the channel ends here
             except ProtocolError as exc:  # a bad frame, also one met mid-gossip
@@ -1049,6 +1075,21 @@ class Agent:
                               "%.0f s (or at the next start)", len(batch), BROKEN_RETRY)
                 unfinished_since = time.monotonic()
 
+    def sweep_history(self) -> int:
+        """Retention (``history.keep``): drop the facts of transfers that ended longer ago,
+        and the exactly-once memory past its horizon (``transfers.expire_after`` +
+        ``transfers.STALE_MARGIN``, the age from which offers are refused as ``stale``).
+        Runs at start and every ``HISTORY_SWEEP_EVERY`` s; a failure is logged, never fatal."""
+        try:
+            n = self.log.facts.sweep(time.time(), self.config.history_keep,
+                                     self.config.expire_after + STALE_MARGIN)
+        except Exception:
+            log.exception("history.sweep.failed")
+            return 0
+        if n:
+            log.info("history.swept transfers=%d keep=%.0f", n, self.config.history_keep)
+        return n
+
     def _after_sweep(self) -> None:
         """Make ``outbox/<id>/`` for every node a route reaches (not for every node known:
         ids cost a folder and a watch each)."""
@@ -1180,6 +1221,187 @@ class Agent:
         with link.pool_lock:
             link.pool.append((time.monotonic(), stream))
 
+    # -- notices: facts routed to one node, with custody --------------------------------------
+    def _notice_loop(self) -> None:
+        """The notice pump: send what is due, then wait for a kick (a model change, a link
+        up, a notice taken in) or the next due time (at most ``NOTICE_TICK``)."""
+        while not self.stop.is_set():
+            self._notice_kick.clear()
+            try:
+                wait = self._pump_notices()
+            except Exception:
+                log.exception("notice.pump.failed; trying again in %.0fs", NOTICE_TICK)
+                wait = NOTICE_TICK
+            self._notice_kick.wait(wait)
+
+    def _pump_notices(self) -> float:
+        """One pass: every due notice to its next hop (``notices.next_hop``), in frames per
+        (hop, destination, hops so far); a notice with no hop up waits for a kick. Returns
+        the seconds until the next pass."""
+        now = time.time()
+        due = self.notices.due(now)
+        mine = [n for n in due if n.to == self.me]  # made for this node itself
+        if mine:
+            self._hand_over([n.fact for n in mine])
+            self.notices.done(self.me, [n.fact.id for n in mine])
+        up = {lk.id for lk in list(self.links.values()) if lk.state == "up"}
+        groups: dict[tuple[str, str, int], list[notices.Notice]] = {}
+        hops: dict[tuple[str, str | None], str | None] = {}
+        with self.log.lock:
+            net, excluded = self.log.network, set(self.log.ledger.conflicts)
+            for n in due:
+                if n.to == self.me:
+                    continue
+                key = (n.to, n.came_from)
+                if key not in hops:
+                    hops[key] = notices.next_hop(net, self.me, n.to, up=up, came_from=n.came_from,
+                                                 excluded=excluded)
+                if hops[key] is not None:
+                    groups.setdefault((hops[key], n.to, n.hops), []).append(n)  # type: ignore[arg-type]
+        for (hop, to, made), group in groups.items():
+            for chunk in _notice_frames(group):
+                self._send_notices(hop, to, made, chunk)
+        if len(due) >= 1000:
+            return 0.0
+        nxt = self.notices.next_due(time.time())
+        return NOTICE_TICK if nxt is None else min(NOTICE_TICK, max(0.05, nxt - time.time()))
+
+    def _send_notices(self, hop: str, to: str, made: int, chunk: list[notices.Notice]) -> None:
+        """One ``notice`` frame to ``hop``; what it stored is forgotten here, the rest backs off."""
+        link = self.links.get(hop)
+        if link is None or link.halt.is_set() or self.stop.is_set():
+            return
+        ids = [n.fact.id for n in chunk]
+        try:
+            with self._relay_channel(link) as stream:
+                stream.send("notice", to=to, hops=made, facts=[n.fact.to_dict() for n in chunk])
+                reply = stream.recv(expect={"notice.stored", "refuse"})
+        except Exception as exc:
+            log.info("notice.send.failed peer=%s to=%s facts=%d error=%s", hop, to, len(ids),
+                     f"{exc.__class__.__name__}: {exc}"[:200])
+            self.notices.failed(to, ids, time.time())
+            return
+        if reply.op == "refuse":
+            log.warning("notice.send.refused peer=%s to=%s facts=%d reason=%s detail=%s", hop, to,
+                        len(ids), reply["reason"], reply["detail"])
+            self.notices.failed(to, ids, time.time())
+            return
+        stored = [i for i in ids if i in {s for s in reply["stored"] if isinstance(s, str)}]
+        self.notices.done(to, stored)
+        for word in reply["refused"][:len(ids)]:
+            if isinstance(word, dict):
+                log.warning("notice.send.refused peer=%s to=%s fact=%s reason=%s", hop, to,
+                            E.brief(word.get("id"), 16), E.brief(word.get("reason"), 40))
+        self.notices.failed(to, [i for i in ids if i not in set(stored)], time.time())
+        if stored:
+            log.info("notice.sent peer=%s to=%s facts=%d", hop, to, len(stored))
+
+    def _serve_notice(self, peer_id: str, stream: FrameStream, frame: Any) -> None:
+        """Answer a peer's ``notice`` frame: check it whole (``_notice_frame_refusal``:
+        refused whole with one ``notice.refused`` line), then each fact; hold the good ones
+        durably (for another node) or hand them over (for this one), and answer
+        ``notice.stored`` with the ids stored and the refused ones with their reason."""
+        to, made, raw = frame["to"], frame["hops"], frame["facts"]
+        reason = self._notice_frame_refusal(peer_id, to, made, raw)
+        if reason is not None:
+            log.warning("notice.refused peer=%s reason=%s to=%s facts=%d", peer_id, reason[0],
+                        E.brief(to, 40), len(raw))
+            stream.send("refuse", reason=reason[0], detail=reason[1])
+            return
+        now = time.time()
+        good: list[Event] = []
+        refused: list[dict[str, str]] = []
+        for item in raw:
+            ev, why = self._check_notice_fact(item, now)
+            if ev is None:
+                fid = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else ""
+                log.warning("notice.refused peer=%s reason=%s fact=%s", peer_id, why, E.brief(fid, 16))
+                refused.append({"id": fid[:64], "reason": why})
+            else:
+                good.append(ev)
+        failpoint("notice.before_store")
+        if to == self.me:
+            stored = self._hand_over(good)
+        else:
+            stored = self.notices.accept(to, good, came_from=peer_id, hops=made + 1)
+            refused += [{"id": ev.id, "reason": "full"} for ev in good if ev.id not in set(stored)]
+            if stored:
+                self._notice_kick.set()
+        stream.send("notice.stored", stored=stored, refused=refused)
+
+    def _notice_frame_refusal(self, peer_id: str, to: str, made: int, raw: list[Any]) -> tuple[str, str] | None:
+        """Why a ``notice`` frame is refused whole (reason, detail), or None."""
+        if not self._ready.is_set():
+            return "busy", "starting: taking back this node's own feed"
+        if not 1 <= len(raw) <= MAX_NOTICE_FACTS:
+            return "too-large", f"1 to {MAX_NOTICE_FACTS} facts in one frame"
+        try:
+            size = len(E.canonical(raw))
+        except (ValueError, TypeError, RecursionError):
+            return "bad-fact", "the facts are not JSON"
+        if size > MAX_NOTICE_BYTES:
+            return "too-large", f"the facts take {size} bytes, more than {MAX_NOTICE_BYTES}"
+        if made < 0 or made >= MAX_NOTICE_HOPS:
+            return "hop-limit", f"the notice made {made} hops (at most {MAX_NOTICE_HOPS})"
+        if to == peer_id:
+            return "loop", "a notice for the sender itself"
+        with self.log.lock:
+            known = to in self.log.network.nodes
+        if not known:
+            return "unknown-destination", f"no node {E.brief(to, 40)} is known here"
+        return None
+
+    def _check_notice_fact(self, item: Any, now: float) -> tuple[Event | None, str]:
+        """One fact of a ``notice`` frame: (the event, "") or (None, the reason it is refused)."""
+        if not isinstance(item, dict):
+            return None, "bad-fact"
+        try:
+            ev = E.parse_event(item)
+        except MaildropError:
+            return None, "bad-fact"
+        if ev.type not in notices.FACT_TYPES:
+            return None, "not-a-transfer-fact"
+        with self.log.lock:
+            key = self.log.ledger.key_of(ev.origin)
+        if key is None:
+            return None, "unknown-origin"
+        if not ev.verify_signature(key):
+            return None, "bad-signature"
+        if self.notices.too_old(ev, now):
+            return None, "expired"
+        return ev, ""
+
+    def _hand_over(self, facts: list[Event]) -> list[str]:
+        """Facts that reached this node: each one not handed over before goes to
+        ``_on_notice``, then is remembered (``Notices.arrive``); returns the ids done. A
+        crash between the two hands a fact over again when its hop resends it."""
+        done: list[str] = []
+        new: list[Event] = []
+        for ev in facts:
+            if ev.id in done:
+                continue
+            if not self.notices.arrived(ev.id):
+                try:
+                    self._on_notice(ev)
+                except Exception:
+                    log.exception("notice.handover.failed fact=%s", ev.id[:16])
+                    continue
+                new.append(ev)
+            done.append(ev.id)
+        if new:
+            self.notices.arrive(new)
+        return done
+
+    def _on_notice(self, ev: Event) -> None:
+        """A fact routed to this node arrived (once per fact id): into the fact store and the
+        model (``EventLog.ingest_facts``: refused, and logged, when it is not about a
+        transfer of ours); new facts replan at once."""
+        res = self.log.ingest_facts([ev], addressed=True)
+        log.info("notice.delivered to=%s fact=%s transfer=%s origin=%s new=%d", self.me, ev.type,
+                 ev.data.get("transfer"), ev.origin, len(res.accepted))
+        if res.accepted:
+            self._changed()
+
     # -- soft state for status ----------------------------------------------------------------
     def status(self, running: bool = True) -> dict[str, Any]:
         return {
@@ -1195,6 +1417,7 @@ class Agent:
             "fingerprint": self.log.fingerprint(),
             "events": self.log.ledger.count,
             "inflight": self.custody.snapshot(),
+            "notices": self.notices.counts(),
             **self._custody_status(),
             "errors": list(self._errors.items),
         }
@@ -1235,12 +1458,28 @@ class Agent:
             _METRIC_STATE.get(t.phase, t.phase) if not t.hold else "on-hold"
             for t in self.custodian.snapshot().values() if t.phase != L.FORWARDED)
         with self.log.lock:
-            transfers = collections.Counter(t.state for t in self.log.network.all_transfers())
             events, conflicts = self.log.ledger.count, len(self.log.ledger.conflicts)
+        transfers = collections.Counter(self.log.facts.counts())
         peers = {lk.id: metrics.PeerSample(lk.state == "up", lk.rounds, lk.client.bytes_sent,
                                            lk.client.bytes_received)
                  for lk in list(self.links.values())}
         return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers)
+
+
+def _notice_frames(group: list[notices.Notice]) -> Iterator[list[notices.Notice]]:
+    """``group`` cut into frames of at most ``MAX_NOTICE_FACTS`` facts and
+    ``MAX_NOTICE_BYTES`` bytes (each fact is at most ``events.MAX_EVENT_BYTES``)."""
+    chunk: list[notices.Notice] = []
+    size = 0
+    for n in group:
+        b = len(n.fact.to_line())
+        if chunk and (len(chunk) >= MAX_NOTICE_FACTS or size + b > MAX_NOTICE_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(n)
+        size += b
+    if chunk:
+        yield chunk
 
 
 __all__ = ["Agent", "announce", "open_log"]

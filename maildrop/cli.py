@@ -394,6 +394,8 @@ def _agent_state(config) -> dict[str, Any] | None:
 def status_document(config) -> dict[str, Any]:
     from .config import format_hostport
     from .eventlog import EventLog
+    from .notices import FILE_NAME as NOTICES_FILE
+    from .notices import counts_at
     from .routing import route
 
     elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False,
@@ -443,6 +445,10 @@ def status_document(config) -> dict[str, Any]:
                   "started": agent.get("started") if agent else None},
         "peers": peers, "differing_peers": [p["id"] for p in peers if p["in_sync"] is False],
         "routes": routes, "transfers": transfers,
+        # Transfers by state among the facts this node holds (the list above shows the open
+        # ones and the most recently ended: ``model.RECENT_ENDED``).
+        "transfer_counts": elog.facts.counts(),
+        "notices": (agent or {}).get("notices") if running else counts_at(config.state_dir / NOTICES_FILE),
         "errors": (agent or {}).get("errors", []) if agent else [],
     })
     elog.close()

@@ -134,6 +134,7 @@ class Config:
     settle: float = 1.0
     rescan_interval: float = 30.0
     polling: bool = False
+    history_keep: float = 14 * 86400.0  # facts of an ended transfer are kept this long
     log_level: str = "info"
     log_json: bool = False
     metrics_listen: tuple[str, int] | None = None  # None: no metrics served
@@ -451,7 +452,7 @@ class _Problems:
 
 
 _TOP_KEYS = ("node", "root", "key", "peers", "accept_from", "relay_for", "gossip", "transfers",
-             "relay", "outbox", "log", "metrics")
+             "relay", "outbox", "history", "log", "metrics")
 _NODE_KEYS = ("id", "display_name", "listen", "advertise")
 _PEER_KEYS = ("id", "address", "key", "via", "ssh_user", "ssh_request", "ssh_command", "ssh_host_key")
 _OPENSSH_KEYS = ("ssh_user", "ssh_request", "ssh_command", "ssh_host_key")
@@ -462,6 +463,7 @@ _SECTION_KEYS = {
     "transfers": ("expire_after", "resend_after", "max_file_size", "min_free_space", "parallel"),
     "relay": ("max_bytes_per_origin", "max_transfers_per_origin"),
     "outbox": ("settle", "rescan_interval", "polling"),
+    "history": ("keep",),
     "log": ("level", "json"),
     "metrics": ("listen",),
 }
@@ -724,6 +726,7 @@ def _build(data: Any, path: Path) -> Config:
         _duration, outbox, "outbox", "rescan_interval", Config.rescan_interval
     )
     polling = problems.take(_bool, outbox, "outbox", "polling", Config.polling)
+    history_keep = problems.take(_duration, sections["history"], "history", "keep", Config.history_keep)
 
     log = sections["log"]
     log_level = problems.take(_log_level, log)
@@ -760,6 +763,7 @@ def _build(data: Any, path: Path) -> Config:
         settle=settle,
         rescan_interval=rescan_interval,
         polling=polling,
+        history_keep=history_keep,
         log_level=log_level,
         log_json=log_json,
         metrics_listen=metrics_listen,
@@ -1358,6 +1362,13 @@ _OPTIONAL_SECTIONS = [
         raw=True,
     ),
     _entry("#   polling", "false", "true on NFS/CIFS/SSHFS, where inotify sees nothing", raw=True),
+    "# history:",
+    _entry(
+        "#   keep",
+        format_duration(Config.history_keep),
+        "facts of a finished transfer are kept this long",
+        raw=True,
+    ),
     "# log:",
     _entry("#   level", Config.log_level, "debug, info, warning or error", raw=True),
     _entry("#   json", "false", "true: one JSON object per log line", raw=True),

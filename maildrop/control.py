@@ -50,6 +50,8 @@ from .errors import ConfigError, MaildropError, UsageError
 from .eventlog import EventLog
 from .events import Event, parse_ts
 from .model import DELIVERED, FAILED, Network
+from .notices import FILE_NAME as NOTICES_FILE
+from .notices import Notices
 from .spool import Spool, fsync_dir
 from .transfers import Custody
 
@@ -606,6 +608,7 @@ def _offline(config: Config, op: str, transfer: str | None, all_: bool) -> Answe
 
     elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers},
                     writable=op == "cancel", me=config.node_id)
+    outbound: Notices | None = None
     try:
         if op == "cancel":
             key = load_key(config.key_path)
@@ -618,6 +621,11 @@ def _offline(config: Config, op: str, transfer: str | None, all_: bool) -> Answe
         custody = Custody(config.node_id, key, elog, Spool(config.spool), config.inbox,
                           config.failed, max_file_size=config.max_file_size,
                           min_free_space=config.min_free_space)
+        if op == "cancel":  # the failure goes by notice to the destination and custodians
+            from .agent import NOTICE_AGE_FACTOR
+
+            outbound = Notices(config.state_dir / NOTICES_FILE, max_age=NOTICE_AGE_FACTOR * config.expire_after)
+            custody.notify = outbound.send
         holds_file = Holds(config.state_dir)
         holds = holds_file.load()
         net, me = elog.network, config.node_id
@@ -657,6 +665,8 @@ def _offline(config: Config, op: str, transfer: str | None, all_: bool) -> Answe
             return _give_up(custody, tid, holds, holds_file)
         raise ValueError(f"unknown op {op!r}")
     finally:
+        if outbound is not None:
+            outbound.close()
         elog.close()
 
 

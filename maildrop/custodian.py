@@ -39,7 +39,7 @@ from . import lifecycle as L
 from .admission import Held, Rules, counted, decide
 from .eventlog import EventLog
 from .events import Event
-from .model import DELIVERED, FAILED
+from .model import DELIVERED
 from .relay import plan
 from .transfers import Answer, Custody, Offered, Recovered
 
@@ -91,6 +91,9 @@ class Custodian:
         # ``_transfers``: after a crash it is rebuilt from what ``adopt`` takes back.
         self._held: dict[str, Held] = {}
         self._broken: dict[str, float] = {}  # transfer id -> when it may be planned again
+        # Our own transfers -> the hops we offered them to (soft): told the receipt by
+        # notice when it comes, so a hop left with a part lets it go (``_tell_offered``).
+        self._offered: dict[str, set[str]] = {}
         self._resuming: set[str] = set()  # deliveries recovered at start (a link may exist)
         self._cutting: set[str] = set()  # arrivals a cut-through forwards now: not planned meanwhile
         self._thread: threading.Thread | None = None
@@ -304,6 +307,7 @@ class Custodian:
         if new.ended:
             self._keep(tid, None)
             self._resuming.discard(tid)
+            self._tell_offered(new)
         else:
             self._keep(tid, new)
             if new.due(now):
@@ -312,6 +316,20 @@ class Custodian:
             if wake is not None:
                 self._next_wake = min(self._next_wake, wake)
         effects.extend((tid, t, e) for e in fx)
+
+    def _tell_offered(self, t: L.Transfer) -> None:
+        """Our own transfer ended: when delivered, every hop we offered it to (but the
+        destination) hears the receipt by notice — one that kept a part of an offer cut
+        short lets it go then, instead of after ``stale_after``. A relay's cut offers are
+        not followed this way: their parts go as ``stale-part``."""
+        hops = self._offered.pop(t.id, set()) - {self.me, t.destination}
+        if t.phase != L.DELIVERED or not hops:
+            return
+        receipts = [e for e in self.custody.log.facts.facts_of(t.id)
+                    if e.type == E.TRANSFER_DELIVERED and e.origin == t.destination]
+        for hop in sorted(hops):
+            for ev in receipts[:1]:
+                self.custody.notify(hop, ev)
 
     def _plan(self, now: float, full: bool, effects: list) -> None:
         policy = self.policy()
@@ -360,10 +378,15 @@ class Custodian:
         reports = [(tid, before, e) for tid, before, e in effects if isinstance(e, L.Report)]
         if reports:
             try:
-                self.custody.append([(E.TRANSFER_REFUSED, self._report(tid, e)) for tid, _, e in reports])
-                for tid, _, e in reports:
+                evs = self.custody.append([(E.TRANSFER_REFUSED, self._report(tid, e)) for tid, _, e in reports])
+                for (tid, before, e), ev in zip(reports, evs, strict=True):
                     log.warning("transfer.refused transfer=%s by=%s reason=%s detail=%s",
                                 tid, e.by, e.reason, e.detail)
+                    # The origin acts on it, the node that handed it to us routes around us.
+                    sender = next((n for n in reversed(before.passed) if n != self.me), None)
+                    for to in dict.fromkeys((before.origin, sender)):
+                        if to is not None and to != self.me:
+                            self.custody.notify(to, ev)
             except Exception:
                 for tid, before, e in reports:
                     self._broke(tid, before, e)
@@ -386,6 +409,8 @@ class Custodian:
                 t = self._transfers.get(tid)
                 if t is not None:
                     offers.setdefault(e.hop, []).append(Job(tid, e.token, t.passed, t.size))
+                    if t.role == L.ORIGIN:
+                        self._offered.setdefault(tid, set()).add(e.hop)
         for tid, _, e in drops:
             self.custody.let_go(tid, e.reason)  # unlinked on the reaper thread
         if deliveries:
@@ -468,7 +493,7 @@ class Custodian:
         if t is not None and t.phase == L.DELIVERING and t.reason:
             return Answer("pending", detail=t.reason)
         if t is not None or whole or self._have(tid, queued):
-            return Answer("have")
+            return Answer("have", facts=self.custody.facts_for_sender(tid))
         d = queued.data
         refusal = decide(self.rules(), self.me, queued.origin, d["destination"], d["size"],
                          self._held.get(queued.origin, Held()))
@@ -484,19 +509,20 @@ class Custodian:
         return Answer("accept", offset=offset)
 
     def _open(self, tid: str, queued: Event) -> bool:
-        """True while ``queued``'s claim has no end in the model (neither delivered nor failed)."""
-        with self.events.lock:
-            tr = self.events.network.transfer(tid, queued.origin)
-            return tr is None or tr.state not in (DELIVERED, FAILED)
+        """True while ``queued``'s claim has no end (neither delivered nor failed), by the
+        model or the fact store."""
+        return self.custody.ended(tid, queued.origin) is None
 
     def _have(self, tid: str, queued: Event) -> bool:
         """True when this node has (or had) the bytes by the model: its own file came back
         around, or the receipt or our signed custody is known."""
         if queued.origin == self.me:
             return True
+        if self.custody.ended(tid, queued.origin) == DELIVERED:
+            return True
         with self.events.lock:
             tr = self.events.network.transfer(tid, queued.origin)
-            return tr is not None and (tr.state == DELIVERED or self.me in tr.custody)
+            return tr is not None and self.me in tr.custody
 
     def _commit(self, peer: str, files: list[Offered]) -> list[Answer]:
         try:
@@ -515,8 +541,8 @@ class Custodian:
             t = self._transfers.get(o.transfer)
             if t is not None and t.phase == L.DELIVERING and t.reason:
                 out.append(Answer("pending", detail=t.reason))
-            else:
-                out.append(Answer("stored"))
+            else:  # our custody (or, delivered, the receipt) goes back inline
+                out.append(Answer("stored", facts=self.custody.facts_for_sender(o.transfer)))
         return out
 
     # -- what readers see (through call) ----------------------------------------------------------

@@ -42,6 +42,14 @@ all under the exclusive ``flock``. A crash leaves the old file or the new one (a
 holds the old file open notices the new inode under the ``flock`` and reads the new file
 from the start, so no append goes to the old file.
 
+Transfer facts (docs/history.md) are not in this file: this node's own go to the fact
+store beside it (``facts.sqlite``, ``factstore``) through ``append_own``, and those that
+reach it with an offer, in a ``stored`` answer or by notice through ``ingest_facts``; the
+model is fed from the store (at open: the transfers not ended, and the most recently ended
+ones). A version-1 (legacy) transfer event in a feed stays in the file and the ledger (the
+chain needs it); it enters the store and the model only when this node is a party of that
+transfer (``_party``): a bystander's model shows none.
+
 Conflicts (see ``ledger``) are kept in ``conflicts.jsonl`` beside the log, one record a line
 with the origin, the reason and the two signed events that prove it; each is appended and
 fsynced when found. ``clear_conflict`` (``maildrop conflicts --clear``) rewrites the file
@@ -69,10 +77,24 @@ from typing import Any
 from . import checkpoint, snapshot
 from .durable import fsync_dir
 from .errors import InvalidEvent, MaildropError
-from .events import FEED_CHECKPOINT, NODE_CONFIGURED, VERSION, Event, make_event, parse_event
+from .events import (
+    FEED_CHECKPOINT,
+    NODE_CONFIGURED,
+    TRANSFER_FAILED,
+    TRANSFER_QUEUED,
+    TRANSFER_RELAYED,
+    TRANSFER_TYPES,
+    VERSION,
+    Event,
+    make_event,
+    make_fact,
+    parse_event,
+)
+from .factstore import FILE as FACTS_FILE
+from .factstore import FactStore
 from .keys import NodeKey
 from .ledger import NETWORK_TYPES, Feed, Ledger, Verify, verify_now
-from .model import Network
+from .model import ENDED, RECENT_ENDED, Network
 
 log = logging.getLogger("maildrop.eventlog")
 
@@ -148,6 +170,8 @@ class EventLog:
             except FileNotFoundError:
                 self._lock_fd = -1
         self._conflicts_path = path.with_name(CONFLICTS_FILE)
+        self.facts = FactStore(path.with_name(FACTS_FILE), readonly=not writable)
+        self._fact_row = self.facts.last_row()
         with self._flock(exclusive=writable):
             if writable:
                 for stale in path.parent.glob(f".{path.name}.compact-*"):
@@ -157,6 +181,8 @@ class EventLog:
             self._read_new(initial=True)
             if writable:
                 self._maybe_compact()
+            for ev in self.facts.open_facts(RECENT_ENDED):
+                self.network.apply(ev)
         self._load_conflicts()
 
     # -- file plumbing ----------------------------------------------------------------------
@@ -204,12 +230,13 @@ class EventLog:
             return
         offset, covered, events = snap
         try:
+            legacy: list[Event] = []
             for ev in events:
                 res = self.ledger.offer(ev, verify=_trusted)
                 if res.rejected:
                     raise snapshot.Ignored(f"refused ({res.rejected})")
-                for e in res.accepted:
-                    self.network.apply(e)
+                self._apply_network(res.accepted, legacy)
+            self._adopt_legacy(legacy)
         except (snapshot.Ignored, KeyError, TypeError, AttributeError, ValueError) as exc:
             # A refused event, or one whose fields are not what the fold reads (a snapshot
             # made by hand: its checksum only proves it is whole).
@@ -296,6 +323,7 @@ class EventLog:
             lines = lines[:torn_from]
             end = good_end - self._offset
         accepted: list[Event] = []
+        legacy: list[Event] = []
         start_line = 0
         for n, line in enumerate(lines, start_line + 1):
             if not line.strip():
@@ -308,11 +336,11 @@ class EventLog:
             result = self.ledger.offer(ev, verify=self._verify_stored)
             if result.rejected:
                 self._reject(result.rejected, n)
-            for e in result.accepted:
-                self.network.apply(e)
+            self._apply_network(result.accepted, legacy)
             accepted.extend(result.accepted)
         self._prefix_hash.update(data[:end])
         self._offset += end
+        self._adopt_legacy(legacy)
         self._take_dropped()
         self._log_notes()
         return accepted
@@ -360,6 +388,50 @@ class EventLog:
                  self.path, self._covered, len(buf), shrank)
         self._covered = 0
         return shrank
+
+    def _apply_network(self, events: Iterable[Event], legacy: list[Event]) -> None:
+        """Fold the network events of a feed into the model; its legacy transfer events go
+        to ``legacy`` (for ``_adopt_legacy``)."""
+        for e in events:
+            if e.type in TRANSFER_TYPES:
+                legacy.append(e)
+            else:
+                self.network.apply(e)
+
+    def _party(self, events: Sequence[Event]) -> set[str]:
+        """The transfer ids among ``events`` this node has a part in: it queued the transfer,
+        is its destination, signed custody of it, or already holds a fact of it. With no
+        ``me`` (a bare log, in tests and tools) every id."""
+        tids = {e.data["transfer"] for e in events}
+        if self.me is None:
+            return tids
+        mine = {e.data["transfer"] for e in events if e.origin == self.me and e.type in
+                (TRANSFER_QUEUED, TRANSFER_RELAYED)}
+        mine |= {e.data["transfer"] for e in events
+                 if e.type == TRANSFER_QUEUED and e.data["destination"] == self.me}
+        return mine | {t for t in tids - mine if self.network.holds_transfer(t) or self.facts.holds(t)}
+
+    def _adopt_legacy(self, legacy: Sequence[Event]) -> None:
+        """Legacy (version-1) transfer events that joined the ledger: the ones of transfers
+        this node is a party of go into the store (a writer) and the model; the others stay
+        in their chain only."""
+        if not legacy:
+            return
+        ours = self._party(legacy)
+        mine = [e for e in legacy if e.data["transfer"] in ours]
+        if self.writable and mine:
+            mine = self.facts.put(mine)
+        self._apply_facts(mine)
+
+    def _apply_facts(self, events: Iterable[Event]) -> None:
+        """Fold new facts into the model, except late ones of a transfer already ended and
+        forgotten by it (the store holds those)."""
+        for e in events:
+            tid = e.data["transfer"]
+            if not self.network.holds_transfer(tid) and self.facts.state_of(tid) in ENDED \
+                    and e.type != TRANSFER_QUEUED:
+                continue
+            self.network.apply(e)
 
     def _log_notes(self) -> None:
         for note in self.ledger.take_notes():
@@ -432,6 +504,8 @@ class EventLog:
     def _reload(self) -> None:
         self._reset()
         self._read_new(initial=True)
+        for ev in self.facts.open_facts(RECENT_ENDED):
+            self.network.apply(ev)
 
     # -- the API ----------------------------------------------------------------------------
     def set_pins(self, remove: Iterable[str] = (), add: Mapping[str, str] | None = None) -> None:
@@ -452,19 +526,27 @@ class EventLog:
                 log.warning("eventlog.conflicts.reloaded cleared=%s conflicts=%d",
                             ",".join(sorted(before - set(self.ledger.conflicts))) or "-",
                             len(self.ledger.conflicts))
+            facts: list[Event] = []
+            if not self.writable:  # the agent appends facts to the store: follow them
+                facts, self._fact_row = self.facts.since(self._fact_row)
+                for ev in facts:
+                    self.network.apply(ev)
             if not self._replaced() and (self._fd < 0 or os.fstat(self._fd).st_size <= self._offset):
-                return []
+                return facts
             with self._flock(exclusive=False):
-                return self._read_new()
+                return facts + self._read_new()
 
     def append_own(
         self, key: NodeKey, origin: str, items: Iterable[tuple[str, Mapping[str, Any]]], now: float
     ) -> list[Event]:
-        """Sign and append this node's next events (one write, one sync). Returns them.
-        Then, once the feed has grown by ``CHECKPOINT_EVERY`` network events since its last
-        checkpoint, append a checkpoint too (not among the returned events) and compact if
-        due. Counted here, from one scan of the feed on the first append: own events another
-        process appends (a CLI command) are not counted, which only delays a checkpoint."""
+        """Sign and record this node's next events; returns them in the order of ``items``.
+        Network events are appended to the feed (one write, one sync); transfer facts are
+        made standalone (``make_fact``) and put into the fact store (one transaction,
+        durable on return). Then, once the feed has grown by ``CHECKPOINT_EVERY`` network
+        events since its last checkpoint, append a checkpoint too (not among the returned
+        events) and compact if due. Counted here, from one scan of the feed on the first
+        append: own events another process appends (a CLI command) are not counted, which
+        only delays a checkpoint."""
         items = list(items)
         if not items:
             return []
@@ -482,18 +564,29 @@ class EventLog:
 
     def _append(self, key: NodeKey, origin: str, items: Sequence[tuple[str, Mapping[str, Any]]],
                 now: float) -> list[Event]:
-        """Sign, write and hold ``items`` as ``origin``'s next events (caller holds both locks)."""
+        """Sign and record ``items`` (caller holds both locks): network events as ``origin``'s
+        next feed events (one write), transfer facts standalone into the fact store."""
         feed = self.ledger.feeds.get(origin)
         seq = feed.head_seq if feed else 0
         prev = feed.head_id if feed else None
-        out = []
+        out: list[Event] = []
+        chained: list[Event] = []
+        facts: list[Event] = []
         for type_, data in items:
-            seq += 1
-            ev = make_event(key, origin, seq, prev, now, type_, data)
-            prev = ev.id
+            if type_ in TRANSFER_TYPES:
+                ev = make_fact(key, origin, now, type_, data)
+                facts.append(ev)
+            else:
+                seq += 1
+                ev = make_event(key, origin, seq, prev, now, type_, data)
+                prev = ev.id
+                chained.append(ev)
             out.append(ev)
-        self._write(out)
-        for ev in out:
+        if facts:
+            self._apply_facts(self.facts.put(facts))
+        if chained:
+            self._write(chained)
+        for ev in chained:
             res = self.ledger.offer(ev, signed_here=True)
             if res.rejected:  # cannot happen unless our key differs from our feed's key
                 raise MaildropError(f"own event refused by own log: {res.rejected}")
@@ -531,6 +624,55 @@ class EventLog:
             self._maybe_compact()
             return ev
 
+    def ingest_facts(self, events: Iterable[Event], now: float | None = None, *,
+                     offered: bool = False, addressed: bool = False) -> Ingested:
+        """Take transfer facts from a peer (with an offer: ``offered``; in a ``stored`` or
+        ``have`` answer; by notice) into the store and the model.
+
+        Each must be a transfer fact (standalone, or a legacy version-1 one: then it joins
+        the store only, its chain comes by gossip), signed by its origin under a key the
+        ledger knows for it, and about a transfer this node has a part in: a
+        ``transfer.queued`` that comes with an offer to us, names us as its destination or
+        is ours; a ``transfer.failed`` its origin addressed to us by notice (``addressed``:
+        we are its destination or a custodian, and a copy may still come); any other fact
+        only when this node already holds a fact of that transfer (the id is random: only
+        a party can name it). The rest is refused, logged as one
+        line with a count, never stored. Durable on return (``FactStore.put``)."""
+        result = Ingested()
+        events = list(events)
+        now = time.time() if now is None else now
+        if not self.writable:
+            raise MaildropError("event log opened read-only")
+        with self.lock:
+            keys = {o: self.ledger.known_keys(o) for o in {e.origin for e in events}}
+        signed: list[Event] = []
+        for ev in events:
+            if ev.type not in TRANSFER_TYPES:
+                result.rejected.append(f"{ev.type} from {ev.origin} is not a transfer fact")
+            elif not keys.get(ev.origin):
+                result.rejected.append(f"no key known for {ev.origin}")
+            elif not any(ev.verify_signature(k) for k in keys[ev.origin]):
+                result.rejected.append(f"{ev.type} not signed by {ev.origin}")
+            else:
+                signed.append(ev)
+        with self.lock:
+            known = self._party(signed)
+            ours = []
+            for ev in signed:
+                tid = ev.data["transfer"]
+                if tid in known or ev.origin == self.me or (ev.type == TRANSFER_QUEUED and (
+                        offered or ev.data["destination"] == self.me)) or (
+                        addressed and ev.type == TRANSFER_FAILED):
+                    ours.append(ev)
+                else:
+                    result.rejected.append(f"{ev.type} of {tid} from {ev.origin}: not a transfer of ours")
+            new = self.facts.put(ours) if ours else []
+            result.duplicates = len(ours) - len(new)
+            result.accepted = new
+            self._apply_facts(new)
+        self._log_rejected(result.rejected, now)
+        return result
+
     def ingest(self, events: Iterable[Event], now: float | None = None) -> Ingested:
         """Validate events from a peer (received at ``now``, default the clock) and append
         the ones that join (one write, one sync). Signatures are checked before the lock is
@@ -542,14 +684,18 @@ class EventLog:
         with self.lock:
             keys = {o: self.ledger.known_keys(o) for o in {e.origin for e in events}}
             # Duplicates are never checked by the ledger: no signature to verify for them.
-            fresh = [e for e in events if not self.ledger.holds(e)]
+            fresh = [e for e in events if not e.is_fact and not self.ledger.holds(e)]
         verify = _preverify(fresh, keys)
         with self.lock, self._flock(exclusive=True):
             self._read_new()
             if now - self._expired_at >= EXPIRE_EVERY:
                 self._expired_at = now
                 self.ledger.expire(now)
+            legacy: list[Event] = []
             for ev in events:
+                if ev.is_fact:
+                    result.rejected.append(f"{ev.type} from {ev.origin}: a transfer fact never comes by gossip")
+                    continue
                 offered = self.ledger.receive(ev, now, verify)
                 if offered.rejected:
                     result.rejected.append(offered.rejected)
@@ -558,8 +704,8 @@ class EventLog:
                 result.accepted.extend(offered.accepted)
             if result.accepted:
                 self._write(result.accepted)
-                for e in result.accepted:
-                    self.network.apply(e)
+                self._apply_network(result.accepted, legacy)
+                self._adopt_legacy(legacy)
             self._take_dropped()
             if result.rejected:
                 self._record_conflicts()
@@ -617,6 +763,7 @@ class EventLog:
         return len(held)
 
     def close(self) -> None:
+        self.facts.close()
         for fd in (self._fd, self._lock_fd):
             if fd >= 0:
                 os.close(fd)

@@ -3,7 +3,12 @@
 One event is one JSON object on one line::
 
     {"v":2,"origin":"NodeA","seq":12,"prev":"<id of seq 11>","ts":"2026-11-27T15:30:00.123Z",
-     "type":"transfer.queued","data":{...},"id":"<sha256 hex>","sig":"<base64 ed25519>"}
+     "type":"link.up","data":{...},"id":"<sha256 hex>","sig":"<base64 ed25519>"}
+
+- Network events (``node.configured``, ``link.*``, ``feed.checkpoint``) are links of their origin's feed: ``seq``
+  from 1, ``prev`` the id of the one before. Transfer facts (``TRANSFER_TYPES``) written
+  since version 2 are standalone: ``seq`` 0, ``prev`` null (``Event.is_fact``,
+  ``make_fact``); a version-1 transfer record is a legacy fact inside its origin's chain.
 
 - ``id`` is the sha256 of the canonical form (sorted keys, no spaces, UTF-8) of the event
   without ``id`` and ``sig``; ``sig`` is the origin's ed25519 signature of the ASCII id.
@@ -90,7 +95,9 @@ FEED_CHECKPOINT = "feed.checkpoint"
 _CHECKPOINT_MARK = b'"type":"feed.checkpoint"'
 TRANSFER_TYPES = frozenset({TRANSFER_QUEUED, TRANSFER_RELAYED, TRANSFER_DELIVERED, TRANSFER_FAILED,
                             TRANSFER_REFUSED})
-"""The types of transfer facts (the others are network events)."""
+"""Transfer facts: in a version-2 record standalone (``seq`` 0, ``prev`` null, in no feed),
+held only by the transfer's origin, destination and custodians (docs/history.md). A
+version-1 record of one of these types is a *legacy* fact: a link of its origin's chain."""
 
 # ``link.health`` values are buckets (their lower bounds), never raw measurements, so noise
 # within a bucket writes no event (docs/routing.md).
@@ -334,6 +341,11 @@ class Event:
             "ts": self.ts, "type": self.type, "data": dict(self.data),
         }
 
+    @property
+    def is_fact(self) -> bool:
+        """A standalone transfer fact (``seq`` 0): in no feed, never gossiped."""
+        return self.seq == 0
+
     def to_dict(self) -> dict[str, Any]:
         d = self.body()
         d["id"] = self.id
@@ -371,12 +383,31 @@ def compute_id(body: Mapping[str, Any]) -> str:
 
 
 def make_event(
-    key: NodeKey, origin: str, seq: int, prev: str | None, now: float, type: str, data: Mapping[str, Any]
+    key: NodeKey, origin: str, seq: int, prev: str | None, now: float, type: str, data: Mapping[str, Any],
+    v: int = VERSION,
 ) -> Event:
-    """Build and sign this node's next event. Raises InvalidEvent if ``data`` breaks its schema
-    or ``now`` is outside the years MIN_YEAR..MAX_YEAR (a clock before the epoch or past
-    9999): such an event would be refused by every node, this one included when it reads
-    its log again."""
+    """Build and sign this node's next network event (the next link of its feed). Raises
+    InvalidEvent if ``data`` breaks its schema, ``type`` is a transfer fact (those are made
+    with ``make_fact``; ``v=1`` makes a legacy chained one, as maildrop wrote before version
+    2, for tests and fixtures) or ``now`` is outside the years MIN_YEAR..MAX_YEAR (a clock
+    before the epoch or past 9999): such an event would be refused by every node, this one
+    included when it reads its log again."""
+    if type in TRANSFER_TYPES and v >= 2:
+        raise InvalidEvent(f"{type} is a transfer fact: it is made with make_fact, in no feed")
+    return _signed(key, v, origin, seq, prev, now, type, data)
+
+
+def make_fact(key: NodeKey, origin: str, now: float, type: str, data: Mapping[str, Any]) -> Event:
+    """Build and sign a standalone transfer fact of this node (``seq`` 0, ``prev`` null,
+    the current ``VERSION``). Raises InvalidEvent as ``make_event`` does, and for a type
+    that is not a transfer fact."""
+    if type not in TRANSFER_TYPES:
+        raise InvalidEvent(f"{brief(type, 40)} is not a transfer fact")
+    return _signed(key, VERSION, origin, 0, None, now, type, data)
+
+
+def _signed(key: NodeKey, v: int, origin: str, seq: int, prev: str | None, now: float, type: str,
+            data: Mapping[str, Any]) -> Event:
     _check_data(type, data)
     why = _checkpoint_seqs(seq, data) if type == FEED_CHECKPOINT else None
     if why:
@@ -387,11 +418,11 @@ def make_event(
     if not _ts(ts):
         raise InvalidEvent(f"the clock says {ts}, outside the years {MIN_YEAR}..{MAX_YEAR}; "
                            "set the system clock")
-    body = {"v": VERSION, "origin": origin, "seq": seq, "prev": prev, "ts": ts,
+    body = {"v": v, "origin": origin, "seq": seq, "prev": prev, "ts": ts,
             "type": type, "data": dict(data)}
     eid = compute_id(body)
     sig = base64.b64encode(key.sign(eid.encode())).decode()
-    return Event(origin, seq, prev, body["ts"], type, dict(data), eid, sig)
+    return Event(origin, seq, prev, body["ts"], type, dict(data), eid, sig, v)
 
 
 def _check_data(type: str, data: Any) -> None:
@@ -493,16 +524,22 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event:
     origin, seq, prev, ts = obj["origin"], obj["seq"], obj["prev"], obj["ts"]
     if not ids.is_node_id(origin):
         raise InvalidEvent(f"bad origin {brief(origin, 70)}")
-    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_SEQ:
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
         raise InvalidEvent(f"bad seq {brief(seq)}")
+    if not isinstance(obj["type"], str):
+        raise InvalidEvent("bad type")
+    if seq == 0 and (original["v"] < 2 or obj["type"] not in TRANSFER_TYPES):
+        raise InvalidEvent("bad seq 0: only a version-2 transfer fact is standalone")
+    if seq >= 1 and original["v"] >= 2 and obj["type"] in TRANSFER_TYPES:
+        raise InvalidEvent(f"a version-2 {obj['type']} is a standalone fact: seq 0, prev null")
+    if seq == 0 and prev is not None:
+        raise InvalidEvent("a transfer fact (seq 0) must have prev null")
     if seq == 1 and prev is not None:
         raise InvalidEvent("seq 1 must have prev null")
     if seq > 1 and not _hex64(prev):
         raise InvalidEvent("bad prev")
     if not _ts(ts):
         raise InvalidEvent(f"bad ts {brief(ts)} (want a real UTC time, {MIN_YEAR}..{MAX_YEAR})")
-    if not isinstance(obj["type"], str):
-        raise InvalidEvent("bad type")
     _check_data(obj["type"], obj["data"])
     if obj["type"] == FEED_CHECKPOINT:
         why = _checkpoint_seqs(seq, obj["data"])

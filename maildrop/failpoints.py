@@ -7,6 +7,8 @@ names in use (docs/durability.md lists what each one proves):
 
 - ``receive.before_append``: a receiver's batch is fsynced and renamed into the spool, and
   its one log append has not happened yet.
+- ``notice.before_store``: a ``notice`` frame passed its checks and nothing of it is stored
+  or handed over yet (its sender must keep every notice of it).
 """
 
 from __future__ import annotations

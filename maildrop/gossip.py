@@ -29,7 +29,10 @@ ProtocolError, refused before its lines are parsed; a round of more than
 shape (``reconcile.check_prefixes`` / ``check_answers``) is one ProtocolError.
 
 Received events are parsed and validated (via the store's ``ingest``) before anything is
-stored; invalid ones are counted and logged, never stored. Works on any ``Store``: pure
+stored; invalid ones are counted and logged, never stored. Only feeds travel: a standalone
+transfer fact (``Event.is_fact``) is in no feed, so it is never sent, and one received is
+refused by the store (docs/history.md); legacy version-1 transfer events travel inside
+their origin's chain until a checkpoint covers them. Works on any ``Store``: pure
 of files and sockets itself.
 
 Agreement: each round tells both ends the other's fingerprint (the caller's in

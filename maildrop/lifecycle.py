@@ -49,7 +49,7 @@ ENDED = frozenset({DELIVERED, FAILED, DROPPED})
 ORIGIN, RELAY, DESTINATION = "origin", "relay", "destination"
 
 PERMANENT = frozenset({"too-large", "unsafe-name", "unknown-origin", "not-accepted", "failed",
-                       "bad-offer", "bad-signature", "undecryptable"})
+                       "bad-offer", "bad-signature", "undecryptable", "stale"})
 """Refusals that asking again (or elsewhere) cannot change: the transfer ends at its origin."""
 
 

@@ -21,7 +21,11 @@ because every fact is merged commutatively:
   Delivered beats every other state.
 
 ``Network.apply`` is the same merge for one event, so the agent keeps the model current
-incrementally. Pure: no I/O, no clock.
+incrementally. Transfers come only from the facts this node holds (docs/history.md); an
+ended one (delivered or failed) stays in the model only among the ``RECENT_ENDED`` most
+recently ended, so memory never grows with the number of finished transfers (the fact
+store is their record). Below that bound the fold is order-independent as above. Pure: no
+I/O, no clock.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ from . import events as E
 from .events import Event
 
 QUEUED, RELAYED, DELIVERED, FAILED, UNKNOWN = "queued", "relayed", "delivered", "failed", "unknown"
+ENDED = frozenset({DELIVERED, FAILED})
+RECENT_ENDED = 1_000
+"""Ended transfers the model keeps (the most recently ended): enough for the planner to see
+a receipt or a failure it has not acted on yet and for ``status`` to show what just ended;
+older ones are read from the fact store."""
 
 
 @dataclass
@@ -159,6 +168,7 @@ class Network:
         self._health: dict[tuple[str, str], LinkHealth] = {}  # derived from the two above
         self._facts: dict[str, TransferInfo] = {}  # id -> its facts (a claim-less TransferInfo)
         self.claims: dict[str, dict[str, TransferInfo]] = {}  # id -> origin -> that origin's claim
+        self._ended: dict[str, None] = {}  # ids whose every claim ended, oldest first
         self.event_count = 0
 
     # -- the merge ------------------------------------------------------------------------
@@ -212,6 +222,26 @@ class Network:
             key, mine = (d["origin"], ev.origin), (d["by"], d["reason"], d["detail"])
             if key not in refusals or mine < refusals[key]:
                 refusals[key] = mine
+        if t in E.TRANSFER_TYPES:
+            self._note_end(d["transfer"])
+
+    def _note_end(self, tid: str) -> None:
+        """Keep ``tid`` among the recently ended once every claim on it ended; forget the
+        oldest beyond ``RECENT_ENDED``."""
+        mine = self.claims.get(tid)
+        if not mine or any(c.state not in ENDED for c in mine.values()):
+            return
+        self._ended.pop(tid, None)
+        self._ended[tid] = None
+        while len(self._ended) > RECENT_ENDED:
+            old = next(iter(self._ended))
+            del self._ended[old]
+            self._facts.pop(old, None)
+            self.claims.pop(old, None)
+
+    def holds_transfer(self, tid: str) -> bool:
+        """True while the model knows any fact of ``tid``."""
+        return tid in self._facts
 
     def _apply_checkpoint(self, origin: str, state: Mapping[str, Any]) -> None:
         """Merge what a checkpoint of ``origin``'s feed states, fact by fact, by seq."""

@@ -34,6 +34,14 @@ MAX_BATCH = 64
 bytes of the offer's header, which must stay under MAX_HEADER; a sender also stops adding
 files once the header would pass ``OFFER_BUDGET``."""
 OFFER_BUDGET = 48 * 1024
+MAX_NOTICE_FACTS = 64
+"""Facts in one ``notice`` frame at most (a receiver refuses more: ``too-large``)."""
+MAX_NOTICE_BYTES = 48 * 1024
+"""Canonical bytes of one ``notice`` frame's facts at most (a sender stops adding facts
+before it; a receiver refuses more: ``too-large``)."""
+MAX_NOTICE_HOPS = 32
+"""Hops a notice makes at most: a frame whose ``hops`` reached it is refused (``hop-limit``),
+so a notice caught in a routing loop ends instead of circling."""
 _LEN = struct.Struct(">I")
 
 # op -> {field: type}. Every op may also carry "v", "op" and (with a body) "len".
@@ -51,6 +59,8 @@ OPS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "stored": {"results": list},
     "ping": {},
     "pong": {},
+    "notice": {"to": str, "hops": int, "facts": list},
+    "notice.stored": {"stored": list, "refused": list},
     "error": {"reason": str},
 }
 _OPTIONAL: dict[str, dict[str, type | tuple[type, ...]]] = {

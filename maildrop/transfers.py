@@ -83,6 +83,13 @@ FLUSH_FROM = 64 * 1024 * 1024  # files from this size are written back while the
 FLUSH_EVERY = 0.25  # smaller files are stored, then forwarded
 SENDER_XATTR = "user.maildrop.from"
 MAX_ROUTE = 64
+STALE_MARGIN = 3600.0
+"""Seconds past ``transfers.expire_after`` after which an offer is refused for good
+(``stale``), whatever its route: by then its origin has given up (or it was delivered), so
+the destination's exactly-once memory (``FactStore.delivered``) need not outlive that
+horizon. Covers the clock skew a queued time is believed within (``CLOCK_SKEW``)."""
+MAX_INLINE_FACTS = 4
+"""Signed facts one per-file word of ``answers`` / ``stored`` carries at most (``facts``)."""
 CLOCK_SKEW = 3600.0
 """How far ahead of our clock a peer's ``transfer.queued`` time is believed. A relay's
 ``queued_at`` is that time clamped to [receive time - ``stale_after``, receive time +
@@ -206,6 +213,9 @@ class Answer:
     offset: int = 0
     reason: str = ""
     detail: str = ""
+    # The receiver's signed facts for the sender (``have``, ``stored``): its
+    # ``transfer.relayed``, the destination's ``transfer.delivered`` (docs/protocol.md).
+    facts: tuple[Event, ...] = ()
 
     def wire(self) -> dict[str, Any]:
         """As sent in ``answers`` / ``stored`` (see ``protocol.ANSWERS`` and ``RESULTS``)."""
@@ -215,7 +225,10 @@ class Answer:
             return {"a": "refuse", "reason": self.reason, "detail": self.detail}
         if self.a == "pending":
             return {"a": "pending", "detail": self.detail}
-        return {"a": self.a}  # have, stored
+        out: dict[str, Any] = {"a": self.a}  # have, stored
+        if self.facts:
+            out["facts"] = [e.to_dict() for e in self.facts[:MAX_INLINE_FACTS]]
+        return out
 
 
 class Owner(Protocol):
@@ -267,6 +280,8 @@ class Custody:
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
+        # Routes a fact to one node with custody (``Notices.send``: the agent sets it); a no-op here.
+        self.notify: Callable[[str, Event], None] = lambda _to, _ev: None
         self.progress_lock = threading.Lock()
         self.progress: dict[tuple[str, str], Progress] = {}
         # transfer id -> the claim (the origin's signed queued event) this node deals with for
@@ -301,9 +316,7 @@ class Custody:
             except InvalidEvent:
                 ev = None
         if ev is None:
-            with self.log.lock:
-                found = [e for e in self.log.ledger.all_events()
-                         if e.type == E.TRANSFER_QUEUED and e.data["transfer"] == tid]
+            found = [e for e in self.log.facts.facts_of(tid) if e.type == E.TRANSFER_QUEUED]
             ev = self._pick(tid, found)
         if ev is not None:
             self._queued[tid] = ev
@@ -314,12 +327,12 @@ class Custody:
         self._queued[queued.data["transfer"]] = queued
 
     def _index_queued(self) -> None:
-        """Remember the claim for every id in the log (one pass, before recovery)."""
+        """Remember the claim for every transfer not ended in the fact store (one query,
+        before recovery; an ended one is looked up when its copy is met)."""
         found: dict[str, list[Event]] = {}
-        with self.log.lock:
-            for e in self.log.ledger.all_events():
-                if e.type == E.TRANSFER_QUEUED:
-                    found.setdefault(e.data["transfer"], []).append(e)
+        for e in self.log.facts.open_facts():
+            if e.type == E.TRANSFER_QUEUED:
+                found.setdefault(e.data["transfer"], []).append(e)
         for tid, evs in found.items():
             ev = self._pick(tid, evs)
             if ev is not None:
@@ -342,11 +355,26 @@ class Custody:
         match = [e for e in claims.values() if (e.data["size"], e.data["sha256"]) == (size, sha)]
         return min(match, key=lambda e: (e.origin, e.seq)) if match else None
 
-    def _in_ledger(self, queued: Event) -> bool:
-        """True once this queued event is part of the log (not just waiting for a gap)."""
+    def _in_store(self, queued: Event) -> bool:
+        """True once this queued event is held in the fact store."""
+        return self.log.facts.has_fact(queued.id)
+
+    def ended(self, tid: str, origin: str) -> str | None:
+        """DELIVERED or FAILED when ``origin``'s claim on ``tid`` ended, by the model or, for
+        one it no longer keeps, the fact store; else None."""
         with self.log.lock:
-            tr = self.log.network.transfer(queued.data["transfer"], queued.origin)
-            return tr is not None and tr.queued_seq == queued.seq
+            tr = self.log.network.transfer(tid, origin)
+            if tr is not None:
+                return tr.state if tr.state in (DELIVERED, FAILED) else None
+        state = self.log.facts.state_of(tid)
+        return state if state in (DELIVERED, FAILED) else None
+
+    def facts_for_sender(self, tid: str) -> tuple[Event, ...]:
+        """Our facts a sender of ``tid`` waits for (our custody, the receipt), to go inline
+        in a ``have`` or ``stored`` answer."""
+        return tuple(e for e in self.log.facts.facts_of(tid)
+                     if (e.type == E.TRANSFER_RELAYED and e.origin == self.me)
+                     or e.type == E.TRANSFER_DELIVERED)[:MAX_INLINE_FACTS]
 
     def queued_at(self, origin: str, ts: str) -> float:
         """When a transfer counts as queued here: our own time as is; a peer's clamped to
@@ -656,9 +684,9 @@ class Custody:
                 parsed.append((i, item, self._parse_offered(item)))
             except TransferRefused as exc:
                 self._refusal(answers, i, peer, item, exc)
-        missing = [q for _, _, q in parsed if not self._in_ledger(q)]
-        if missing:  # the batch's queued events join the log in one write
-            self.log.ingest(missing)
+        missing = [q for _, _, q in parsed if not self._in_store(q)]
+        if missing:  # the batch's queued facts join the store in one transaction
+            self.log.ingest_facts(missing, offered=True)
         checked: list[tuple[int, Offered]] = []
         reserved = 0
         for i, item, queued in parsed:
@@ -841,9 +869,13 @@ class Custody:
         if not any(queued.verify_signature(k) for k in keys):
             raise TransferRefused("bad-signature", f"queued event not signed by {queued.origin}")
         try:
-            parse_ts(queued.ts)
+            at = parse_ts(queued.ts)
         except (ValueError, OverflowError):
             raise TransferRefused("bad-offer", f"queued time {queued.ts!r} is not a date") from None
+        horizon = self.stale_after + STALE_MARGIN
+        if queued.origin != self.me and at < time.time() - horizon:  # before it is kept at all
+            raise TransferRefused("stale", f"queued at {queued.ts}, more than {horizon:.0f} s ago: "
+                                  "no node keeps or delivers it any more")
         return queued
 
     def _check_offer(self, peer: str, frame: dict[str, Any], queued: Event,
@@ -851,11 +883,10 @@ class Custody:
         """The rest of one offered file's checks, once its queued event is in the log
         (``reserved``: bytes the files before it in the same offer may take)."""
         tid = frame["transfer"]
-        with self.log.lock:
-            tr = self.log.network.transfer(tid, queued.origin)
-            gave_up = tr is not None and tr.state == FAILED
-        if gave_up:  # cancelled or expired by its origin: neither kept nor delivered any more
+        if self.ended(tid, queued.origin) == FAILED:
+            # cancelled or expired by its origin: neither kept nor delivered any more
             raise TransferRefused("failed", f"{queued.origin} gave up on this transfer")
+
         route = frame["route"]
         if len(route) > MAX_ROUTE or not all(ids.is_node_id(n) for n in route):
             raise TransferRefused("bad-offer", "route is malformed")
@@ -967,9 +998,9 @@ class Custody:
         "have". Should the append fail, the copies go back to being parts (the sender's next
         offer resumes them), so no whole copy is left that nobody holds."""
         for o in files:
-            if not self._in_ledger(o.queued):
-                # The origin's feed has a gap here, so recovery could not find the queued
-                # event in the log: keep it beside the copy (before the copy is whole).
+            if not self._in_store(o.queued):
+                # The queued fact is not in the fact store (its put was refused), so recovery
+                # could not find it there: keep it beside the copy (before the copy is whole).
                 self.spool.write_meta(o.transfer, {"queued": o.queued.to_dict(), "from": peer,
                                                    "passed": list(o.route)})
         for o in files:
@@ -989,6 +1020,11 @@ class Custody:
         for o in files:
             if o.queued.data["destination"] != self.me:
                 log.info("transfer.relayed transfer=%s from=%s size=%d", o.transfer, peer, o.queued.data["size"])
+        by_tid = {o.transfer: o.queued for o in files}
+        for ev in evs:  # the sender hears it inline (``stored``); the origin by notice
+            origin = by_tid[ev.data["transfer"]].origin
+            if origin not in (peer, self.me):
+                self.notify(origin, ev)
         return evs
 
     # -- deliver (destination) ---------------------------------------------------------------
@@ -1015,6 +1051,9 @@ class Custody:
             done_already = {ev.data["transfer"] for ev in queued
                             if (tr := self.log.network.transfer(ev.data["transfer"], ev.origin)) is not None
                             and tr.delivered is not None}
+        # The exactly-once memory outlives the model's (bounded) view of ended transfers.
+        done_already |= {ev.data["transfer"] for ev in queued
+                         if ev.data["transfer"] not in done_already and self.log.facts.delivered(ev.data["transfer"])}
         for ev in queued:
             tid = ev.data["transfer"]
             if tid in done_already:
@@ -1047,7 +1086,10 @@ class Custody:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        self.append([(E.TRANSFER_DELIVERED, _receipt(ev, name)) for ev, name, _ in linked])
+        receipts = self.append([(E.TRANSFER_DELIVERED, _receipt(ev, name)) for ev, name, _ in linked])
+        for ev, receipt in zip([ev for ev, _, _ in linked], receipts, strict=True):
+            if ev.origin != self.me:  # the last hop hears it inline; the origin by notice
+                self.notify(ev.origin, receipt)
         for ev, name, size in linked:
             tid = ev.data["transfer"]
             log.info("transfer.delivered transfer=%s origin=%s path=%s size=%d",
@@ -1107,7 +1149,9 @@ class Custody:
         reply = stream.recv(expect={"answers", "refuse"})
         if reply.op == "refuse":
             raise TransferRefused(reply["reason"], reply["detail"])
-        answers = [_answer(w) for w in check_list(reply["answers"], len(items), ANSWERS, "answers")]
+        words = check_list(reply["answers"], len(items), ANSWERS, "answers")
+        self._take_inline(hop, words)
+        answers = [_answer(w) for w in words]
         accepted: list[tuple[Outgoing, int]] = []
         for it, ans in zip(items, answers, strict=True):
             if ans.a == "accept":
@@ -1133,10 +1177,39 @@ class Custody:
                     self.progress.pop((it.transfer, "out"), None)
         reply = stream.recv(expect={"stored"})
         results = check_list(reply["results"], len(accepted), RESULTS, "results")
+        self._take_inline(hop, results)
         self.metrics.sent(hop, sum(it.queued.data["size"] - off for it, off in accepted),
                           time.monotonic() - t0)
         for (it, _), res in zip(accepted, results, strict=True):
             report(it.transfer, _answer(res))
+
+    def _take_inline(self, hop: str, words: list[dict[str, Any]]) -> None:
+        """Ingest the signed facts a receiver sent inline with its words (``facts``: at most
+        ``MAX_INLINE_FACTS`` each), before the words are acted on, so the model already
+        holds the custody or the receipt they stand for. A malformed or foreign fact is
+        logged and dropped; the word itself still counts."""
+        found: list[Event] = []
+        bad = 0
+        for w in words:
+            raw = w.get("facts")
+            if raw is None:
+                continue
+            if not isinstance(raw, list) or len(raw) > MAX_INLINE_FACTS:
+                bad += 1
+                continue
+            for item in raw:
+                try:
+                    found.append(parse_event(item if isinstance(item, dict) else {}))
+                except InvalidEvent:
+                    bad += 1
+        if found:
+            res = self.log.ingest_facts(found)
+            bad += len(res.rejected)
+            if res.accepted:
+                self.on_change()
+        if bad:
+            log.warning("relay.facts.refused peer=%s count=%d (inline facts that are malformed, "
+                        "unsigned or not about our transfers)", hop, bad)
 
     def _send_file(self, stream: FrameStream, it: Outgoing, offset: int, prog: Progress) -> None:
         size = it.queued.data["size"]
@@ -1226,6 +1299,9 @@ class Custody:
             tr = self.log.network.transfer(tid, self.me)
             if tr is not None and tr.failed is not None:
                 return
+            custodians = set(tr.custody) if tr is not None else set()
+        if tr is None and self.log.facts.state_of(tid) == FAILED:
+            return
         queued = self.queued_event(tid)
         name = self.name_of(queued) or tid
         dest = queued.data["destination"] if queued else "?"
@@ -1245,7 +1321,10 @@ class Custody:
             data.unlink(missing_ok=True)  # at once, as the move unlinks a plaintext copy
         else:
             final = self.failed / name
-        self.append([(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})])
+        [failed] = self.append([(E.TRANSFER_FAILED, {"transfer": tid, "reason": reason[:500]})])
+        # The destination and every custodian we know of hear it by notice (never by gossip).
+        for to in sorted(({dest} if queued is not None else set()) | custodians - {self.me}):
+            self.notify(to, failed)
         self.spool.discard(tid)
         log.warning("transfer.failed transfer=%s destination=%s reason=%s path=%s",
                     tid, dest, reason, final)
@@ -1327,9 +1406,8 @@ class Custody:
             return Recovered(queued, ())
         with self.log.lock:
             tr = self.log.network.transfer(tid, queued.origin)
-            delivered = tr is not None and tr.state == DELIVERED
             custody = dict(tr.custody) if tr is not None else {}
-        if delivered:
+        if self.ended(tid, queued.origin) == DELIVERED:
             self.spool.discard(tid)
             return None
         if queued.origin == self.me:
@@ -1391,10 +1469,8 @@ class Custody:
                 old = now - self.spool.data(tid).stat().st_ctime >= 2 * self.stale_after
                 return "stale-copy" if old and not taking else None
             queued = self._queued.get(tid)
-            with self.log.lock:
-                tr = self.log.network.transfer(tid, queued.origin) if queued is not None else None
-                state = tr.state if tr is not None else None
-            if state in (DELIVERED, FAILED):
+            state = self.ended(tid, queued.origin) if queued is not None else None
+            if state is not None:
                 return state
             part = self.spool.part(tid)
             return "stale-part" if part.exists() and now - part.stat().st_mtime >= self.stale_after else None

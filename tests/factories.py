@@ -30,8 +30,10 @@ class FeedWriter:
 
     def add(self, type_: str, data: dict[str, Any], now: float | None = None) -> Event:
         prev = self.events[-1].id if self.events else None
+        # A transfer fact in a feed is the legacy (version 1) form.
         ev = make_event(self.key, self.origin, len(self.events) + 1, prev,
-                        now if now is not None else T0 + len(self.events), type_, data)
+                        now if now is not None else T0 + len(self.events), type_, data,
+                        v=1 if type_ in E.TRANSFER_TYPES else E.VERSION)
         self.events.append(ev)
         return ev
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -168,14 +169,29 @@ class Node(LocalNode):
                      if e["origin"] == self.name and self.name_in(e["data"]) == name), None)
 
     def events(self, type_: str | None = None) -> list[dict[str, Any]]:
-        """Every line of the node's event log (as written, own and gossiped), oldest first."""
+        """Every line of the node's event log (as written, own and gossiped), oldest first,
+        then every transfer fact in its fact store (``state/facts.sqlite``), as they came."""
         path = self.dir / "state" / "events.jsonl"
+        out = []
+        if path.exists():
+            data = path.read_bytes()
+            data = data[: data.rfind(b"\n") + 1]  # only whole lines: the agent may be appending
+            out = [json.loads(line) for line in data.splitlines() if line.strip()]
+        out += self.facts()
+        return [e for e in out if type_ is None or e["type"] == type_]
+
+    def facts(self) -> list[dict[str, Any]]:
+        """The transfer facts this node holds (its fact store, read-only), as they came."""
+        path = self.dir / "state" / "facts.sqlite"
         if not path.exists():
             return []
-        data = path.read_bytes()
-        data = data[: data.rfind(b"\n") + 1]  # only whole lines: the agent may be appending
-        out = [json.loads(line) for line in data.splitlines() if line.strip()]
-        return [e for e in out if type_ is None or e["type"] == type_]
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            return [json.loads(r[0]) for r in db.execute("SELECT line FROM facts ORDER BY n")]
+        except sqlite3.OperationalError:  # created, its tables not yet
+            return []
+        finally:
+            db.close()
 
     def trust_outsider(self, peer_id: str, key_line: str) -> None:
         """List a peer that no agent runs (the test plays it) in this node's config, at a

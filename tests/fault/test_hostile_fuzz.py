@@ -238,6 +238,7 @@ def broken_event(draw: Any, t: Target, queued_only: bool = False) -> tuple[str, 
     elif fault == "ts":
         body["ts"] = draw(bad_ts)
     elif fault == "version":
+        # a version newer than this maildrop reads (version 2 is today's: valid)
         body["v"] = draw(st.integers(min_value=E.VERSION + 1, max_value=2**70) | st.integers(max_value=0)
                          | wrong_typed)
     elif fault == "forged-origin":

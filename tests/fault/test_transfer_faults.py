@@ -15,7 +15,7 @@ import pytest
 
 from maildrop import events as E
 from maildrop.errors import InvalidEvent
-from maildrop.events import compute_id, format_ts, make_event
+from maildrop.events import compute_id, format_ts, make_fact
 from maildrop.keys import generate_key
 from tests.factories import T0, FeedWriter
 from tests.harness import (
@@ -84,8 +84,11 @@ def test_relay_killed_mid_file_reroutes_and_delivers_once(make_net):
     assert len(own_delivered(e, tid)) == 1
     t = transfer_in(e, tid)
     assert t["state"] == "delivered"
-    assert set(t["custody"]) == {"NodeC", "NodeD"}  # the long way; B never took custody
     wait_until(lambda: transfer_in(a, tid)["state"] == "delivered", 30, "the receipt at A")
+    # The origin hears every custody (C inline, D by notice): the long way; B never took
+    # custody. (The destination holds no custody facts: they are not its to hold.)
+    wait_until(lambda: set(transfer_in(a, tid)["custody"]) == {"NodeC", "NodeD"}, 30,
+               "A to hold C's and D's custody")
     for n in ("NodeA", "NodeC", "NodeD", "NodeE"):
         wait_until(lambda n=n: net[n].spool_files(tid) == [], 30, f"{n}'s spool to let go")
     # B comes back with its partial copy: it learns of the receipt and lets the part go,
@@ -215,7 +218,7 @@ BAD_NAMES = ["../escape", "../../etc/passwd", "/etc/passwd", "a/b", "..", ".", "
 def test_a_signed_queued_event_cannot_carry_an_unsafe_name(name):
     x = FeedWriter("NodeX")
     with pytest.raises(InvalidEvent, match="data.name"):
-        make_event(x.key, "NodeX", 1, None, T0, E.TRANSFER_QUEUED, {
+        make_fact(x.key, "NodeX", T0, E.TRANSFER_QUEUED, {
             "transfer": "a" * 32, "destination": "NodeA", "name": name, "size": 1,
             "sha256": "0" * 64})
 

@@ -81,8 +81,9 @@ def test_a_full_quota_at_b_sends_the_file_through_c_and_b_still_takes_its_own_ma
     tid = a.queued_tid("through-c.bin")
     assert log_lines(b, "relay.offer.refused", "peer=NodeA", f"transfer={tid}", "reason=quota")
     assert log_lines(a, "relay.hop.refused", f"transfer={tid}", "NodeB refused: quota:")
-    wait_until(lambda: "NodeC" in custodians(d, tid), 20, "C's custody of it to reach D")
-    assert "NodeB" not in custodians(d, tid) and not b.spool_files(tid)  # B never held it
+    # Custody facts go to the origin (inline, by notice), never to the destination.
+    wait_until(lambda: "NodeC" in custodians(a, tid), 20, "C's custody of it to reach A")
+    assert "NodeB" not in custodians(a, tid) and not b.spool_files(tid)  # B never held it
     wait_until(lambda: len(inbox(b, "NodeA")) == 3, 60, "B's own three files")
     assert inbox(b, "NodeA") == {n: hashlib.sha256(v).hexdigest() for n, v in own.items()}
     assert not a.failed.exists() or list(a.failed.iterdir()) == []
@@ -179,7 +180,7 @@ def test_relay_for_routes_around_a_relay_that_will_not_carry_and_fails_when_no_p
     t1 = a.queued_tid("one.bin")
     assert len(log_lines(b, "relay.offer.refused", f"transfer={t1}", "reason=not-accepted")) == 1
     assert log_lines(a, "relay.hop.refused", f"transfer={t1}", "refused by NodeB: not-accepted")
-    wait_until(lambda: "NodeC" in custodians(d, t1), 20, "C's custody to reach D")
+    wait_until(lambda: "NodeC" in custodians(a, t1), 20, "C's custody to reach the origin A")
     assert not a.failed.exists() or list(a.failed.iterdir()) == []
 
     cfg = c.config_path.read_text()
@@ -244,7 +245,7 @@ def test_a_refusal_past_the_first_relay_comes_back_and_the_origin_goes_another_w
     assert [(ev["data"]["by"], ev["data"]["reason"]) for ev in b.events("transfer.refused")
             if ev["data"]["transfer"] == tid] == [("NodeC", "not-accepted")]
     assert log_lines(a, "relay.refused.downstream", f"transfer={tid}", "refused by NodeC: not-accepted")
-    wait_until(lambda: {"NodeD", "NodeF"} <= custodians(e, tid), 20, "D's and F's custody to reach E")
-    assert "NodeC" not in custodians(e, tid)
+    wait_until(lambda: {"NodeD", "NodeF"} <= custodians(a, tid), 20, "D's and F's custody to reach the origin A")
+    assert "NodeC" not in custodians(a, tid)
     wait_until(lambda: not b.spool_files(tid), 30, "B to let its copy go at the receipt")
     assert not a.failed.exists() or list(a.failed.iterdir()) == []

@@ -183,8 +183,8 @@ class Hop:
                 if p.name.startswith(tid) and p.suffix != ".json"}
 
     def added(self, before: int) -> list[dict[str, Any]]:
-        """B's event-log lines written since it had ``before`` of them."""
-        return self.b.events()[before:]
+        """B's transfer facts (its fact store) kept since it had ``before`` of them."""
+        return self.b.facts()[before:]
 
 
 @pytest.fixture
@@ -208,12 +208,13 @@ def hop(make_net) -> Iterator[Hop]:
 
 def test_a_batch_of_small_files_is_stored_at_a_relay_with_one_append(hop):
     """Eight files for NodeC in one offer: eight accepts from 0, the bytes back to back,
-    one ``stored`` with a result per file. NodeB holds each whole copy and records its
-    custody of all of them in one append (one timestamp, consecutive seqs)."""
+    one ``stored`` with a result per file. NodeB holds each whole copy; the offer brought
+    the queued facts (one ingest) and NodeB records its custody of all of them in one
+    append (one timestamp), as standalone facts (never in a feed)."""
     files = {f"s{i}.txt": os.urandom(200 + i) for i in range(8)}
     tids = hop.take("NodeC", files)
-    hop.sync()  # B has the queued events already: the offer's only new facts are custody
-    before = len(hop.b.events())
+    hop.sync()  # gossip brings B no transfer fact: the queued ones come with the offer
+    before = len(hop.b.facts())
     t0 = time.perf_counter()
     reports = hop.send(tids)
     elapsed = time.perf_counter() - t0
@@ -226,10 +227,12 @@ def test_a_batch_of_small_files_is_stored_at_a_relay_with_one_append(hop):
         assert held == hop.sealed(tid) and held.startswith(b"age-encryption.org/v1\n")
         assert data not in held  # the relay holds the ciphertext only
     added = hop.added(before)
-    assert [(e["origin"], e["type"], e["data"]) for e in added] == \
-        [("NodeB", E.TRANSFER_RELAYED, {"transfer": t, "from": "NodeA"}) for t in tids]
-    assert len({e["ts"] for e in added}) == 1  # one append_own: one write, one fdatasync
-    assert [e["seq"] for e in added] == list(range(added[0]["seq"], added[0]["seq"] + len(tids)))
+    assert [(e["origin"], e["type"], e["data"]["transfer"]) for e in added] == \
+        [("NodeA", E.TRANSFER_QUEUED, t) for t in tids] + [("NodeB", E.TRANSFER_RELAYED, t) for t in tids]
+    custody = added[len(tids):]
+    assert [e["data"]["from"] for e in custody] == ["NodeA"] * len(tids)
+    assert len({e["ts"] for e in custody}) == 1  # one append_own: one transaction
+    assert {(e["seq"], e["prev"]) for e in added} == {(0, None)}
     held = hop.custodian.snapshot()
     assert {t: (held[t].role, held[t].passed) for t in tids} == {t: (L.RELAY, ("NodeA",)) for t in tids}
     assert all(held[t].phase != L.RECEIVING for t in tids)
@@ -242,7 +245,7 @@ def test_a_batch_for_the_receiver_lands_in_its_inbox_with_one_receipt_each(hop):
     append), and no copy is left in the spool."""
     files = {f"d{i}.txt": os.urandom(300 + i) for i in range(5)}
     tids = hop.take("NodeB", files)
-    before = len(hop.b.events())
+    before = len(hop.b.facts())
     reports = hop.send(tids)
     assert _words(reports) == [(t, ACCEPT) for t in tids] + [(t, STORED) for t in tids]
     inbox = hop.b.inbox / "NodeA"
@@ -264,7 +267,7 @@ def test_offering_again_what_the_receiver_holds_or_delivered_answers_have(hop, d
     files = {f"h{i}.txt": b"have %d" % i for i in range(3)}
     tids = hop.take(dest, files)
     assert _words(hop.send(tids))[-3:] == [(t, STORED) for t in tids]
-    before = len(hop.b.events())
+    before = len(hop.b.facts())
     assert _words(hop.send(tids)) == [(t, HAVE) for t in tids]  # no bytes, no "stored"
     assert hop.added(before) == []
 
@@ -352,17 +355,22 @@ def test_bytes_that_do_not_match_the_signed_hash_are_refused_after_the_batch(hop
     and is the only custody NodeB records."""
     bad, good = hop.take("NodeC", {"bad.bin": b"B" * 1000, "good.bin": b"G" * 1000})
     hop.sync()
-    before = len(hop.b.events())
+    before = len(hop.b.facts())
     with hop.channel() as stream:
         assert _offer(stream, hop.items([bad, good])) == [ACCEPT, ACCEPT]
         stream.send_raw(b"X" * len(hop.sealed(bad)))
         stream.send_raw(hop.sealed(good))
         results = stream.recv(expect={"stored"})["results"]
-    assert results == [{"a": "refuse", "reason": "hash-mismatch",
-                        "detail": "bytes do not match the sha256 of the queued event"}, STORED]
+    assert results[0] == {"a": "refuse", "reason": "hash-mismatch",
+                          "detail": "bytes do not match the sha256 of the queued event"}
+    # The good file's word carries B's signed custody inline, for the sender.
+    assert results[1]["a"] == "stored"
+    assert [(f["origin"], f["type"], f["data"]) for f in results[1]["facts"]] == [
+        ("NodeB", E.TRANSFER_RELAYED, {"transfer": good, "from": "NodeA"})]
     assert hop.spool_of(bad) == set()
     assert hop.receiver.spool.data(good).read_bytes() == hop.sealed(good)
-    assert [(e["type"], e["data"]["transfer"]) for e in hop.added(before)] == [(E.TRANSFER_RELAYED, good)]
+    assert [(e["type"], e["data"]["transfer"]) for e in hop.added(before)] == [
+        (E.TRANSFER_QUEUED, bad), (E.TRANSFER_QUEUED, good), (E.TRANSFER_RELAYED, good)]
     held = hop.custodian.snapshot()
     assert bad not in held and good in held
 
@@ -374,7 +382,7 @@ def test_a_batch_cut_off_mid_file_resumes_from_the_parts_kept(hop):
     t1, t2 = hop.take("NodeC", {"one.bin": os.urandom(3000), "two.bin": os.urandom(40000)})
     one, two = hop.sealed(t1), hop.sealed(t2)  # what moves: the ciphertext, resumed as such
     hop.sync()
-    before = len(hop.b.events())
+    before = len(hop.b.facts())
     cut = 15000
     with hop.channel() as stream:
         assert _offer(stream, hop.items([t1, t2])) == [ACCEPT, ACCEPT]
@@ -383,7 +391,8 @@ def test_a_batch_cut_off_mid_file_resumes_from_the_parts_kept(hop):
     assert hop.receiver.spool.part(t1).read_bytes() == one
     assert hop.receiver.spool.part(t2).read_bytes() == two[:cut]
     assert (hop.spool_of(t1), hop.spool_of(t2)) == ({".part"}, {".part"})
-    assert hop.added(before) == []
+    queued = [(E.TRANSFER_QUEUED, t1), (E.TRANSFER_QUEUED, t2)]
+    assert [(e["type"], e["data"]["transfer"]) for e in hop.added(before)] == queued  # no custody
     assert not {t1, t2} & set(hop.custodian.snapshot())
     reports = hop.send([t1, t2])
     assert _words(reports) == [(t1, {"a": "accept", "offset": len(one)}), (t2, {"a": "accept", "offset": cut}),
@@ -391,7 +400,7 @@ def test_a_batch_cut_off_mid_file_resumes_from_the_parts_kept(hop):
     assert hop.receiver.spool.data(t1).read_bytes() == one
     assert hop.receiver.spool.data(t2).read_bytes() == two
     assert (hop.spool_of(t1), hop.spool_of(t2)) == ({".data"}, {".data"})
-    added = hop.added(before)
+    added = hop.added(before)[len(queued):]
     assert [(e["type"], e["data"]["transfer"]) for e in added] == [(E.TRANSFER_RELAYED, t1), (E.TRANSFER_RELAYED, t2)]
     assert len({e["ts"] for e in added}) == 1
 
@@ -421,7 +430,8 @@ def test_a_resume_onto_a_bad_part_is_cut_back_once_then_started_afresh(hop):
 def test_a_sender_that_stops_mid_file_leaves_a_part_and_no_fact(hop):
     """While the bytes arrive, the service shows the transfer receiving from NodeA; when the
     channel closes mid-file the handler tells it (``receive_failed``): nothing is committed,
-    no event is written, the part is kept, and the service no longer has the transfer."""
+    no fact of custody is written (only the offered queued fact is kept), the part is kept,
+    and the service no longer has the transfer."""
     (tid,) = hop.take("NodeC", {"half.bin": os.urandom(20000)})
     data = hop.sealed(tid)
     hop.sync()
@@ -437,7 +447,8 @@ def test_a_sender_that_stops_mid_file_leaves_a_part_and_no_fact(hop):
             (L.RECEIVING, "NodeA", 0, L.RELAY)
     assert hop.receiver.spool.part(tid).read_bytes() == data[:5000]
     assert hop.spool_of(tid) == {".part"}
-    assert hop.b.events() == log_before
+    assert [(e["type"], e["data"]["transfer"]) for e in hop.b.events() if e not in log_before] == [
+        (E.TRANSFER_QUEUED, tid)]
     assert tid not in hop.custodian.snapshot()
     assert hop.receiver.snapshot() == []  # no progress left behind
 

@@ -88,16 +88,17 @@ def _every_node_routes(net, path) -> bool:
 
 
 def _relayed_by(net, name: str) -> set[str]:
-    """The relays that signed custody of the file ``name`` NodeA sent, as NodeD's log has it."""
+    """The relays that signed custody of the file ``name`` NodeA sent, as NodeA (its origin,
+    which holds its custody facts; the destination NodeD does not) has them."""
     tid = net["NodeA"].queued_tid(name)
-    return {e["origin"] for e in net["NodeD"].events(E.TRANSFER_RELAYED) if e["data"]["transfer"] == tid}
+    return {e["origin"] for e in net["NodeA"].events(E.TRANSFER_RELAYED) if e["data"]["transfer"] == tid}
 
 
 def _send(net, name: str, via: str) -> None:
     net["NodeA"].drop("NodeD", name, name.encode() * 100)
     wait_until(lambda: (net["NodeD"].inbox / "NodeA" / name).exists(), 60, f"{name} delivered")
     assert (net["NodeD"].inbox / "NodeA" / name).read_bytes() == name.encode() * 100
-    wait_until(lambda: _relayed_by(net, name), 30, f"{name}'s relay in NodeD's log")
+    wait_until(lambda: _relayed_by(net, name), 30, f"{name}'s relay in NodeA's facts")
     assert _relayed_by(net, name) == {via}
 
 

@@ -79,6 +79,7 @@ def test_minimal_config_and_defaults() -> None:
     assert c.link_down_after == 15.0
     assert c.expire_after == 7 * 86400
     assert c.resend_after == 6 * 3600
+    assert c.history_keep == 14 * 86400
     assert c.max_file_size == 64 * 2**30
     assert c.min_free_space == 256 * 2**20
     assert c.parallel == 4
@@ -347,7 +348,7 @@ def test_empty_file(text: str) -> None:
     if text == "---\n":  # an explicit empty document is null, not "no document"
         assert message == (
             "top level: empty; expected a mapping with keys node, root, key, peers, accept_from, "
-            "relay_for, gossip, transfers, relay, outbox, log, metrics"
+            "relay_for, gossip, transfers, relay, outbox, history, log, metrics"
         )
     else:
         assert message == (
@@ -363,7 +364,7 @@ def test_empty_file(text: str) -> None:
 def test_top_level_not_a_mapping(text: str, got: str) -> None:
     assert err(text) == (
         f"top level: {got}; expected a mapping with keys node, root, key, peers, accept_from, "
-        "relay_for, gossip, transfers, relay, outbox, log, metrics"
+        "relay_for, gossip, transfers, relay, outbox, history, log, metrics"
     )
 
 
@@ -449,7 +450,7 @@ def test_unknown_key_at_every_level() -> None:
     )
     assert err(BASE + "roots: /x\n") == (
         "roots: unknown key (did you mean 'root'?); expected one of node, root, key, peers, "
-        "accept_from, relay_for, gossip, transfers, relay, outbox, log, metrics"
+        "accept_from, relay_for, gossip, transfers, relay, outbox, history, log, metrics"
     )
     assert err(BASE + "gossip:\n  intervall: 5s\n") == (
         "gossip.intervall: unknown key (did you mean 'interval'?); expected one of interval, "
@@ -472,7 +473,7 @@ def test_unknown_key_at_every_level() -> None:
 def test_key_in_the_wrong_section_says_where_it_belongs() -> None:
     assert err(BASE + "interval: 5s\n") == (
         "interval: unknown key ('interval' belongs under gossip:); expected one of node, root, "
-        "key, peers, accept_from, relay_for, gossip, transfers, relay, outbox, log, metrics"
+        "key, peers, accept_from, relay_for, gossip, transfers, relay, outbox, history, log, metrics"
     )
     text = BASE.replace("  id: NodeA\n", "  id: NodeA\n  parallel: 3\n")
     assert err(text).startswith("node.parallel: unknown key ('parallel' belongs under transfers:)")
@@ -753,6 +754,13 @@ def test_peer_address_is_this_nodes_own() -> None:
 
 
 # --------------------------------------------------------------------------- setting errors
+
+
+def test_history_keep() -> None:
+    assert parse_config(BASE + "history:\n  keep: 3d\n", CFG).history_keep == 3 * 86400
+    assert err(BASE + "history:\n  keep: forever\n") == (
+        "history.keep: 'forever' is not a duration; expected e.g. 30s, 5m, 2h, 7d"
+    )
 
 
 def test_bad_durations() -> None:
@@ -1055,12 +1063,14 @@ def test_render_mentions_every_key_with_a_comment() -> None:
     for key in ("id:", "display_name:", "listen:", "advertise:", "root:", "key:", "peers:",
                 "gossip:", "interval:", "link_down_after:", "transfers:", "expire_after:",
                 "resend_after:", "max_file_size:", "min_free_space:", "parallel:", "outbox:",
-                "settle:", "rescan_interval:", "polling:", "log:", "level:", "json:"):  # fmt: skip
+                "settle:", "rescan_interval:", "polling:", "history:", "keep:", "log:", "level:",
+                "json:"):  # fmt: skip
         lines = [line for line in text.splitlines() if line.lstrip("# ").startswith(key)]
         assert lines, key
     # The optional sections are commented out; uncommenting them gives the same values.
     uncommented = "\n".join(
-        line[2:] if line.startswith(("# gossip", "#   ", "# transfers", "# relay:", "# outbox", "# log"))
+        line[2:] if line.startswith(("# gossip", "#   ", "# transfers", "# relay:", "# outbox", "# history",
+                                     "# log"))
         and ":" in line
         and not line.startswith(("#   - id", "#     ")) else line
         for line in text.splitlines()

@@ -166,7 +166,7 @@ def test_a_transient_refusal_backs_off_and_avoids_the_hop(make, reason):
 
 def test_the_permanent_refusals_are_the_designed_list():
     designed = {"too-large", "unsafe-name", "unknown-origin", "not-accepted", "failed",
-                "bad-offer", "bad-signature", "undecryptable"}
+                "bad-offer", "bad-signature", "undecryptable", "stale"}
     assert designed == L.PERMANENT
     assert POLICY.permanent == L.PERMANENT
     assert not set(TRANSIENT) & L.PERMANENT

@@ -14,7 +14,7 @@ from maildrop import events as E
 from maildrop.config import load_config
 from maildrop.errors import InvalidEvent
 from maildrop.eventlog import EventLog
-from maildrop.events import make_event
+from maildrop.events import make_fact
 from maildrop.keys import generate_key, install_new_key, load_key, new_key_for
 from maildrop.seal import Envelope, Keyring, Names, SealError, seal_envelope, seal_file
 from maildrop.spool import Spool
@@ -110,10 +110,10 @@ def test_the_event_types_have_a_sealed_and_a_plaintext_shape_and_nothing_else():
     key = node_key()
     sealed = seal_envelope(_env(), [key.public_line])
     base = {"transfer": "a" * 32, "destination": "NodeB", "size": 1, "sha256": SHA}
-    make_event(key, "NodeA", 1, None, T0, E.TRANSFER_QUEUED, {**base, "sealed": sealed})
-    make_event(key, "NodeA", 1, None, T0, E.TRANSFER_QUEUED, {**base, "name": "old.txt"})
-    make_event(key, "NodeB", 1, None, T0, E.TRANSFER_DELIVERED, {"transfer": "a" * 32, "sha256": SHA})
-    make_event(key, "NodeB", 1, None, T0, E.TRANSFER_DELIVERED, {"transfer": "a" * 32, "sha256": SHA,
+    make_fact(key, "NodeA", T0, E.TRANSFER_QUEUED, {**base, "sealed": sealed})
+    make_fact(key, "NodeA", T0, E.TRANSFER_QUEUED, {**base, "name": "old.txt"})
+    make_fact(key, "NodeB", T0, E.TRANSFER_DELIVERED, {"transfer": "a" * 32, "sha256": SHA})
+    make_fact(key, "NodeB", T0, E.TRANSFER_DELIVERED, {"transfer": "a" * 32, "sha256": SHA,
                                                                  "name": "old.txt"})
     for bad, why in [({**base, "sealed": sealed, "name": "x"}, "unexpected data field"),
                      ({**base, "sealed": "bm90IGFnZQ=="}, "data.sealed is invalid"),  # "not age"
@@ -121,7 +121,7 @@ def test_the_event_types_have_a_sealed_and_a_plaintext_shape_and_nothing_else():
                      ({**base, "sealed": "YQ" * 5000}, "data.sealed is invalid"),
                      (base, "data.sealed missing")]:
         with pytest.raises(InvalidEvent, match=why):
-            make_event(key, "NodeA", 1, None, T0, E.TRANSFER_QUEUED, bad)
+            make_fact(key, "NodeA", T0, E.TRANSFER_QUEUED, bad)
 
 
 @pytest.fixture
