@@ -117,6 +117,9 @@ RECOVER_ROUNDS = 100
 NOTICE_AGE_FACTOR = 2
 """A notice is dropped once its fact is older than this many ``transfers.expire_after``: a
 fact made at the end of a transfer's window still has a whole window to travel."""
+NOTICE_SENDERS = 4
+"""Hops the notice pump sends to at once (one frame group each): a silent hop holds one
+sender for at most ``gossip.link_down_after``, never the others."""
 NOTICE_TICK = 2.0
 """Seconds the notice pump waits at most between two looks at its queue (it is also kicked
 by every model change and link up)."""
@@ -281,6 +284,12 @@ class Agent:
                                        max_age=NOTICE_AGE_FACTOR * config.expire_after)
         self.custody.notify = self.notices.send
         self._notice_kick = threading.Event()  # set: the notice pump looks at its queue now
+        # The notices being sent right now, as (to, fact id), and the hops a sender works for:
+        # the pump hands neither out again until that send ended. A leaf lock.
+        self._notice_inflight: set[tuple[str, str]] = set()
+        self._notice_hops: set[str] = set()
+        self._notice_lock = threading.Lock()
+        self._notice_senders = ThreadPoolExecutor(NOTICE_SENDERS, thread_name_prefix="notice-send")
         self.custody.silence_after = config.link_down_after
         self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
                                    self._dispatch, after_sweep=self._after_sweep,
@@ -545,6 +554,7 @@ class Agent:
             t.join(3.0)
             if t.is_alive():
                 log.warning("agent.stop.slow service=%s", name)
+        self._notice_senders.shutdown(wait=True, cancel_futures=True)
         self.write_status(running=False)
         self.notices.close()
         self.log.close()
@@ -631,6 +641,7 @@ class Agent:
         before, after = {p.id: p for p in old.peers}, {p.id: p for p in new.peers}
         gone = sorted(p for p in before if p not in after or before[p] != after[p])
         added = sorted(fresh)
+        self.notices.max_age = NOTICE_AGE_FACTOR * new.expire_after
         self.policy = replace(self.policy, expire_after=new.expire_after, resend_after=new.resend_after,
                               confirm_after=CONFIRM_ROUNDS * new.gossip_interval)
         # Plain attribute writes: the checks that read them take one value each time.
@@ -920,6 +931,7 @@ class Agent:
             if link.state != "up":
                 log.info("link.up peer=%s", link.id)
                 self.custodian.link_changed(link.id, True)  # what waits for it: try now
+                self._notice_kick.set()
             link.state = "up"
             if last is None or not last[0]:
                 self._append(E.LINK_UP, {"peer": link.id})
@@ -1163,9 +1175,10 @@ class Agent:
             self._notice_kick.wait(wait)
 
     def _pump_notices(self) -> float:
-        """One pass: every due notice to its next hop (``notices.next_hop``), in frames per
-        (hop, destination, hops so far); a notice with no hop up waits for a kick. Returns
-        the seconds until the next pass."""
+        """One pass: every due notice not in flight to its next hop (``notices.next_hop``),
+        in frames per (destination, hops so far), on a sender thread per hop (at most one
+        each); a notice with no hop up waits for a kick. Returns the seconds until the
+        next pass."""
         now = time.time()
         due = self.notices.due(now)
         mine = [n for n in due if n.to == self.me]  # made for this node itself
@@ -1173,26 +1186,52 @@ class Agent:
             self._hand_over([n.fact for n in mine])
             self.notices.done(self.me, [n.fact.id for n in mine])
         up = {lk.id for lk in list(self.links.values()) if lk.state == "up"}
-        groups: dict[tuple[str, str, int], list[notices.Notice]] = {}
+        with self._notice_lock:
+            busy, inflight = set(self._notice_hops), set(self._notice_inflight)
+        work: dict[str, list[notices.Notice]] = {}
         hops: dict[tuple[str, str | None], str | None] = {}
         with self.log.lock:
             net, excluded = self.log.network, set(self.log.ledger.conflicts)
             for n in due:
-                if n.to == self.me:
+                if n.to == self.me or (n.to, n.fact.id) in inflight:
                     continue
                 key = (n.to, n.came_from)
                 if key not in hops:
                     hops[key] = notices.next_hop(net, self.me, n.to, up=up, came_from=n.came_from,
                                                  excluded=excluded)
-                if hops[key] is not None:
-                    groups.setdefault((hops[key], n.to, n.hops), []).append(n)  # type: ignore[arg-type]
-        for (hop, to, made), group in groups.items():
-            for chunk in _notice_frames(group):
-                self._send_notices(hop, to, made, chunk)
+                hop = hops[key]
+                if hop is not None and hop not in busy:
+                    work.setdefault(hop, []).append(n)
+        for hop, group in work.items():
+            with self._notice_lock:
+                self._notice_hops.add(hop)
+                self._notice_inflight.update((n.to, n.fact.id) for n in group)
+            try:
+                self._notice_senders.submit(self._send_to_hop, hop, group)
+            except RuntimeError:  # shut down: the agent is stopping
+                return NOTICE_TICK
         if len(due) >= 1000:
             return 0.0
         nxt = self.notices.next_due(time.time())
         return NOTICE_TICK if nxt is None else min(NOTICE_TICK, max(0.05, nxt - time.time()))
+
+    def _send_to_hop(self, hop: str, group: list[notices.Notice]) -> None:
+        """A sender thread: ``group`` to ``hop`` in frames per (destination, hops so far);
+        then the notices are free again and the pump looks at the queue."""
+        try:
+            frames: dict[tuple[str, int], list[notices.Notice]] = {}
+            for n in group:
+                frames.setdefault((n.to, n.hops), []).append(n)
+            for (to, made), part in frames.items():
+                for chunk in _notice_frames(part):
+                    self._send_notices(hop, to, made, chunk)
+        except Exception:
+            log.exception("notice.send.crashed peer=%s facts=%d", hop, len(group))
+        finally:
+            with self._notice_lock:
+                self._notice_hops.discard(hop)
+                self._notice_inflight.difference_update((n.to, n.fact.id) for n in group)
+            self._notice_kick.set()
 
     def _send_notices(self, hop: str, to: str, made: int, chunk: list[notices.Notice]) -> None:
         """One ``notice`` frame to ``hop``; what it stored is forgotten here, the rest backs off."""
