@@ -120,6 +120,9 @@ fact made at the end of a transfer's window still has a whole window to travel."
 NOTICE_SENDERS = 4
 """Hops the notice pump sends to at once (one frame group each): a silent hop holds one
 sender for at most ``gossip.link_down_after``, never the others."""
+NOTICE_BATCH = 1024
+"""Notices one sender takes to one hop in one go (16 full frames); it kicks the pump when
+done, so more follow at once."""
 NOTICE_TICK = 2.0
 """Seconds the notice pump waits at most between two looks at its queue (it is also kicked
 by every model change and link up)."""
@@ -1175,34 +1178,38 @@ class Agent:
             self._notice_kick.wait(wait)
 
     def _pump_notices(self) -> float:
-        """One pass: every due notice not in flight to its next hop (``notices.next_hop``),
-        in frames per (destination, hops so far), on a sender thread per hop (at most one
-        each); a notice with no hop up waits for a kick. Returns the seconds until the
-        next pass."""
+        """One pass: for each (destination, came from) with notices due, the next hop
+        (``notices.next_hop``); the due notices of those whose hop is up and has no sender
+        at work (at most ``NOTICE_BATCH`` per hop, none in flight already) go to a sender
+        thread per hop. Notices with no hop up are not even read: they wait for a kick.
+        Returns the seconds until the next pass."""
         now = time.time()
-        due = self.notices.due(now)
-        mine = [n for n in due if n.to == self.me]  # made for this node itself
-        if mine:
+        sources = self.notices.sources(now)
+        for came in [c for to, c in sources if to == self.me]:  # made for this node itself
+            mine = self.notices.due(now, source=(self.me, came))
             self._hand_over([n.fact for n in mine])
             self.notices.done(self.me, [n.fact.id for n in mine])
         up = {lk.id for lk in list(self.links.values()) if lk.state == "up"}
         with self._notice_lock:
             busy, inflight = set(self._notice_hops), set(self._notice_inflight)
-        work: dict[str, list[notices.Notice]] = {}
-        hops: dict[tuple[str, str | None], str | None] = {}
+        plan: dict[str, list[tuple[str, str | None]]] = {}
         with self.log.lock:
             net, excluded = self.log.network, set(self.log.ledger.conflicts)
-            for n in due:
-                if n.to == self.me or (n.to, n.fact.id) in inflight:
+            for to, came in sources:
+                if to == self.me:
                     continue
-                key = (n.to, n.came_from)
-                if key not in hops:
-                    hops[key] = notices.next_hop(net, self.me, n.to, up=up, came_from=n.came_from,
-                                                 excluded=excluded)
-                hop = hops[key]
+                hop = notices.next_hop(net, self.me, to, up=up, came_from=came, excluded=excluded)
                 if hop is not None and hop not in busy:
-                    work.setdefault(hop, []).append(n)
-        for hop, group in work.items():
+                    plan.setdefault(hop, []).append((to, came))
+        for hop, pairs in plan.items():
+            group: list[notices.Notice] = []
+            for pair in pairs:
+                room = NOTICE_BATCH - len(group)
+                if room > 0:
+                    group += [n for n in self.notices.due(now, source=pair, limit=room)
+                              if (n.to, n.fact.id) not in inflight]
+            if not group:
+                continue
             with self._notice_lock:
                 self._notice_hops.add(hop)
                 self._notice_inflight.update((n.to, n.fact.id) for n in group)
@@ -1210,8 +1217,6 @@ class Agent:
                 self._notice_senders.submit(self._send_to_hop, hop, group)
             except RuntimeError:  # shut down: the agent is stopping
                 return NOTICE_TICK
-        if len(due) >= 1000:
-            return 0.0
         nxt = self.notices.next_due(time.time())
         return NOTICE_TICK if nxt is None else min(NOTICE_TICK, max(0.05, nxt - time.time()))
 

@@ -81,13 +81,35 @@ def test_the_queue_is_bounded_by_count_and_bytes(tmp_path, caplog):
     assert small.counts()["queued"] == 2
 
 
+def test_one_peer_fills_at_most_its_share_of_the_queue(tmp_path):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600, max_count=10, max_from_peer=2)
+    assert q.accept("D", [fact(1), fact(2), fact(3)], came_from="B", hops=1) == [fact(1).id, fact(2).id]
+    assert q.accept("D", [fact(3)], came_from="C", hops=1) == [fact(3).id]  # another peer: room
+    q.send("D", fact(4))  # made here: only the whole queue's bounds apply
+    q.send("D", fact(5))
+    assert q.counts()["queued"] == 5
+
+
+def test_sources_and_due_by_source(tmp_path):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600)
+    q.accept("D", [fact(1), fact(2)], came_from="B", hops=1)
+    q.send("D", fact(3))
+    q.send("C", fact(4))
+    q.failed("C", [fact(4).id], T0)
+    assert q.sources(T0 + 0.5) == [("D", None), ("D", "B")]  # C's waits its backoff
+    assert {n.fact.id for n in q.due(T0, source=("D", "B"))} == {fact(1).id, fact(2).id}
+    assert [n.fact.id for n in q.due(T0, source=("D", None))] == [fact(3).id]
+    assert len(q.due(T0, source=("D", "B"), limit=1)) == 1
+
+
 def test_a_notice_older_than_the_age_limit_is_dropped_and_logged(tmp_path, caplog):
     q = Notices(tmp_path / "n.sqlite", max_age=100)
     q.send("D", fact(1, ts=T0))
     q.send("D", fact(2, ts=T0 + 90))
+    assert [n.fact.id for n in q.due(T0 + 150)] == [fact(2, ts=T0 + 90).id]  # never an expired one
     with caplog.at_level(logging.WARNING, "maildrop.notices"):
-        due = q.due(T0 + 150)
-    assert [n.fact.id for n in due] == [fact(2, ts=T0 + 90).id]
+        assert q.sources(T0 + 150) == [("D", None)]  # the pump's look drops it
+    assert q.counts()["queued"] == 1
     assert "notice.expired to=D fact=" + fact(1, ts=T0).id[:16] in caplog.text
     assert q.too_old(fact(3, ts=T0), T0 + 101) and not q.too_old(fact(3, ts=T0), T0 + 99)
 
