@@ -147,6 +147,7 @@ class Notices:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a forgotten notice leaves no bytes behind
         self._db.executescript(_SCHEMA)
 
     # -- taking notices in ----------------------------------------------------------------
@@ -228,9 +229,15 @@ class Notices:
         ids = [(to, f) for f in fact_ids]
         if not ids:
             return
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM notices WHERE dest=? AND fact_id=?", ids)
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM notices WHERE dest=? AND fact_id=?", ids)
+            if self._db.execute("SELECT 1 FROM notices LIMIT 1").fetchone() is None:
+                # Empty: fold the write-ahead log into the file and cut it to nothing, so a
+                # node that only passed notices on keeps no copy of them (secure_delete
+                # zeroed the rows in the file).
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def failed(self, to: str, fact_ids: Iterable[str], now: float) -> None:
         """A try of these notices failed: each waits ``backoff(attempts)`` before the next."""

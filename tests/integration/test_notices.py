@@ -81,6 +81,11 @@ def test_a_notice_goes_hop_by_hop_and_arrives_once(make_net):
     assert f"notice.queued to=NodeD fact={ev.id[:16]} from=NodeB hops=2" in c.log_path.read_text()
     assert "notice.sent peer=NodeB to=NodeD facts=1" in a.log_path.read_text()
     assert "notice.sent peer=NodeD to=NodeD facts=1" in c.log_path.read_text()
+    # The relays passed it on and keep no trace of it: not the transfer id, not the fact.
+    for relay in (b, c):
+        for path in (relay.dir / "state").rglob("notices.sqlite*"):
+            raw = path.read_bytes()
+            assert ev.data["transfer"].encode() not in raw and ev.id.encode() not in raw, path
     wait_until(lambda: a.status()["notices"] == {"queued": 0, "delivered": 0}, 10, "A's status")
 
 
