@@ -10,7 +10,9 @@ used both ways (``PeerClient``, attached to the server): our calls go over the c
 we dialed or the one the peer dialed, and a peer configured without an address is never
 dialed (it dials us). Further services: ``custody`` (the custody service, ``custodian``:
 owns every transfer, plans, and hands offers to each peer's own hop lanes), ``taker``
-(outbox files into custody, in batches), ``watcher`` (outbox).
+(outbox files into custody, in batches), ``watcher`` (outbox), ``notices`` (the notice
+pump: signed transfer facts routed hop by hop to one node, ``state/notices.sqlite``,
+sent by ``notice-send`` threads, one hop each; docs/protocol.md).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.

@@ -9,8 +9,10 @@ import sqlite3
 import pytest
 
 from maildrop import events as E
+from maildrop.agent import _notice_frames
 from maildrop.model import fold
-from maildrop.notices import Notices, QueueFull, backoff, next_hop
+from maildrop.notices import Notice, Notices, QueueFull, backoff, next_hop
+from maildrop.protocol import MAX_NOTICE_BYTES, MAX_NOTICE_FACTS
 from tests.factories import T0, network_of, node_key
 
 KEY = node_key("A")
@@ -172,3 +174,16 @@ def test_next_hop_never_goes_back_to_where_it_came_from_while_another_route_exis
 def test_next_hop_has_none_without_a_route():
     net = up_net([("A", "B"), ("B", "C"), ("C", "D")], down=[("C", "D")])
     assert next_hop(net, "A", "D", up={"B"}) is None
+
+
+def test_a_sender_cuts_its_notices_into_frames_within_both_bounds():
+    small = [Notice("D", fact(i), None, 0, 0, T0) for i in range(150)]
+    frames = list(_notice_frames(small))
+    assert [len(f) for f in frames] == [MAX_NOTICE_FACTS, MAX_NOTICE_FACTS, 150 - 2 * MAX_NOTICE_FACTS]
+    assert [n for f in frames for n in f] == small  # all of them, in order, once
+    big = [Notice("D", E.make_event(KEY, "A", 1, None, T0, E.TRANSFER_FAILED,
+                                    {"transfer": f"{i:032x}", "reason": "r" * 500}), None, 0, 0, T0)
+           for i in range(100)]
+    frames = list(_notice_frames(big))
+    assert all(sum(len(n.fact.to_line()) for n in f) <= MAX_NOTICE_BYTES for f in frames)
+    assert len(frames[0]) < MAX_NOTICE_FACTS and sum(map(len, frames)) == 100  # bytes bound first
