@@ -8,6 +8,7 @@ deadline; crashes are real ``kill -9``s (or the agent killing itself at a failpo
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import time
 import uuid
@@ -198,3 +199,23 @@ def test_hostile_notices_are_refused_logged_and_the_agent_keeps_serving(make_net
     assert delivered_lines(a, good) == 1
     assert a.running
     wait_until(lambda: a.status()["notices"]["delivered"] == 1, 10, "A's status to count it")
+
+
+def test_a_silent_hop_holds_only_its_own_notices(make_net):
+    names = ["NodeA", "NodeB", "NodeC"]
+    net = make_net(names, [("NodeA", "NodeB"), ("NodeA", "NodeC")])
+    net.wait_converged(60)
+    a, b, c = (net[n] for n in names)
+    b.proc.send_signal(signal.SIGSTOP)  # B goes silent: its connection stays open, nothing answers
+    try:
+        to_b, to_c = receipt(a), receipt(a)
+        send_at(a, "NodeB", to_b)
+        send_at(a, "NodeC", to_c)
+        wait_until(lambda: delivered_lines(c, to_c) == 1, 30, "the notice for C")
+        # C had its notice before A gave up waiting for the silent B (that takes
+        # gossip.link_down_after): B's sender never held C's.
+        assert "notice.send.failed peer=NodeB" not in a.log_path.read_text()
+        assert ("NodeB", to_b.id) in held(a)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    arrives_once(net, b, to_b, timeout=90)
