@@ -51,6 +51,7 @@ import os
 import pwd
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -287,7 +288,7 @@ class Agent:
         self.custody.on_receiving = self._on_receiving
         self.notices = notices.Notices(config.state_dir / notices.FILE_NAME,
                                        max_age=NOTICE_AGE_FACTOR * config.expire_after)
-        self.custody.notify = self.notices.send
+        self.custody.notify = self._notify
         self._notice_kick = threading.Event()  # set: the notice pump looks at its queue now
         # The notices being sent right now, as (to, fact id), and the hops a sender works for:
         # the pump hands neither out again until that send ended. A leaf lock.
@@ -1167,6 +1168,20 @@ class Agent:
             link.pool.append((time.monotonic(), stream))
 
     # -- notices: facts routed to one node, with custody --------------------------------------
+    def _notify(self, to: str, ev: Event) -> None:
+        """``Custody.notify``: hold ``ev`` for ``to`` (``Notices.send``: durable on return)
+        and wake the pump. A full queue (``notice.queue.full``, logged by the queue) or a
+        queue that cannot be written is logged and not raised: the caller's fact is
+        recorded already, only its routing is lost, and the custody step goes on."""
+        try:
+            self.notices.send(to, ev)
+        except notices.QueueFull:
+            return
+        except sqlite3.Error as exc:
+            log.error("notice.send.dropped to=%s fact=%s error=%s", to, ev.id[:16], exc)
+            return
+        self._notice_kick.set()
+
     def _notice_loop(self) -> None:
         """The notice pump: send what is due, then wait for a kick (a model change, a link
         up, a notice taken in) or the next due time (at most ``NOTICE_TICK``)."""

@@ -43,7 +43,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MaildropError
+from .errors import InvalidEvent, MaildropError
 from .events import (
     TRANSFER_DELIVERED,
     TRANSFER_FAILED,
@@ -214,9 +214,18 @@ class Notices:
             args += list(source)
         with self._lock:
             rows = self._db.execute(
-                f"SELECT dest, fact, came_from, hops, attempts, due FROM notices WHERE {where} "
+                f"SELECT dest, fact_id, fact, came_from, hops, attempts, due FROM notices WHERE {where} "
                 "ORDER BY fact_ts LIMIT ?", (*args, limit)).fetchall()
-        return [Notice(d, parse_event(bytes(f)), c, h, a, t) for d, f, c, h, a, t in rows]
+        out, bad = [], []
+        for d, fid, f, c, h, a, t in rows:
+            try:
+                out.append(Notice(d, parse_event(bytes(f)), c, h, a, t))
+            except InvalidEvent as exc:  # a row no longer readable: never let it block the rest
+                log.error("notice.unreadable to=%s fact=%s error=%s (dropped)", d, fid[:16], exc)
+                bad.append(fid)
+        for fid in bad:
+            self.done(next(r[0] for r in rows if r[1] == fid), [fid])
+        return out
 
     def next_due(self, after: float) -> float | None:
         """When the next notice that is not due at ``after`` is due (None: none)."""

@@ -27,11 +27,20 @@ CHAIN = ["NodeA", "NodeB", "NodeC", "NodeD"]
 CHAIN_EDGES = list(zip(CHAIN, CHAIN[1:], strict=False))
 
 
+def signed_fact(key, origin: str, ts: float, type_: str, data: dict) -> E.Event:
+    """A real signed transfer fact: ``events.make_fact`` (v2, seq 0) once part A's record
+    form is here; until then a v1 event (notices never meet the ledger: seq is not theirs)."""
+    make_fact = getattr(E, "make_fact", None)
+    if make_fact is not None:
+        return make_fact(key, origin, ts, type_, data)
+    return E.make_event(key, origin, 1, None, ts, type_, data)
+
+
 def receipt(node, tid: str | None = None) -> E.Event:
     """A real transfer fact signed with ``node``'s own key (as the node would sign it)."""
     key = load_key(node.dir / "node_ed25519")
-    return E.make_event(key, node.name, 1, None, time.time(), E.TRANSFER_DELIVERED,
-                        {"transfer": tid or uuid.uuid4().hex, "sha256": "ab" * 32})
+    return signed_fact(key, node.name, time.time(), E.TRANSFER_DELIVERED,
+                       {"transfer": tid or uuid.uuid4().hex, "sha256": "ab" * 32})
 
 
 def queue_of(node):
@@ -147,22 +156,22 @@ def test_hostile_notices_are_refused_logged_and_the_agent_keeps_serving(make_net
     x = introduce_outsider(a, client, xkey)
     real = receipt(a)
 
-    forged = E.make_event(xkey, "NodeA", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                          {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})  # A's name, X's key
-    stranger = E.make_event(node_key("Y"), "NodeY", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                            {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})
+    forged = signed_fact(xkey, "NodeA", time.time(), E.TRANSFER_DELIVERED,
+                         {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})  # A's name, X's key
+    stranger = signed_fact(node_key("Y"), "NodeY", time.time(), E.TRANSFER_DELIVERED,
+                           {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})
     tampered = {**real.to_dict(), "data": {"transfer": uuid.uuid4().hex, "sha256": "ab" * 32}}
     network_fact = x.events[0]  # X's node.configured: travels by gossip, never as a notice
-    old = E.make_event(xkey, "NodeX", 1, None, time.time() - 30 * 86400, E.TRANSFER_FAILED,
-                       {"transfer": uuid.uuid4().hex, "reason": "expired"})
+    old = signed_fact(xkey, "NodeX", time.time() - 30 * 86400, E.TRANSFER_FAILED,
+                      {"transfer": uuid.uuid4().hex, "reason": "expired"})
     reply = notice_call(client, "NodeA", [forged.to_dict(), stranger.to_dict(), tampered,
                                           network_fact.to_dict(), old.to_dict(), "junk"])
     assert reply.op == "notice.stored" and reply["stored"] == []
     assert [w["reason"] for w in reply["refused"]] == [
         "bad-signature", "unknown-origin", "bad-fact", "not-a-transfer-fact", "expired", "bad-fact"]
 
-    good = E.make_event(xkey, "NodeX", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                        {"transfer": uuid.uuid4().hex, "sha256": "ef" * 32})
+    good = signed_fact(xkey, "NodeX", time.time(), E.TRANSFER_DELIVERED,
+                       {"transfer": uuid.uuid4().hex, "sha256": "ef" * 32})
     whole = {
         "loop": ("NodeX", [good.to_dict()], 0),
         "unknown-destination": ("NodeZ", [good.to_dict()], 0),

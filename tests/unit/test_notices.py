@@ -18,10 +18,18 @@ from tests.factories import T0, network_of, node_key
 KEY = node_key("A")
 
 
+def signed_fact(key, origin: str, ts: float, type_: str, data: dict) -> E.Event:
+    """A real signed transfer fact: ``events.make_fact`` (v2, seq 0) once part A's record
+    form is here; until then a v1 event (notices never meet the ledger: seq is not theirs)."""
+    make_fact = getattr(E, "make_fact", None)
+    if make_fact is not None:
+        return make_fact(key, origin, ts, type_, data)
+    return E.make_event(key, origin, 1, None, ts, type_, data)
+
+
 def fact(n: int, ts: float = T0, origin: str = "A") -> E.Event:
-    """A real signed receipt (seq does not matter to notices: they never meet the ledger)."""
-    return E.make_event(KEY, origin, 1, None, ts, E.TRANSFER_DELIVERED,
-                        {"transfer": f"{n:032x}", "sha256": "ab" * 32})
+    """A real signed receipt."""
+    return signed_fact(KEY, origin, ts, E.TRANSFER_DELIVERED, {"transfer": f"{n:032x}", "sha256": "ab" * 32})
 
 
 def test_backoff_doubles_from_the_first_wait_up_to_the_cap():
@@ -104,6 +112,17 @@ def test_sources_and_due_by_source(tmp_path):
     assert len(q.due(T0, source=("D", "B"), limit=1)) == 1
 
 
+def test_an_unreadable_row_is_dropped_and_never_blocks_the_rest(tmp_path, caplog):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600)
+    q.send("D", fact(1))
+    q.send("D", fact(2))
+    q._db.execute("UPDATE notices SET fact = ? WHERE fact_id = ?", (b'{"v": 1, "torn', fact(1).id))
+    with caplog.at_level(logging.ERROR, "maildrop.notices"):
+        assert [n.fact.id for n in q.due(T0)] == [fact(2).id]
+    assert "notice.unreadable to=D fact=" + fact(1).id[:16] in caplog.text
+    assert q.counts()["queued"] == 1
+
+
 def test_a_notice_older_than_the_age_limit_is_dropped_and_logged(tmp_path, caplog):
     q = Notices(tmp_path / "n.sqlite", max_age=100)
     q.send("D", fact(1, ts=T0))
@@ -181,8 +200,8 @@ def test_a_sender_cuts_its_notices_into_frames_within_both_bounds():
     frames = list(_notice_frames(small))
     assert [len(f) for f in frames] == [MAX_NOTICE_FACTS, MAX_NOTICE_FACTS, 150 - 2 * MAX_NOTICE_FACTS]
     assert [n for f in frames for n in f] == small  # all of them, in order, once
-    big = [Notice("D", E.make_event(KEY, "A", 1, None, T0, E.TRANSFER_FAILED,
-                                    {"transfer": f"{i:032x}", "reason": "r" * 500}), None, 0, 0, T0)
+    big = [Notice("D", signed_fact(KEY, "A", T0, E.TRANSFER_FAILED,
+                                   {"transfer": f"{i:032x}", "reason": "r" * 500}), None, 0, 0, T0)
            for i in range(100)]
     frames = list(_notice_frames(big))
     assert all(sum(len(n.fact.to_line()) for n in f) <= MAX_NOTICE_BYTES for f in frames)
