@@ -1447,7 +1447,8 @@ class Agent:
         peers = {lk.id: metrics.PeerSample(lk.state == "up", lk.rounds, lk.client.bytes_sent,
                                            lk.client.bytes_received)
                  for lk in list(self.links.values())}
-        return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers)
+        return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers,
+                              self.notices.counts())
 
 
 def _notice_frames(group: list[notices.Notice]) -> Iterator[list[notices.Notice]]:
