@@ -1309,13 +1309,18 @@ class Agent:
             else:
                 good.append(ev)
         failpoint("notice.before_store")
-        if to == self.me:
-            stored = self._hand_over(good)
-        else:
-            stored = self.notices.accept(to, good, came_from=peer_id, hops=made + 1)
-            refused += [{"id": ev.id, "reason": "full"} for ev in good if ev.id not in set(stored)]
-            if stored:
-                self._notice_kick.set()
+        try:
+            if to == self.me:
+                stored = self._hand_over(good)
+            else:
+                stored = self.notices.accept(to, good, came_from=peer_id, hops=made + 1)
+                refused += [{"id": ev.id, "reason": "full"} for ev in good if ev.id not in set(stored)]
+        except sqlite3.Error as exc:  # e.g. a full disk: nothing of it is promised
+            log.error("notice.store.failed peer=%s facts=%d error=%s", peer_id, len(good), exc)
+            stream.send("refuse", reason="store-failed", detail=str(exc)[:200])
+            return
+        if stored and to != self.me:
+            self._notice_kick.set()
         stream.send("notice.stored", stored=stored, refused=refused)
 
     def _notice_frame_refusal(self, peer_id: str, to: str, made: int, raw: list[Any]) -> tuple[str, str] | None:
