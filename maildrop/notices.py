@@ -158,8 +158,7 @@ class Notices:
             raise QueueFull(f"the notice queue is full ({self.max_count} notices or "
                             f"{self.max_bytes} bytes): fact {ev.id[:16]} for {to} not routed")
 
-    def accept(self, to: str, facts: Sequence[Event], *, came_from: str | None, hops: int,
-               now: float | None = None) -> list[str]:
+    def accept(self, to: str, facts: Sequence[Event], *, came_from: str | None, hops: int) -> list[str]:
         """Hold each of ``facts`` for ``to`` in one transaction (durable on return); returns
         the ids held now (new or held already). Facts over the bounds are left out (one
         ``notice.queue.full`` line); so are those over ``max_from_peer`` from one peer."""
