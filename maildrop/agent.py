@@ -10,7 +10,9 @@ used both ways (``PeerClient``, attached to the server): our calls go over the c
 we dialed or the one the peer dialed, and a peer configured without an address is never
 dialed (it dials us). Further services: ``custody`` (the custody service, ``custodian``:
 owns every transfer, plans, and hands offers to each peer's own hop lanes), ``taker``
-(outbox files into custody, in batches), ``watcher`` (outbox).
+(outbox files into custody, in batches), ``watcher`` (outbox), ``notices`` (the notice
+pump: signed transfer facts routed hop by hop to one node, ``state/notices.sqlite``,
+sent by ``notice-send`` threads, one hop each; docs/protocol.md).
 With ``metrics.listen`` set, prometheus-client's HTTP server answers scrapes on a thread
 of its own (``metrics``; it reads ``metrics_sample``); an address it cannot bind is logged
 and the agent runs on without it.
@@ -49,6 +51,7 @@ import os
 import pwd
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -126,6 +129,12 @@ stop), so a start replays little of the log's tail."""
 NOTICE_AGE_FACTOR = 2
 """A notice is dropped once its fact is older than this many ``transfers.expire_after``: a
 fact made at the end of a transfer's window still has a whole window to travel."""
+NOTICE_SENDERS = 4
+"""Hops the notice pump sends to at once (one frame group each): a silent hop holds one
+sender for at most ``gossip.link_down_after``, never the others."""
+NOTICE_BATCH = 1024
+"""Notices one sender takes to one hop in one go (16 full frames); it kicks the pump when
+done, so more follow at once."""
 NOTICE_TICK = 2.0
 """Seconds the notice pump waits at most between two looks at its queue (it is also kicked
 by every model change and link up)."""
@@ -288,8 +297,14 @@ class Agent:
         self.custody.on_receiving = self._on_receiving
         self.notices = notices.Notices(config.state_dir / notices.FILE_NAME,
                                        max_age=NOTICE_AGE_FACTOR * config.expire_after)
-        self.custody.notify = self.notices.send
+        self.custody.notify = self._notify
         self._notice_kick = threading.Event()  # set: the notice pump looks at its queue now
+        # The notices being sent right now, as (to, fact id), and the hops a sender works for:
+        # the pump hands neither out again until that send ended. A leaf lock.
+        self._notice_inflight: set[tuple[str, str]] = set()
+        self._notice_hops: set[str] = set()
+        self._notice_lock = threading.Lock()
+        self._notice_senders = ThreadPoolExecutor(NOTICE_SENDERS, thread_name_prefix="notice-send")
         self.custody.silence_after = config.link_down_after
         self.custodian = Custodian(self.me, self.custody, self.log, lambda: self.policy,
                                    self._dispatch, after_sweep=self._after_sweep,
@@ -597,6 +612,7 @@ class Agent:
             t.join(3.0)
             if t.is_alive():
                 log.warning("agent.stop.slow service=%s", name)
+        self._notice_senders.shutdown(wait=True, cancel_futures=True)
         self.write_status(running=False)
         self._snapshot_due(stopping=True)
         self.notices.close()
@@ -686,6 +702,7 @@ class Agent:
         before, after = {p.id: p for p in old.peers}, {p.id: p for p in new.peers}
         gone = sorted(p for p in before if p not in after or before[p] != after[p])
         added = sorted(fresh)
+        self.notices.max_age = NOTICE_AGE_FACTOR * new.expire_after
         self.policy = replace(self.policy, expire_after=new.expire_after, resend_after=new.resend_after,
                               confirm_after=CONFIRM_ROUNDS * new.gossip_interval)
         # Plain attribute writes: the checks that read them take one value each time.
@@ -977,6 +994,7 @@ class Agent:
             if link.state != "up":
                 log.info("link.up peer=%s", link.id)
                 self.custodian.link_changed(link.id, True)  # what waits for it: try now
+                self._notice_kick.set()
             link.state = "up"
             if last is None or not last[0]:
                 self._append(E.LINK_UP, {"peer": link.id})
@@ -1222,6 +1240,20 @@ class Agent:
             link.pool.append((time.monotonic(), stream))
 
     # -- notices: facts routed to one node, with custody --------------------------------------
+    def _notify(self, to: str, ev: Event) -> None:
+        """``Custody.notify``: hold ``ev`` for ``to`` (``Notices.send``: durable on return)
+        and wake the pump. A full queue (``notice.queue.full``, logged by the queue) or a
+        queue that cannot be written is logged and not raised: the caller's fact is
+        recorded already, only its routing is lost, and the custody step goes on."""
+        try:
+            self.notices.send(to, ev)
+        except notices.QueueFull:
+            return
+        except sqlite3.Error as exc:
+            log.error("notice.send.dropped to=%s fact=%s error=%s", to, ev.id[:16], exc)
+            return
+        self._notice_kick.set()
+
     def _notice_loop(self) -> None:
         """The notice pump: send what is due, then wait for a kick (a model change, a link
         up, a notice taken in) or the next due time (at most ``NOTICE_TICK``)."""
@@ -1235,36 +1267,65 @@ class Agent:
             self._notice_kick.wait(wait)
 
     def _pump_notices(self) -> float:
-        """One pass: every due notice to its next hop (``notices.next_hop``), in frames per
-        (hop, destination, hops so far); a notice with no hop up waits for a kick. Returns
-        the seconds until the next pass."""
+        """One pass: for each (destination, came from) with notices due, the next hop
+        (``notices.next_hop``); the due notices of those whose hop is up and has no sender
+        at work (at most ``NOTICE_BATCH`` per hop, none in flight already) go to a sender
+        thread per hop. Notices with no hop up are not even read: they wait for a kick.
+        Returns the seconds until the next pass."""
         now = time.time()
-        due = self.notices.due(now)
-        mine = [n for n in due if n.to == self.me]  # made for this node itself
-        if mine:
+        sources = self.notices.sources(now)
+        for came in [c for to, c in sources if to == self.me]:  # made for this node itself
+            mine = self.notices.due(now, source=(self.me, came))
             self._hand_over([n.fact for n in mine])
             self.notices.done(self.me, [n.fact.id for n in mine])
         up = {lk.id for lk in list(self.links.values()) if lk.state == "up"}
-        groups: dict[tuple[str, str, int], list[notices.Notice]] = {}
-        hops: dict[tuple[str, str | None], str | None] = {}
+        with self._notice_lock:
+            busy, inflight = set(self._notice_hops), set(self._notice_inflight)
+        plan: dict[str, list[tuple[str, str | None]]] = {}
         with self.log.lock:
             net, excluded = self.log.network, set(self.log.ledger.conflicts)
-            for n in due:
-                if n.to == self.me:
+            for to, came in sources:
+                if to == self.me:
                     continue
-                key = (n.to, n.came_from)
-                if key not in hops:
-                    hops[key] = notices.next_hop(net, self.me, n.to, up=up, came_from=n.came_from,
-                                                 excluded=excluded)
-                if hops[key] is not None:
-                    groups.setdefault((hops[key], n.to, n.hops), []).append(n)  # type: ignore[arg-type]
-        for (hop, to, made), group in groups.items():
-            for chunk in _notice_frames(group):
-                self._send_notices(hop, to, made, chunk)
-        if len(due) >= 1000:
-            return 0.0
+                hop = notices.next_hop(net, self.me, to, up=up, came_from=came, excluded=excluded)
+                if hop is not None and hop not in busy:
+                    plan.setdefault(hop, []).append((to, came))
+        for hop, pairs in plan.items():
+            group: list[notices.Notice] = []
+            for pair in pairs:
+                room = NOTICE_BATCH - len(group)
+                if room > 0:
+                    group += [n for n in self.notices.due(now, source=pair, limit=room)
+                              if (n.to, n.fact.id) not in inflight]
+            if not group:
+                continue
+            with self._notice_lock:
+                self._notice_hops.add(hop)
+                self._notice_inflight.update((n.to, n.fact.id) for n in group)
+            try:
+                self._notice_senders.submit(self._send_to_hop, hop, group)
+            except RuntimeError:  # shut down: the agent is stopping
+                return NOTICE_TICK
         nxt = self.notices.next_due(time.time())
         return NOTICE_TICK if nxt is None else min(NOTICE_TICK, max(0.05, nxt - time.time()))
+
+    def _send_to_hop(self, hop: str, group: list[notices.Notice]) -> None:
+        """A sender thread: ``group`` to ``hop`` in frames per (destination, hops so far);
+        then the notices are free again and the pump looks at the queue."""
+        try:
+            frames: dict[tuple[str, int], list[notices.Notice]] = {}
+            for n in group:
+                frames.setdefault((n.to, n.hops), []).append(n)
+            for (to, made), part in frames.items():
+                for chunk in _notice_frames(part):
+                    self._send_notices(hop, to, made, chunk)
+        except Exception:
+            log.exception("notice.send.crashed peer=%s facts=%d", hop, len(group))
+        finally:
+            with self._notice_lock:
+                self._notice_hops.discard(hop)
+                self._notice_inflight.difference_update((n.to, n.fact.id) for n in group)
+            self._notice_kick.set()
 
     def _send_notices(self, hop: str, to: str, made: int, chunk: list[notices.Notice]) -> None:
         """One ``notice`` frame to ``hop``; what it stored is forgotten here, the rest backs off."""
@@ -1320,13 +1381,18 @@ class Agent:
             else:
                 good.append(ev)
         failpoint("notice.before_store")
-        if to == self.me:
-            stored = self._hand_over(good)
-        else:
-            stored = self.notices.accept(to, good, came_from=peer_id, hops=made + 1)
-            refused += [{"id": ev.id, "reason": "full"} for ev in good if ev.id not in set(stored)]
-            if stored:
-                self._notice_kick.set()
+        try:
+            if to == self.me:
+                stored = self._hand_over(good)
+            else:
+                stored = self.notices.accept(to, good, came_from=peer_id, hops=made + 1)
+                refused += [{"id": ev.id, "reason": "full"} for ev in good if ev.id not in set(stored)]
+        except sqlite3.Error as exc:  # e.g. a full disk: nothing of it is promised
+            log.error("notice.store.failed peer=%s facts=%d error=%s", peer_id, len(good), exc)
+            stream.send("refuse", reason="store-failed", detail=str(exc)[:200])
+            return
+        if stored and to != self.me:
+            self._notice_kick.set()
         stream.send("notice.stored", stored=stored, refused=refused)
 
     def _notice_frame_refusal(self, peer_id: str, to: str, made: int, raw: list[Any]) -> tuple[str, str] | None:
@@ -1463,7 +1529,8 @@ class Agent:
         peers = {lk.id: metrics.PeerSample(lk.state == "up", lk.rounds, lk.client.bytes_sent,
                                            lk.client.bytes_received)
                  for lk in list(self.links.values())}
-        return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers)
+        return metrics.Sample(custody, transfers, events, self.log.size_bytes, conflicts, peers,
+                              self.notices.counts())
 
 
 def _notice_frames(group: list[notices.Notice]) -> Iterator[list[notices.Notice]]:

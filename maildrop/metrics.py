@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
@@ -69,6 +69,7 @@ class Sample:
     log_bytes: int
     conflicts: int
     peers: Mapping[str, PeerSample]
+    notices: Mapping[str, int] = field(default_factory=dict)  # "queued", "delivered"
 
 
 class Metrics:
@@ -204,6 +205,12 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("maildrop_event_log_bytes", "Size of the event log file.", value=s.log_bytes)
         yield GaugeMetricFamily("maildrop_conflicted_nodes", "Nodes this node marked as a conflict.",
                                 value=s.conflicts)
+        notices = GaugeMetricFamily("maildrop_notices", "Notices held here (queued) and facts routed "
+                                    "to this node handed over (delivered, within the age limit).",
+                                    labels=("state",))
+        for state in ("queued", "delivered"):
+            notices.add_metric((state,), s.notices.get(state, 0))
+        yield notices
         up = GaugeMetricFamily("maildrop_peer_up", "1 while the link to a configured peer is up, else 0.",
                                labels=("peer",))
         rounds = CounterMetricFamily("maildrop_gossip_rounds", "Gossip rounds this node called with a peer.",

@@ -14,7 +14,8 @@ standard library, as the fact store is.
 
 Bounds: at most ``MAX_QUEUE`` notices and ``MAX_QUEUE_BYTES`` of facts are held; over
 either ``send`` logs ``notice.queue.full`` and raises ``QueueFull`` (the caller's fact is
-still recorded in its own store; only its routing is refused). A notice whose fact is older
+still recorded in its own store; only its routing is refused); one peer's notices fill at
+most ``MAX_FROM_PEER`` of it. A notice whose fact is older
 than ``max_age`` (by the fact's own signed ``ts``) is dropped with ``notice.expired``: by
 then the transfer it tells of has ended by its own deadline.
 
@@ -42,7 +43,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MaildropError
+from .errors import InvalidEvent, MaildropError
 from .events import (
     TRANSFER_DELIVERED,
     TRANSFER_FAILED,
@@ -63,6 +64,9 @@ MAX_QUEUE = 10_000
 """Notices held at once at most (every destination together)."""
 MAX_QUEUE_BYTES = 32 * 1024 * 1024
 """Bytes of facts held at once at most."""
+MAX_FROM_PEER = MAX_QUEUE // 4
+"""Notices held at once at most that one peer handed here: a peer that floods this node
+with notices fills a quarter of the queue, never the room the others' notices need."""
 FACT_TYPES = frozenset({TRANSFER_QUEUED, TRANSFER_RELAYED, TRANSFER_DELIVERED, TRANSFER_FAILED,
                         TRANSFER_REFUSED})
 """The event types a notice may carry: transfer facts (network facts travel by gossip)."""
@@ -123,7 +127,9 @@ CREATE TABLE IF NOT EXISTS notices (
     came_from TEXT, hops INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     due REAL NOT NULL, PRIMARY KEY (dest, fact_id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS notices_due ON notices (due);
+CREATE INDEX IF NOT EXISTS notices_age ON notices (fact_ts);
 CREATE TABLE IF NOT EXISTS arrived (fact_id TEXT PRIMARY KEY, fact_ts REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS arrived_age ON arrived (fact_ts);
 """
 
 
@@ -131,15 +137,17 @@ class Notices:
     """The durable notice queue of one node (``state/notices.sqlite``). See the module."""
 
     def __init__(self, path: Path, *, max_age: float, max_count: int = MAX_QUEUE,
-                 max_bytes: int = MAX_QUEUE_BYTES) -> None:
+                 max_bytes: int = MAX_QUEUE_BYTES, max_from_peer: int = MAX_FROM_PEER) -> None:
         self.path = path
-        self.max_age = max_age
+        self.max_age = max_age  # seconds; a reload may replace it (one float, read per use)
         self.max_count = max_count
         self.max_bytes = max_bytes
+        self.max_from_peer = max_from_peer
         self._lock = threading.Lock()  # guards _db (and the counts read with it); a leaf
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")  # a forgotten notice leaves no bytes behind
         self._db.executescript(_SCHEMA)
 
     # -- taking notices in ----------------------------------------------------------------
@@ -150,15 +158,17 @@ class Notices:
             raise QueueFull(f"the notice queue is full ({self.max_count} notices or "
                             f"{self.max_bytes} bytes): fact {ev.id[:16]} for {to} not routed")
 
-    def accept(self, to: str, facts: Sequence[Event], *, came_from: str | None, hops: int,
-               now: float | None = None) -> list[str]:
+    def accept(self, to: str, facts: Sequence[Event], *, came_from: str | None, hops: int) -> list[str]:
         """Hold each of ``facts`` for ``to`` in one transaction (durable on return); returns
         the ids held now (new or held already). Facts over the bounds are left out (one
-        ``notice.queue.full`` line)."""
+        ``notice.queue.full`` line); so are those over ``max_from_peer`` from one peer."""
         held: list[str] = []
         with self._lock:
             count, size = self._db.execute(
                 "SELECT count(*), coalesce(sum(length(fact)), 0) FROM notices").fetchone()
+            (theirs,) = self._db.execute("SELECT count(*) FROM notices WHERE came_from = ?",
+                                         (came_from,)).fetchone() if came_from else (0,)
+            cap = self.max_from_peer if came_from else self.max_count
             rows = []
             for ev in facts:
                 line = ev.to_line()
@@ -166,11 +176,11 @@ class Notices:
                                     (to, ev.id)).fetchone() or any(r[1] == ev.id for r in rows):
                     held.append(ev.id)
                     continue
-                if count + 1 > self.max_count or size + len(line) > self.max_bytes:
-                    log.warning("notice.queue.full to=%s fact=%s count=%d bytes=%d", to, ev.id[:16],
-                                count, size)
+                if count + 1 > self.max_count or size + len(line) > self.max_bytes or theirs + 1 > cap:
+                    log.warning("notice.queue.full to=%s fact=%s from=%s count=%d bytes=%d from_peer=%d",
+                                to, ev.id[:16], came_from or "-", count, size, theirs)
                     break
-                count, size = count + 1, size + len(line)
+                count, size, theirs = count + 1, size + len(line), theirs + 1
                 rows.append((to, ev.id, line, parse_ts(ev.ts), came_from, hops, 0.0))
                 held.append(ev.id)
             if rows:
@@ -184,15 +194,37 @@ class Notices:
         return held
 
     # -- the pump ---------------------------------------------------------------------------
-    def due(self, now: float, limit: int = 1000) -> list[Notice]:
-        """The notices due at ``now`` (their backoff passed), oldest first, at most
-        ``limit``; expired ones are dropped first (``notice.expired``)."""
+    def sources(self, now: float) -> list[tuple[str, str | None]]:
+        """The (to, came from) pairs that have a notice due at ``now`` (their backoff passed):
+        the pump picks a hop per pair, then asks ``due`` for the pairs it can serve.
+        Expired notices are dropped first (``notice.expired``)."""
         self.expire(now)
         with self._lock:
+            return self._db.execute("SELECT DISTINCT dest, came_from FROM notices WHERE due <= ? "
+                                    "ORDER BY dest, came_from", (now,)).fetchall()
+
+    def due(self, now: float, *, source: tuple[str, str | None] | None = None,
+            limit: int = 1000) -> list[Notice]:
+        """The notices due at ``now`` and not expired, oldest fact first, at most
+        ``limit``; only those of ``source`` (to, came from) when given."""
+        where, args = "due <= ? AND fact_ts >= ?", [now, now - self.max_age]
+        if source is not None:
+            where += " AND dest = ? AND came_from IS ?"
+            args += list(source)
+        with self._lock:
             rows = self._db.execute(
-                "SELECT dest, fact, came_from, hops, attempts, due FROM notices WHERE due <= ? "
-                "ORDER BY fact_ts LIMIT ?", (now, limit)).fetchall()
-        return [Notice(d, parse_event(bytes(f)), c, h, a, t) for d, f, c, h, a, t in rows]
+                f"SELECT dest, fact_id, fact, came_from, hops, attempts, due FROM notices WHERE {where} "
+                "ORDER BY fact_ts LIMIT ?", (*args, limit)).fetchall()
+        out, bad = [], []
+        for d, fid, f, c, h, a, t in rows:
+            try:
+                out.append(Notice(d, parse_event(bytes(f)), c, h, a, t))
+            except InvalidEvent as exc:  # a row no longer readable: never let it block the rest
+                log.error("notice.unreadable to=%s fact=%s error=%s (dropped)", d, fid[:16], exc)
+                bad.append(fid)
+        for fid in bad:
+            self.done(next(r[0] for r in rows if r[1] == fid), [fid])
+        return out
 
     def next_due(self, after: float) -> float | None:
         """When the next notice that is not due at ``after`` is due (None: none)."""
@@ -205,9 +237,15 @@ class Notices:
         ids = [(to, f) for f in fact_ids]
         if not ids:
             return
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM notices WHERE dest=? AND fact_id=?", ids)
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM notices WHERE dest=? AND fact_id=?", ids)
+            if self._db.execute("SELECT 1 FROM notices LIMIT 1").fetchone() is None:
+                # Empty: fold the write-ahead log into the file and cut it to nothing, so a
+                # node that only passed notices on keeps no copy of them (secure_delete
+                # zeroed the rows in the file).
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def failed(self, to: str, fact_ids: Iterable[str], now: float) -> None:
         """A try of these notices failed: each waits ``backoff(attempts)`` before the next."""
@@ -229,10 +267,12 @@ class Notices:
         with self._lock:
             old = self._db.execute("SELECT dest, fact_id, came_from FROM notices WHERE fact_ts < ?",
                                    (cutoff,)).fetchall()
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("DELETE FROM notices WHERE fact_ts < ?", (cutoff,))
-                self._db.execute("DELETE FROM arrived WHERE fact_ts < ?", (cutoff,))
+            gone = self._db.execute("SELECT 1 FROM arrived WHERE fact_ts < ? LIMIT 1", (cutoff,)).fetchone()
+            if old or gone:  # (no write transaction, and no fsync, when nothing is old)
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.execute("DELETE FROM notices WHERE fact_ts < ?", (cutoff,))
+                    self._db.execute("DELETE FROM arrived WHERE fact_ts < ?", (cutoff,))
         for dest, fid, came in old:
             log.warning("notice.expired to=%s fact=%s from=%s max_age=%.0fs", dest, fid[:16],
                         came or "-", self.max_age)

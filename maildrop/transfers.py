@@ -280,7 +280,8 @@ class Custody:
         # Called when a relay starts receiving a big file, to forward it while it arrives.
         self.on_receiving: Callable[[Event, tuple[str, ...], Progress, int], None] | None = None
         self.metrics = Metrics()  # counting hooks; the agent sets its own (no-ops by default)
-        # Routes a fact to one node with custody (``Notices.send``: the agent sets it); a no-op here.
+        # Routes a fact to one node with custody (``Notices.send``: the agent sets it; it may
+        # raise notices.QueueFull, the fact then stays recorded here only); a no-op here.
         self.notify: Callable[[str, Event], None] = lambda _to, _ev: None
         self.progress_lock = threading.Lock()
         self.progress: dict[tuple[str, str], Progress] = {}

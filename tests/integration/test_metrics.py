@@ -79,6 +79,7 @@ def test_3_scrape_shows_a_sent_file_per_peer(make_net):
         assert value(s, "maildrop_events") > 0
         assert value(s, "maildrop_event_log_bytes") > 0
         assert value(s, "maildrop_conflicted_nodes") == 0
+        assert value(s, "maildrop_notices", state="queued") == 0
         assert value(s, "maildrop_transfers", state="queued") == 0
         assert value(s, "process_open_fds") > 0  # the process collector, in the same registry
         assert not any(name.startswith("python_") for name, _ in s)  # not the global registry

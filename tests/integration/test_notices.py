@@ -8,6 +8,7 @@ deadline; crashes are real ``kill -9``s (or the agent killing itself at a failpo
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import time
 import uuid
@@ -26,11 +27,20 @@ CHAIN = ["NodeA", "NodeB", "NodeC", "NodeD"]
 CHAIN_EDGES = list(zip(CHAIN, CHAIN[1:], strict=False))
 
 
+def signed_fact(key, origin: str, ts: float, type_: str, data: dict) -> E.Event:
+    """A real signed transfer fact: ``events.make_fact`` (v2, seq 0) once part A's record
+    form is here; until then a v1 event (notices never meet the ledger: seq is not theirs)."""
+    make_fact = getattr(E, "make_fact", None)
+    if make_fact is not None:
+        return make_fact(key, origin, ts, type_, data)
+    return E.make_event(key, origin, 1, None, ts, type_, data)
+
+
 def receipt(node, tid: str | None = None) -> E.Event:
     """A real transfer fact signed with ``node``'s own key (as the node would sign it)."""
     key = load_key(node.dir / "node_ed25519")
-    return E.make_event(key, node.name, 1, None, time.time(), E.TRANSFER_DELIVERED,
-                        {"transfer": tid or uuid.uuid4().hex, "sha256": "ab" * 32})
+    return signed_fact(key, node.name, time.time(), E.TRANSFER_DELIVERED,
+                       {"transfer": tid or uuid.uuid4().hex, "sha256": "ab" * 32})
 
 
 def queue_of(node):
@@ -81,6 +91,11 @@ def test_a_notice_goes_hop_by_hop_and_arrives_once(make_net):
     assert f"notice.queued to=NodeD fact={ev.id[:16]} from=NodeB hops=2" in c.log_path.read_text()
     assert "notice.sent peer=NodeB to=NodeD facts=1" in a.log_path.read_text()
     assert "notice.sent peer=NodeD to=NodeD facts=1" in c.log_path.read_text()
+    # The relays passed it on and keep no trace of it: not the transfer id, not the fact.
+    for relay in (b, c):
+        for path in (relay.dir / "state").rglob("notices.sqlite*"):
+            raw = path.read_bytes()
+            assert ev.data["transfer"].encode() not in raw and ev.id.encode() not in raw, path
     wait_until(lambda: a.status()["notices"] == {"queued": 0, "delivered": 0}, 10, "A's status")
 
 
@@ -141,22 +156,22 @@ def test_hostile_notices_are_refused_logged_and_the_agent_keeps_serving(make_net
     x = introduce_outsider(a, client, xkey)
     real = receipt(a)
 
-    forged = E.make_event(xkey, "NodeA", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                          {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})  # A's name, X's key
-    stranger = E.make_event(node_key("Y"), "NodeY", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                            {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})
+    forged = signed_fact(xkey, "NodeA", time.time(), E.TRANSFER_DELIVERED,
+                         {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})  # A's name, X's key
+    stranger = signed_fact(node_key("Y"), "NodeY", time.time(), E.TRANSFER_DELIVERED,
+                           {"transfer": uuid.uuid4().hex, "sha256": "cd" * 32})
     tampered = {**real.to_dict(), "data": {"transfer": uuid.uuid4().hex, "sha256": "ab" * 32}}
     network_fact = x.events[0]  # X's node.configured: travels by gossip, never as a notice
-    old = E.make_event(xkey, "NodeX", 1, None, time.time() - 30 * 86400, E.TRANSFER_FAILED,
-                       {"transfer": uuid.uuid4().hex, "reason": "expired"})
+    old = signed_fact(xkey, "NodeX", time.time() - 30 * 86400, E.TRANSFER_FAILED,
+                      {"transfer": uuid.uuid4().hex, "reason": "expired"})
     reply = notice_call(client, "NodeA", [forged.to_dict(), stranger.to_dict(), tampered,
                                           network_fact.to_dict(), old.to_dict(), "junk"])
     assert reply.op == "notice.stored" and reply["stored"] == []
     assert [w["reason"] for w in reply["refused"]] == [
         "bad-signature", "unknown-origin", "bad-fact", "not-a-transfer-fact", "expired", "bad-fact"]
 
-    good = E.make_event(xkey, "NodeX", 1, None, time.time(), E.TRANSFER_DELIVERED,
-                        {"transfer": uuid.uuid4().hex, "sha256": "ef" * 32})
+    good = signed_fact(xkey, "NodeX", time.time(), E.TRANSFER_DELIVERED,
+                       {"transfer": uuid.uuid4().hex, "sha256": "ef" * 32})
     whole = {
         "loop": ("NodeX", [good.to_dict()], 0),
         "unknown-destination": ("NodeZ", [good.to_dict()], 0),
@@ -193,3 +208,23 @@ def test_hostile_notices_are_refused_logged_and_the_agent_keeps_serving(make_net
     assert delivered_lines(a, good) == 1
     assert a.running
     wait_until(lambda: a.status()["notices"]["delivered"] == 1, 10, "A's status to count it")
+
+
+def test_a_silent_hop_holds_only_its_own_notices(make_net):
+    names = ["NodeA", "NodeB", "NodeC"]
+    net = make_net(names, [("NodeA", "NodeB"), ("NodeA", "NodeC")])
+    net.wait_converged(60)
+    a, b, c = (net[n] for n in names)
+    b.proc.send_signal(signal.SIGSTOP)  # B goes silent: its connection stays open, nothing answers
+    try:
+        to_b, to_c = receipt(a), receipt(a)
+        send_at(a, "NodeB", to_b)
+        send_at(a, "NodeC", to_c)
+        wait_until(lambda: delivered_lines(c, to_c) == 1, 30, "the notice for C")
+        # C had its notice before A gave up waiting for the silent B (that takes
+        # gossip.link_down_after): B's sender never held C's.
+        assert "notice.send.failed peer=NodeB" not in a.log_path.read_text()
+        assert ("NodeB", to_b.id) in held(a)
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    arrives_once(net, b, to_b, timeout=90)

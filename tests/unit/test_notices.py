@@ -9,17 +9,27 @@ import sqlite3
 import pytest
 
 from maildrop import events as E
+from maildrop.agent import _notice_frames
 from maildrop.model import fold
-from maildrop.notices import Notices, QueueFull, backoff, next_hop
+from maildrop.notices import Notice, Notices, QueueFull, backoff, next_hop
+from maildrop.protocol import MAX_NOTICE_BYTES, MAX_NOTICE_FACTS
 from tests.factories import T0, network_of, node_key
 
 KEY = node_key("A")
 
 
+def signed_fact(key, origin: str, ts: float, type_: str, data: dict) -> E.Event:
+    """A real signed transfer fact: ``events.make_fact`` (v2, seq 0) once part A's record
+    form is here; until then a v1 event (notices never meet the ledger: seq is not theirs)."""
+    make_fact = getattr(E, "make_fact", None)
+    if make_fact is not None:
+        return make_fact(key, origin, ts, type_, data)
+    return E.make_event(key, origin, 1, None, ts, type_, data)
+
+
 def fact(n: int, ts: float = T0, origin: str = "A") -> E.Event:
-    """A real signed receipt (seq does not matter to notices: they never meet the ledger)."""
-    return E.make_event(KEY, origin, 1, None, ts, E.TRANSFER_DELIVERED,
-                        {"transfer": f"{n:032x}", "sha256": "ab" * 32})
+    """A real signed receipt."""
+    return signed_fact(KEY, origin, ts, E.TRANSFER_DELIVERED, {"transfer": f"{n:032x}", "sha256": "ab" * 32})
 
 
 def test_backoff_doubles_from_the_first_wait_up_to_the_cap():
@@ -81,13 +91,46 @@ def test_the_queue_is_bounded_by_count_and_bytes(tmp_path, caplog):
     assert small.counts()["queued"] == 2
 
 
+def test_one_peer_fills_at_most_its_share_of_the_queue(tmp_path):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600, max_count=10, max_from_peer=2)
+    assert q.accept("D", [fact(1), fact(2), fact(3)], came_from="B", hops=1) == [fact(1).id, fact(2).id]
+    assert q.accept("D", [fact(3)], came_from="C", hops=1) == [fact(3).id]  # another peer: room
+    q.send("D", fact(4))  # made here: only the whole queue's bounds apply
+    q.send("D", fact(5))
+    assert q.counts()["queued"] == 5
+
+
+def test_sources_and_due_by_source(tmp_path):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600)
+    q.accept("D", [fact(1), fact(2)], came_from="B", hops=1)
+    q.send("D", fact(3))
+    q.send("C", fact(4))
+    q.failed("C", [fact(4).id], T0)
+    assert q.sources(T0 + 0.5) == [("D", None), ("D", "B")]  # C's waits its backoff
+    assert {n.fact.id for n in q.due(T0, source=("D", "B"))} == {fact(1).id, fact(2).id}
+    assert [n.fact.id for n in q.due(T0, source=("D", None))] == [fact(3).id]
+    assert len(q.due(T0, source=("D", "B"), limit=1)) == 1
+
+
+def test_an_unreadable_row_is_dropped_and_never_blocks_the_rest(tmp_path, caplog):
+    q = Notices(tmp_path / "n.sqlite", max_age=3600)
+    q.send("D", fact(1))
+    q.send("D", fact(2))
+    q._db.execute("UPDATE notices SET fact = ? WHERE fact_id = ?", (b'{"v": 1, "torn', fact(1).id))
+    with caplog.at_level(logging.ERROR, "maildrop.notices"):
+        assert [n.fact.id for n in q.due(T0)] == [fact(2).id]
+    assert "notice.unreadable to=D fact=" + fact(1).id[:16] in caplog.text
+    assert q.counts()["queued"] == 1
+
+
 def test_a_notice_older_than_the_age_limit_is_dropped_and_logged(tmp_path, caplog):
     q = Notices(tmp_path / "n.sqlite", max_age=100)
     q.send("D", fact(1, ts=T0))
     q.send("D", fact(2, ts=T0 + 90))
+    assert [n.fact.id for n in q.due(T0 + 150)] == [fact(2, ts=T0 + 90).id]  # never an expired one
     with caplog.at_level(logging.WARNING, "maildrop.notices"):
-        due = q.due(T0 + 150)
-    assert [n.fact.id for n in due] == [fact(2, ts=T0 + 90).id]
+        assert q.sources(T0 + 150) == [("D", None)]  # the pump's look drops it
+    assert q.counts()["queued"] == 1
     assert "notice.expired to=D fact=" + fact(1, ts=T0).id[:16] in caplog.text
     assert q.too_old(fact(3, ts=T0), T0 + 101) and not q.too_old(fact(3, ts=T0), T0 + 99)
 
@@ -150,3 +193,16 @@ def test_next_hop_never_goes_back_to_where_it_came_from_while_another_route_exis
 def test_next_hop_has_none_without_a_route():
     net = up_net([("A", "B"), ("B", "C"), ("C", "D")], down=[("C", "D")])
     assert next_hop(net, "A", "D", up={"B"}) is None
+
+
+def test_a_sender_cuts_its_notices_into_frames_within_both_bounds():
+    small = [Notice("D", fact(i), None, 0, 0, T0) for i in range(150)]
+    frames = list(_notice_frames(small))
+    assert [len(f) for f in frames] == [MAX_NOTICE_FACTS, MAX_NOTICE_FACTS, 150 - 2 * MAX_NOTICE_FACTS]
+    assert [n for f in frames for n in f] == small  # all of them, in order, once
+    big = [Notice("D", signed_fact(KEY, "A", T0, E.TRANSFER_FAILED,
+                                   {"transfer": f"{i:032x}", "reason": "r" * 500}), None, 0, 0, T0)
+           for i in range(100)]
+    frames = list(_notice_frames(big))
+    assert all(sum(len(n.fact.to_line()) for n in f) <= MAX_NOTICE_BYTES for f in frames)
+    assert len(frames[0]) < MAX_NOTICE_FACTS and sum(map(len, frames)) == 100  # bytes bound first
