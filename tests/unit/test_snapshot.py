@@ -21,16 +21,14 @@ T0 = 1.8e9
 
 
 def _log_with_history(tmp_path, n=40):
-    """NodeA's writable log: its config, links, and ``n`` queued transfers."""
+    """NodeA's writable log: its config and ``n + 1`` links."""
     key = generate_key(tmp_path / "k")
     path = tmp_path / "state" / "events.jsonl"
     elog = EventLog(path, me="NodeA")
     elog.append_own(key, "NodeA", [(E.NODE_CONFIGURED, {
         "id": "NodeA", "display_name": "A", "address": "127.0.0.1:7001", "key": key.public_line})], T0)
     elog.append_own(key, "NodeA", [(E.LINK_CONFIGURED, {"peer": "NodeB"})], T0 + 1)
-    elog.append_own(key, "NodeA", [
-        (E.TRANSFER_QUEUED, {"transfer": f"{i:032x}", "destination": "NodeB", "name": f"f{i}.txt",
-                             "size": i, "sha256": f"{i:064x}"}) for i in range(n)], T0 + 2)
+    elog.append_own(key, "NodeA", [(E.LINK_CONFIGURED, {"peer": f"Peer{i}"}) for i in range(n)], T0 + 2)
     return key, path, elog
 
 

@@ -45,7 +45,7 @@ def test_a_v1_network_event_is_not_a_legacy_fact():
     key = node_key()
     ev = parse_event(v1_record(key, E.LINK_UP, {"peer": "NodeB"}))
     assert ev.v == 1 and not ev.is_legacy_fact
-    new = make_event(key, "NodeA", 1, None, T0, E.TRANSFER_FAILED, {"transfer": "b" * 32, "reason": "x"})
+    new = E.make_fact(key, "NodeA", T0, E.TRANSFER_FAILED, {"transfer": "b" * 32, "reason": "x"})
     assert not new.is_legacy_fact  # a v2 record is never legacy
 
 
