@@ -971,49 +971,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- explain and time travel (docs/history.md) -----------------------------------------------
 
-HISTORY_KEEP = 14 * 86400.0
-"""Seconds of finished transfers' facts a node keeps (``history.keep``'s default): the
-floor of ``status --at``."""
+def _held_records(config, tid: str | None = None) -> tuple[list, list, dict[str, str]]:
+    """What this node holds: its network events, its transfer facts (of ``tid`` only, when
+    given) and its conflicts. The facts are the fact store's, and the legacy (version 1)
+    transfer events of its feeds that this node is a party of and that no writer has moved
+    into the store yet (a log written before the upgrade, read before the agent ran)."""
+    from .eventlog import EventLog
+    from .events import TRANSFER_TYPES
+
+    elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False,
+                    me=config.node_id)
+    try:
+        network, legacy = [], []
+        for e in elog.ledger.all_events():
+            if e.type not in TRANSFER_TYPES:
+                network.append(e)
+            elif tid is None or e.data["transfer"] == tid:
+                legacy.append(e)
+        stored = elog.facts.facts_of(tid) if tid is not None else elog.facts.all_facts()
+        ours = elog.party_of(legacy)
+        seen = {e.id for e in stored}
+        facts = stored + [e for e in legacy if e.data["transfer"] in ours and e.id not in seen]
+        return network, facts, dict(elog.ledger.conflicts)
+    finally:
+        elog.close()
 
 
 def _held_events(config) -> tuple[list, dict[str, str]]:
     """Every record this node holds (network events and transfer facts) and its conflicts:
     the one place ``status --at`` reads history from."""
-    from .eventlog import EventLog
-
-    elog = EventLog(config.events_path, pinned={p.id: p.key for p in config.peers}, writable=False,
-                    me=config.node_id)
-    try:
-        return list(elog.ledger.all_events()), dict(elog.ledger.conflicts)
-    finally:
-        elog.close()
+    network, facts, conflicts = _held_records(config)
+    return network + facts, conflicts
 
 
 def facts_for(config, tid: str) -> list:
     """Every transfer fact this node holds about ``tid`` (any origin, oldest first)."""
-    from .events import TRANSFER_TYPES
-
-    events, _ = _held_events(config)
-    return sorted((e for e in events if e.type in TRANSFER_TYPES and e.data["transfer"] == tid),
-                  key=lambda e: (e.ts, e.origin, e.seq))
+    _, facts, _ = _held_records(config, tid)
+    return sorted(facts, key=lambda e: (e.ts, e.origin, e.seq))
 
 
 def _transfer_id(config, text: str) -> str:
     """The full id for TRANSFER (an id or its unique start among the ids held here)."""
     import re
 
-    from .events import TRANSFER_TYPES
-
     if not re.fullmatch(r"[0-9a-f]{1,32}", text):
         raise UsageError(f"{text!r} is not a transfer id; expected up to 32 hex digits (0-9, a-f), "
                          "as 'maildrop queue' shows them")
     if len(text) == 32:
         return text
-    events, _ = _held_events(config)
-    found = sorted({e.data["transfer"] for e in events
-                    if e.type in TRANSFER_TYPES and e.data["transfer"].startswith(text)})
+    _, facts, _ = _held_records(config)
+    found = sorted({e.data["transfer"] for e in facts if e.data["transfer"].startswith(text)})
     if len(found) > 1:
-        raise UsageError(f"{text!r} is the start of {len(found)} transfer ids ({', '.join(f[:16] for f in found[:3])}"
+        many = "more than 3" if len(found) > 3 else str(len(found))
+        raise UsageError(f"{text!r} is the start of {many} transfer ids ({', '.join(f[:16] for f in found[:3])}"
                          f"{', …' if len(found) > 3 else ''}); give more digits")
     if not found:
         raise MaildropError(f"no transfer {text} is known here (no fact about it is held on this node)")
@@ -1074,7 +1084,7 @@ def status_at_document(config, at: float, now: float) -> dict[str, Any]:
 
     events, conflicts = _held_events(config)
     try:
-        check_held(held_since(events, now, HISTORY_KEEP), at)
+        check_held(held_since(events, now, config.history_keep), at)
     except Unheld as exc:
         raise MaildropError(str(exc)) from None
     net = model_at(events, at)

@@ -398,6 +398,11 @@ class EventLog:
             else:
                 self.network.apply(e)
 
+    def party_of(self, events: Sequence[Event]) -> set[str]:
+        """The transfer ids among ``events`` (transfer facts) this node has a part in (``_party``)."""
+        with self.lock:
+            return self._party(events)
+
     def _party(self, events: Sequence[Event]) -> set[str]:
         """The transfer ids among ``events`` this node has a part in: it queued the transfer,
         is its destination, signed custody of it, or already holds a fact of it. With no

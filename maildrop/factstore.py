@@ -225,6 +225,11 @@ class FactStore:
         rows = self._query("SELECT max(n) FROM facts")
         return rows[0][0] or 0 if rows else 0
 
+    def all_facts(self) -> list[Event]:
+        """Every fact held (retention bounds them: ``sweep``), in the order they came
+        (``status --at`` folds them)."""
+        return _parsed(r[0] for r in self._query("SELECT line FROM facts ORDER BY n", ()))
+
     def counts(self) -> dict[str, int]:
         """Transfers by state (those whose facts are held)."""
         return dict(self._query("SELECT state, count(*) FROM transfers WHERE swept = 0 GROUP BY state"))

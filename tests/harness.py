@@ -170,14 +170,16 @@ class Node(LocalNode):
 
     def events(self, type_: str | None = None) -> list[dict[str, Any]]:
         """Every line of the node's event log (as written, own and gossiped), oldest first,
-        then every transfer fact in its fact store (``state/facts.sqlite``), as they came."""
+        then every transfer fact in its fact store (``state/facts.sqlite``), as they came
+        (once each: a legacy version-1 transfer event is in the log and in the store)."""
         path = self.dir / "state" / "events.jsonl"
         out = []
         if path.exists():
             data = path.read_bytes()
             data = data[: data.rfind(b"\n") + 1]  # only whole lines: the agent may be appending
             out = [json.loads(line) for line in data.splitlines() if line.strip()]
-        out += self.facts()
+        held = {e["id"] for e in out}
+        out += [e for e in self.facts() if e["id"] not in held]  # a legacy fact is in both
         return [e for e in out if type_ is None or e["type"] == type_]
 
     def facts(self) -> list[dict[str, Any]]:

@@ -17,7 +17,11 @@ import time
 from maildrop import events as E
 from maildrop.config import load_config
 from maildrop.eventlog import EventLog
+from maildrop.events import parse_event
+from maildrop.factstore import FILE as FACTS_FILE
+from maildrop.factstore import FactStore
 from maildrop.keys import load_key
+from maildrop.model import RECENT_ENDED
 from tests.harness import wait_until
 
 NAMES = ["NodeA", "NodeB", "NodeC", "NodeD"]
@@ -37,7 +41,7 @@ def append_history(node, items, ts: float) -> None:
 
 def make_history(a, d, count: int) -> list[str]:
     """``count`` delivered transfers A -> D (plaintext form, as before sealing), dated 10
-    minutes ago; returns their ids."""
+    minutes ago, with their receipts in A's fact store too; returns their ids."""
     old = time.time() - 600
     tids = [os.urandom(16).hex() for _ in range(count)]
     sha = "e" * 64
@@ -45,6 +49,13 @@ def make_history(a, d, count: int) -> list[str]:
                                             "size": 1, "sha256": sha}) for i, t in enumerate(tids)], old)
     append_history(d, [(E.TRANSFER_DELIVERED, {"transfer": t, "sha256": sha, "name": f"old-{i}.txt"})
                        for i, t in enumerate(tids)], old + 1)
+    # The receipts reached A, as notices bring them to an origin.
+    receipts = [parse_event(f) for f in d.facts() if f["type"] == E.TRANSFER_DELIVERED]
+    store = FactStore(a.dir / "state" / FACTS_FILE)
+    try:
+        assert len(store.put(receipts)) == count
+    finally:
+        store.close()
     return tids
 
 
@@ -113,8 +124,12 @@ def test_explain_and_status_at_on_origin_relay_and_destination_with_a_big_histor
         assert state_at(node, before - 0.5, tid) is None
         assert state_at(node, waiting, tid) in ("queued", "relayed"), node.name
         assert state_at(node, after, tid) == "delivered", node.name
+    # The model at a time lists every open transfer and the RECENT_ENDED most recently ended
+    # ones (memory stays bounded however long the history): here the new one and 999 old.
     hist = cli_json(a, "status", "--at", "-1s")
-    assert sum(t["id"] in set(old) and t["state"] == "delivered" for t in hist["transfers"]) == HISTORY
+    assert HISTORY > RECENT_ENDED
+    assert sum(t["id"] in set(old) and t["state"] == "delivered" for t in hist["transfers"]) == RECENT_ENDED - 1
+    assert any(t["id"] == tid and t["state"] == "delivered" for t in hist["transfers"])
 
     # Mistakes: one line each, the documented exit status.
     for node, args, status in [(a, ("explain", "f" * 32), 1), (a, ("explain", "xyz"), 2),
