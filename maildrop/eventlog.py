@@ -32,8 +32,9 @@ Checkpoints and compaction: ``append_own`` appends this node's own ``feed.checkp
 once its feed has grown by ``CHECKPOINT_EVERY`` network events since the last one
 (``checkpoint_if_old``: at start, when its live feed holds records older than
 ``events.VERSION``). Every event that leaves the ledger's memory (those before a feed's
-second latest checkpoint, see ``ledger``) goes to ``on_dropped`` (a hook: a no-op here)
-before it leaves the disk. Once the
+second latest checkpoint, see ``ledger``) is counted as a covered line on disk; a legacy
+transfer event among them was already put into the fact store when it joined, if this node
+is a party of its transfer (``_adopt_legacy``), so nothing it needs leaves with it. Once the
 covered lines on disk are at least ``COMPACT_MIN`` and at least as many as the live ones,
 a writer compacts the file: the live events (and the file's own events waiting in the
 ledger) are written aside, fsynced, renamed over ``events.jsonl`` and the folder fsynced,
@@ -68,7 +69,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +106,8 @@ EXPIRE_EVERY = 10.0
 CONFLICTS_FILE = "conflicts.jsonl"
 CHECKPOINT_EVERY = 256
 """Own *network* events after which this node appends a checkpoint of its feed (the transfer
-records a version-1 feed also holds do not count: a checkpoint covers them too, but they
-leave only through ``on_dropped``, which keeps the ones this node is a party to). A live feed then
+records a version-1 feed also holds do not count: a checkpoint covers them too, and the
+fact store keeps the ones this node is a party to). A live feed then
 holds at most about twice this many events (~200 KiB), so every holder's copy stays small,
 while a checkpoint (a node with a handful of peers: 1 to 3 KiB, a few events' worth)
 costs each holder about one percent more bytes than the events it stands for."""
@@ -152,7 +153,6 @@ class EventLog:
         self._offset = 0
         self._covered = 0  # lines on disk that a checkpoint covers (compaction drops them)
         self._grown: dict[str, int] = {}  # origin -> own network events since its last checkpoint
-        self.on_dropped: Callable[[list[Event]], None] = lambda events: None
         """Called with the events a checkpoint covered, before they leave the disk (the
         transfer facts among them are kept elsewhere by whoever sets it)."""
         self._lock_path = path.with_name(path.name.replace(".jsonl", "") + ".lock")
@@ -346,12 +346,9 @@ class EventLog:
         return accepted
 
     def _take_dropped(self) -> None:
-        """Hand the events checkpoints covered to ``on_dropped``; count them as covered
-        lines (every held event is on disk, and the file's covered lines were read)."""
-        dropped = self.ledger.take_dropped()
-        if dropped:
-            self.on_dropped(dropped)
-            self._covered += len(dropped)
+        """Count the events checkpoints covered as covered lines (every held event is on
+        disk, and the file's covered lines were read)."""
+        self._covered += len(self.ledger.take_dropped())
 
     def _maybe_compact(self) -> None:
         """Compact when the covered lines are many enough (see the module). Caller holds
