@@ -19,12 +19,8 @@ KEY = node_key("A")
 
 
 def signed_fact(key, origin: str, ts: float, type_: str, data: dict) -> E.Event:
-    """A real signed transfer fact: ``events.make_fact`` (v2, seq 0) once part A's record
-    form is here; until then a v1 event (notices never meet the ledger: seq is not theirs)."""
-    make_fact = getattr(E, "make_fact", None)
-    if make_fact is not None:
-        return make_fact(key, origin, ts, type_, data)
-    return E.make_event(key, origin, 1, None, ts, type_, data)
+    """A real signed transfer fact (``events.make_fact``: version 2, standalone)."""
+    return E.make_fact(key, origin, ts, type_, data)
 
 
 def fact(n: int, ts: float = T0, origin: str = "A") -> E.Event:
