@@ -161,7 +161,8 @@ def test_stalled_delivery_heals(make_net):
     wait_until(lambda: name in inbox_of(b, "NodeA"), 15, "the file in B's inbox after the fix")
     print(f"\ndelivered {time.monotonic() - t_fix:.1f}s after the permission was fixed")
     assert inbox_of(b, "NodeA") == {name: hashlib.sha256(data).hexdigest()}
-    assert delivered_at(b) == {tid: 1}
+    # The inbox link comes first, the receipt right after it (a transaction of the fact store).
+    wait_until(lambda: delivered_at(b) == {tid: 1}, 10, "B's receipt")
     assert (a.proc.pid, b.proc.pid) == pids and a.running and b.running
     wait_until(lambda: not b.spool_files(tid), 15, "B's spool to let go")
     wait_until(lambda: next(t for t in a.status()["transfers"] if t["id"] == tid)["state"] == "delivered",
