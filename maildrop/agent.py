@@ -78,7 +78,14 @@ from .events import Event
 from .failpoints import failpoint
 from .keys import NEW_SUFFIX, NodeKey, load_key, load_old_key, sibling
 from .logsafe import OneLine
-from .protocol import MAX_BATCH, MAX_NOTICE_BYTES, MAX_NOTICE_FACTS, MAX_NOTICE_HOPS, FrameStream
+from .protocol import (
+    MAX_BATCH,
+    MAX_NOTICE_BYTES,
+    MAX_NOTICE_FACTS,
+    MAX_NOTICE_HOPS,
+    FrameStream,
+    cut,
+)
 from .relay import choose_hop
 from .routing import reachable
 from .spool import Spool, ensure_layout, ensure_outbox
@@ -1536,17 +1543,7 @@ class Agent:
 def _notice_frames(group: list[notices.Notice]) -> Iterator[list[notices.Notice]]:
     """``group`` cut into frames of at most ``MAX_NOTICE_FACTS`` facts and
     ``MAX_NOTICE_BYTES`` bytes (each fact is at most ``events.MAX_EVENT_BYTES``)."""
-    chunk: list[notices.Notice] = []
-    size = 0
-    for n in group:
-        b = len(n.fact.to_line())
-        if chunk and (len(chunk) >= MAX_NOTICE_FACTS or size + b > MAX_NOTICE_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(n)
-        size += b
-    if chunk:
-        yield chunk
+    return cut(group, lambda n: len(n.fact.to_line()), MAX_NOTICE_FACTS, MAX_NOTICE_BYTES)
 
 
 __all__ = ["Agent", "announce", "open_log"]

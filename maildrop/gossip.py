@@ -43,6 +43,7 @@ and ``compare`` is its pure step (no clock: the caller passes ``now``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -53,7 +54,7 @@ from typing import Any, Protocol
 from . import ids, reconcile
 from .errors import InvalidEvent, ProtocolError
 from .events import Event, canonical, parse_event
-from .protocol import MAX_BODY, Frame, FrameStream
+from .protocol import MAX_BODY, Frame, FrameStream, cut
 
 BATCH = 500
 ROUND_EVENTS = 2_000
@@ -133,20 +134,8 @@ def _batches(events: list[Event]) -> list[bytes]:
     """``events`` as batch bodies of at most ``BATCH`` lines and ``MAX_BODY`` bytes (a
     checkpoint may be up to 64 KiB), at most ``MAX_BATCHES`` of them: what does not fit
     waits for the next round (the peer's vector still lacks it)."""
-    out: list[bytes] = []
-    lines: list[bytes] = []
-    size = 0
-    for e in events:
-        line = e.to_line()
-        if lines and (len(lines) == BATCH or size + len(line) > MAX_BODY):
-            out.append(b"".join(lines))
-            lines, size = [], 0
-            if len(out) == MAX_BATCHES:
-                return out
-        lines.append(line)
-        size += len(line)
-    out.append(b"".join(lines))
-    return out
+    runs = cut((e.to_line() for e in events), len, BATCH, MAX_BODY)
+    return [b"".join(run) for run in itertools.islice(runs, MAX_BATCHES)] or [b""]
 
 
 def _send_batches(stream: FrameStream, events: list[Event], **last: Any) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .errors import ProtocolError
 from .events import brief, canonical
@@ -219,3 +219,23 @@ class FrameStream:
         if op == "error":
             raise ProtocolError(f"peer said: {header['reason'][:200]}")
         return Frame(op, header, body)
+
+
+T = TypeVar("T")
+
+
+def cut(items: Iterable[T], cost: Callable[[T], int], max_count: int, max_bytes: int) -> Iterator[list[T]]:
+    """``items`` in order, cut into runs of at most ``max_count`` items whose ``cost`` adds up
+    to at most ``max_bytes`` (an item that alone costs more goes alone): how offers, notices
+    and gossip batches are cut into frames. Pure; ``items`` is not changed."""
+    chunk: list[T] = []
+    used = 0
+    for it in items:
+        c = cost(it)
+        if chunk and (len(chunk) >= max_count or used + c > max_bytes):
+            yield chunk
+            chunk, used = [], 0
+        chunk.append(it)
+        used += c
+    if chunk:
+        yield chunk

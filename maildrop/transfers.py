@@ -59,7 +59,7 @@ from .failpoints import failpoint
 from .keys import NodeKey
 from .metrics import Metrics
 from .model import DELIVERED, FAILED
-from .protocol import ANSWERS, MAX_BATCH, OFFER_BUDGET, RESULTS, Frame, FrameStream, check_list
+from .protocol import ANSWERS, MAX_BATCH, OFFER_BUDGET, RESULTS, Frame, FrameStream, check_list, cut
 from .seal import Envelope, Keyring, Names, SealError, WriteFailed, seal_envelope, seal_file
 from .spool import (
     FolderRefused,
@@ -1486,17 +1486,8 @@ class Custody:
 def offer_chunks(items: Sequence[Outgoing]) -> Iterator[list[Outgoing]]:
     """``items`` in offers that fit: at most MAX_BATCH files and OFFER_BUDGET bytes of
     header each (a file's signed queued event and route, as sent)."""
-    chunk: list[Outgoing] = []
-    used = 0
-    for it in items:
-        cost = len(E.canonical(it.queued.to_dict())) + sum(len(n) + 3 for n in it.route) + 40
-        if chunk and (len(chunk) >= MAX_BATCH or used + cost > OFFER_BUDGET):
-            yield chunk
-            chunk, used = [], 0
-        chunk.append(it)
-        used += cost
-    if chunk:
-        yield chunk
+    return cut(items, lambda it: len(E.canonical(it.queued.to_dict())) + sum(len(n) + 3 for n in it.route) + 40,
+               MAX_BATCH, OFFER_BUDGET)
 
 
 @dataclass(frozen=True)
