@@ -17,7 +17,16 @@ Two settings, each with its references from the same run:
   divided by the file's size).
 - **disk** (``--disk /var/tmp``): two agents, A and B, with their folders on the real
   disk, durable at every custody point. References: ``dd bs=1M conv=fdatasync`` of the same file right before and
-  right after (their median), and the tmpfs 1-hop rate.
+  right after (their median), and the tmpfs 1-hop rate (with ``--only disk``: a 1-hop
+  tmpfs run of two agents in the same session, before the disk row). The agents of those
+  two rows run at log level debug, and the hop is broken into its steps from their log
+  lines (millisecond timestamps: take, ``transfer.sealed``, ``transfer.synced``,
+  ``transfer.queued``, ``transfer.sending``/``transfer.sent`` at the origin;
+  ``relay.received``, ``transfer.opened``, ``relay.synced``, ``relay.committed``,
+  ``transfer.delivered`` at the receiver); on the disk each step is printed with what the
+  device did meanwhile (``/proc/diskstats``, sampled every 20 ms: MiB written, ms spent
+  writing, ms busy, the most writes in flight; the page cache's Dirty), and each agent's
+  ``/proc/<pid>/io`` says what it dirtied and what was dropped unwritten.
 
 ``--profile DIR`` also records the 1-hop tmpfs transfer with py-spy (``--gil --threads``,
 speedscope) on the origin and the receiver and prints each thread's GIL seconds and its
