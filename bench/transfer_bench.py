@@ -17,7 +17,16 @@ Two settings, each with its references from the same run:
   divided by the file's size).
 - **disk** (``--disk /var/tmp``): two agents, A and B, with their folders on the real
   disk, durable at every custody point. References: ``dd bs=1M conv=fdatasync`` of the same file right before and
-  right after (their median), and the tmpfs 1-hop rate.
+  right after (their median), and the tmpfs 1-hop rate (with ``--only disk``: a 1-hop
+  tmpfs run of two agents in the same session, before the disk row). The agents of those
+  two rows run at log level debug, and the hop is broken into its steps from their log
+  lines (millisecond timestamps: take, ``transfer.sealed``, ``transfer.synced``,
+  ``transfer.queued``, ``transfer.sending``/``transfer.sent`` at the origin;
+  ``relay.received``, ``transfer.opened``, ``relay.synced``, ``relay.committed``,
+  ``transfer.delivered`` at the receiver); on the disk each step is printed with what the
+  device did meanwhile (``/proc/diskstats``, sampled every 20 ms: MiB written, ms spent
+  writing, ms busy, the most writes in flight; the page cache's Dirty), and each agent's
+  ``/proc/<pid>/io`` says what it dirtied and what was dropped unwritten.
 
 ``--profile DIR`` also records the 1-hop tmpfs transfer with py-spy (``--gil --threads``,
 speedscope) on the origin and the receiver and prints each thread's GIL seconds and its
@@ -31,11 +40,13 @@ Needs root, openssh-server and openssh-client; ``--profile`` needs py-spy.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,6 +56,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,10 +95,18 @@ def sha256_of(path: Path) -> str:
 
 
 def rchar(pid: int) -> int:
+    return proc_io(pid)["rchar"]
+
+
+def proc_io(pid: int) -> dict[str, int]:
+    """``/proc/<pid>/io``: rchar, wchar, read_bytes, write_bytes (bytes the process dirtied in
+    the page cache), cancelled_write_bytes (dirty bytes dropped unwritten: truncated or
+    unlinked before writeback) …"""
+    out = {}
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    return 0
+        k, _, v = line.partition(":")
+        out[k] = int(v)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -117,19 +137,161 @@ class Sampler(threading.Thread):
                             self.peak[pid] = max(self.peak[pid], int(line.split()[1]) / 1024)
 
 
+def block_device(path: Path) -> str:
+    """The ``/proc/diskstats`` name of the block device holding ``path`` (a partition's
+    own line when it is one)."""
+    dev = os.stat(path).st_dev
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if (int(f[0]), int(f[1])) == (os.major(dev), os.minor(dev)):
+            return f[2]
+    raise SystemExit(f"{path} is on no block device in /proc/diskstats (tmpfs?); pass --disk on a disk")
+
+
+def dirty_kib() -> tuple[int, int]:
+    """(Dirty, Writeback) of ``/proc/meminfo``, KiB."""
+    got = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("Dirty", "Writeback"):
+            got[k] = int(v.split()[0])
+    return got["Dirty"], got["Writeback"]
+
+
+class DiskSampler(threading.Thread):
+    """Samples the device's ``/proc/diskstats`` line (and the page cache's Dirty/Writeback)
+    every 20 ms: ``samples`` holds (wall time, sectors written, ms spent writing, writes in
+    flight, ms the device was busy, Dirty KiB, Writeback KiB)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(daemon=True)
+        self.device = device
+        self.samples: list[tuple[float, int, int, int, int, int, int]] = []
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if f[2] == self.device:
+                # fields: 9 sectors written, 10 ms writing, 11 I/Os in flight, 12 ms busy
+                self.samples.append((time.time(), int(f[9]), int(f[10]), int(f[11]), int(f[12]),
+                                     *dirty_kib()))
+                return
+
+    def run(self) -> None:
+        self.sample()
+        while not self.stop.wait(0.02):
+            self.sample()
+        self.sample()
+
+    def between(self, a: float, b: float) -> str:
+        """What the device did from wall time ``a`` to ``b``: MiB written, ms writing, ms busy,
+        the most writes in flight, the most dirty page cache."""
+        times = [s[0] for s in self.samples]
+        i = max(0, bisect.bisect_right(times, a) - 1)
+        j = min(len(times) - 1, max(i, bisect.bisect_left(times, b)))
+        s0, s1, span = self.samples[i], self.samples[j], self.samples[i:j + 1]
+        return (f"{(s1[1] - s0[1]) * 512 / MiB:.0f} MiB written, {s1[2] - s0[2]} ms writing, "
+                f"busy {s1[4] - s0[4]} ms, ≤{max(s[3] for s in span)} in flight, "
+                f"dirty ≤{max(s[5] for s in span) / 1024:.0f} MiB")
+
+
+LOG_LINE = re.compile(r"^(\S+Z) +\S+ +\S+ (\S+) ?(.*)$")
+
+
+def log_times(path: Path) -> list[tuple[float, str, str]]:
+    """(wall time, key, rest) of every line of an agent's text log."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if m := LOG_LINE.match(line):
+            with contextlib.suppress(ValueError):
+                t = datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+                out.append((t.timestamp(), m[2], m[3]))
+    return out
+
+
+# (agent, log key, what the step's end is): the byte path of one hop, in order. A key with
+# ``transfer=`` in its lines is matched on the transfer id, the others on the first line
+# after the step before (the origin's "handing over" line names the file).
+STEPS = [
+    ("origin", "handing", "the outbox watcher hands the file over (settle)"),
+    ("origin", "transfer.sealed", "sealed into <tid>.data (read, age, 2 hashes, written back)"),
+    ("origin", "transfer.synced", "the origin's ciphertext synced (fsync + folder fsync)"),
+    ("origin", "transfer.queued", "transfer.queued appended, plaintext removed"),
+    ("origin", "transfer.sending", "offered and accepted: the first byte leaves"),
+    ("receiver", "relay.received", "the last byte is in the receiver's <tid>.part"),
+    ("origin", "transfer.sent", "the sender's last send returned"),
+    ("receiver", "transfer.opened", "<tid>.open decrypted and written back (the opener)"),
+    ("receiver", "relay.synced", "the receiver's syncs (fsync of <tid>.open)"),
+    ("receiver", "relay.committed", "commit: part renamed, folder fsync, log append"),
+    ("receiver", "transfer.delivered", "linked into the inbox, folder fsync, receipt appended"),
+]
+
+
+def steps(origin_log: Path, receiver_log: Path, name: str, dropped_at: float) -> list[tuple[str, float, str]]:
+    """The wall time each step of ``STEPS`` ended for the file ``name`` dropped at
+    ``dropped_at``, from the agents' debug logs: [(key, time, what)] (nan: no line)."""
+    lines = {"origin": [x for x in log_times(origin_log) if x[0] >= dropped_at - 0.01],
+             "receiver": [x for x in log_times(receiver_log) if x[0] >= dropped_at - 0.01]}
+    tid = next((m[1] for _, k, rest in lines["origin"]
+                if k == "transfer.queued" and f"name={name} " in rest
+                and (m := re.search(r"transfer=(\w+)", rest))), None)
+    if tid is None:
+        raise SystemExit(f"no transfer.queued line for {name} in {origin_log}")
+    out, prev, sending = [], dropped_at - 0.01, dropped_at
+    for who, key, what in STEPS:
+        if key == "transfer.sent":  # the sender's end overlaps the receiver's: from the first byte
+            prev = sending
+        for t, k, rest in lines[who]:
+            if key == "handing":
+                hit = k == key and f"/{name} " in rest
+            else:  # a line naming a transfer must name this one; the others: the next one
+                hit = k == key and t >= prev - 0.002 and ("transfer=" not in rest or f"transfer={tid} " in rest + " ")
+            if hit:
+                out.append((key, t, what))
+                prev, sending = (t, t) if key == "transfer.sending" else (t, sending)
+                break
+        else:
+            out.append((key, float("nan"), what))
+        if key == "transfer.sent":
+            prev = next((x[1] for x in out if x[0] == "relay.received"), prev)
+    return out
+
+
+def print_steps(found: list[tuple[str, float, str]], dropped_at: float, delivered_at: float,
+                disk: DiskSampler | None) -> None:
+    """The breakdown: each step's end after the drop, its seconds, and what the disk did then
+    (``transfer.sent`` is timed from ``transfer.sending``, beside the receiver's steps)."""
+    at = time.strftime("%H:%M:%S", time.gmtime(dropped_at)) + f".{int(dropped_at % 1 * 1000):03d}"
+    print(f"- step breakdown (agents' debug log lines, ms; t = seconds after the drop at {at} UTC; +s = the step)"
+          + (f"; the disk {disk.device} during each step" if disk else ""))
+    prev = dropped_at
+    sending = next((t for k, t, _ in found if k == "transfer.sending"), float("nan"))
+    for key, t, what in [*found, ("inbox", delivered_at, "the bench sees the inbox file (linked before the receipt)")]:
+        if t != t:  # nan: the agent logged no such line
+            print(f"  - {key}: {what} (no log line)")
+            continue
+        start = sending if key == "transfer.sent" else prev
+        dev = f"; {disk.between(start, t)}" if disk else ""
+        print(f"  - t={t - dropped_at:6.2f} s  +{t - start:5.2f} s  {key}: {what}{dev}", flush=True)
+        if key != "transfer.sent":
+            prev = t
+
+
 class Bench:
     """A chain of real agents under ``base``; ``send`` times one file drop → inbox."""
 
-    def __init__(self, base: Path, names: list[str] | None = None) -> None:
+    def __init__(self, base: Path, names: list[str] | None = None, log_level: str = "warning") -> None:
         names = names or CHAIN
         settings = {"gossip": {"interval": "5s"}, "outbox": {"settle": "1s"},
                     "transfers": {"max_file_size": "64GiB"}}
         self.net = LocalNet(base, names, list(zip(names, names[1:], strict=False)), settings)
-        self.net.start(log_level="warning")
+        self.net.start(log_level=log_level)
         self.n = 0
         self.first_byte: float | None = None
         self.origin_read = 0
         self.cpu: dict[str, float] = {}
+        self.dropped_at = 0.0  # wall clock (time.time) of the last drop's rename
 
     def drop(self, dest: str, name: str, size: int) -> tuple[Path, float]:
         """The safe producer habit: write ``.name.tmp`` in A's outbox folder for ``dest``, then
@@ -144,6 +306,7 @@ class Bench:
         digest = make_file(tmp, size)
         os.sync()  # the producer's writeback is not the agents' bill
         t0 = time.monotonic()
+        self.dropped_at = time.time()
         os.rename(tmp, folder / name)
         return self.net[dest].inbox / "NodeA" / name, t0, digest
 
@@ -286,16 +449,63 @@ def run_tmpfs(args: argparse.Namespace, size: int) -> float:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def one_hop(bench: Bench, size: int, disk: DiskSampler | None) -> float:
+    """Send one file A → B with its step breakdown (agents at log level debug) and, on the
+    disk, what the device did and what each agent dirtied in the page cache (``write_bytes``)
+    and dropped unwritten (``cancelled_write_bytes``: an unlinked file never written back).
+    Returns the seconds drop → inbox."""
+    pids = {n: bench.net[n].proc.pid for n in ("NodeA", "NodeB")}
+    io0 = {n: proc_io(p) for n, p in pids.items()}
+    if disk is not None:
+        disk.start()
+    t = bench.send("NodeB", size, check=True)
+    if disk is not None:
+        deadline = time.monotonic() + 30  # the receiver drops its spool copies after the receipt
+        spool = bench.net["NodeB"].dir / "state" / "spool"
+        while time.monotonic() < deadline and any(e.name.endswith((".data", ".open")) for e in os.scandir(spool)):
+            time.sleep(0.02)
+        disk.stop.set()
+        disk.join()
+    found = steps(bench.net["NodeA"].log_path, bench.net["NodeB"].log_path, f"f{bench.n}.bin", bench.dropped_at)
+    print_steps(found, bench.dropped_at, bench.dropped_at + t, disk)
+    if disk is not None:
+        print(f"- the disk from the drop until B's spool was empty: {disk.between(bench.dropped_at, disk.samples[-1][0])}")
+    for n, p in pids.items():
+        io = proc_io(p)
+        print(f"- {n}: dirtied {(io['write_bytes'] - io0[n]['write_bytes']) / MiB:.0f} MiB, dropped unwritten "
+              f"{(io['cancelled_write_bytes'] - io0[n]['cancelled_write_bytes']) / MiB:.0f} MiB, "
+              f"read from the device {(io['read_bytes'] - io0[n]['read_bytes']) / MiB:.0f} MiB", flush=True)
+    return t
+
+
+def run_tmpfs_hop(args: argparse.Namespace, size: int) -> float:
+    """``--only disk``: the tmpfs 1-hop limit in the same session (two agents, no scp);
+    returns its rate (bytes/s)."""
+    base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir=args.tmpfs))
+    bench = Bench(base, CHAIN[:2], log_level="debug")
+    try:
+        bench.send("NodeB", 4096)
+        t = one_hop(bench, size, None)
+        row(f"tmpfs, {args.size} MiB, 1 hop, MB/s ({load()})", f"{size / t / 1e6:.0f} ({t:.2f} s)", "—", "—",
+            "the disk row's second limit")
+        row("CPU seconds of that hop: origin / receiver", f"{bench.cpu['NodeA']:.2f} / {bench.cpu['NodeB']:.2f}",
+            "—", "—", "—")
+        return size / t
+    finally:
+        bench.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def run_disk(args: argparse.Namespace, size: int, tmpfs_rate: float | None) -> None:
     base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir=args.disk))
-    bench = Bench(base, CHAIN[:2])
+    bench = Bench(base, CHAIN[:2], log_level="debug")
     try:
         bench.send("NodeB", 4096)
         src = base / "dd-src.bin"
         make_file(src, size)
         os.sync()
         before = dd_fdatasync(src, base / "dd-out.bin")
-        t = bench.send("NodeB", size, check=True)
+        t = one_hop(bench, size, DiskSampler(block_device(base)))
         after = dd_fdatasync(src, base / "dd-out.bin")
         dd = statistics.median([before, after])
         limit = min(size / dd, tmpfs_rate) if tmpfs_rate else size / dd
@@ -327,7 +537,7 @@ def main() -> None:
           f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| metric | maildrop | OpenSSH / dd, same run | ratio | target |")
     print("| --- | --- | --- | --- | --- |")
-    rate = run_tmpfs(args, size) if args.only != "disk" else None
+    rate = run_tmpfs(args, size) if args.only != "disk" else run_tmpfs_hop(args, size)
     if args.only != "tmpfs" and not args.profile_only:
         run_disk(args, size, rate)
 

@@ -480,9 +480,16 @@ class Spool:
             return 0
 
     def open_part(self, tid: str, offset: int) -> int:
-        """A write descriptor on ``<tid>.part`` cut to ``offset`` (the resume point)."""
+        """A write descriptor on ``<tid>.part`` cut to ``offset`` (the resume point).
+
+        A part already ``offset`` long (a new one: 0) is not truncated: on ext4 a truncate to
+        size 0 marks the file "replaced by truncate" (``auto_da_alloc``), and its close then
+        starts writeback of every byte written since -- at the destination 1 GiB of
+        ciphertext that nothing syncs (only its ``.open`` is durable), competing with the
+        ``.open``'s own writeback. Where a part is to be durable it is synced as before."""
         fd = os.open(self.part(tid), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.ftruncate(fd, offset)
+        if os.fstat(fd).st_size != offset:
+            os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
         return fd
 

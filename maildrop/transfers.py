@@ -594,6 +594,7 @@ class Custody:
                         if flusher is not None:
                             flusher.stop()
                         os.close(out)
+                    log.debug("transfer.sealed transfer=%s sealed_size=%d", tid, sealed.size)
                 finally:
                     os.close(fd)
             except Refused as exc:
@@ -622,6 +623,7 @@ class Custody:
             return []
         sync_files([self.spool.data(d["transfer"]) for _, d in items], self.spool.folder)
         fsync_dir(self.spool.folder)  # the new .data names too, before the event vouches for them
+        log.debug("transfer.synced transfers=%d", len(items))
         evs = self.append(items)
         for ev in evs:
             self._queued[ev.data["transfer"]] = ev
@@ -772,6 +774,7 @@ class Custody:
                 # ``.open`` is what the delivery links (docs/durability.md).
                 sync_files([self.spool.opened(o.transfer) if self._sealed_to_me(o.queued)
                             else self.spool.part(o.transfer) for o in good], self.spool.folder)
+                log.debug("relay.synced peer=%s files=%d", peer, len(good))
             stored = owner.commit(peer, good) if good else []
         except BaseException:
             owner.receive_failed([o.transfer for o in good], "the commit did not finish")
@@ -840,6 +843,7 @@ class Custody:
                 os.close(out)
         finally:
             os.close(src_fd)
+        log.debug("transfer.opened transfer=%s size=%d", queued.data["transfer"], env.size)
         return env
 
     def _refusal(self, answers: list[Answer], i: int, peer: str, item: Any, exc: TransferRefused) -> None:
@@ -962,6 +966,7 @@ class Custody:
                 h.update(chunk)
                 remaining -= len(chunk)
                 prog.advance(len(chunk))
+            log.debug("relay.received transfer=%s peer=%s bytes=%d", tid, peer, size - offset)
             if flusher is not None:
                 flusher.stop()
             if h.hexdigest() != d["sha256"]:
@@ -1018,6 +1023,7 @@ class Custody:
             for o in files:
                 os.rename(self.spool.data(o.transfer), self.spool.part(o.transfer))
             raise
+        log.debug("relay.committed peer=%s files=%d", peer, len(files))
         for o in files:
             if o.queued.data["destination"] != self.me:
                 log.info("transfer.relayed transfer=%s from=%s size=%d", o.transfer, peer, o.queued.data["size"])
@@ -1168,11 +1174,13 @@ class Custody:
             prog = Progress(it.transfer, "out", hop, it.queued.data["size"], offset, time.time())
             with self.progress_lock:
                 self.progress[(it.transfer, "out")] = prog
+            log.debug("transfer.sending transfer=%s peer=%s offset=%d", it.transfer, hop, offset)
             try:
                 if growing is None:
                     self._send_file(stream, it, offset, prog)
                 else:
                     self._send_growing(stream, it, offset, prog, *growing)
+                log.debug("transfer.sent transfer=%s peer=%s", it.transfer, hop)
             finally:
                 with self.progress_lock:
                     self.progress.pop((it.transfer, "out"), None)
