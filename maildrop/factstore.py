@@ -21,7 +21,8 @@ never enters the ledger. This store keeps them, indexed by transfer id:
 Nothing about finished transfers is kept in memory: every query goes to the file.
 
 Crash behaviour: sqlite in WAL mode with ``synchronous=FULL``; each ``put`` and ``sweep`` is
-one transaction, durable when it returns. A crash mid-``put`` leaves none of its facts (the
+one transaction, durable when it returns (a sweep's vacuum after it is another; a crash
+there leaves free pages, given back at the next sweep). A crash mid-``put`` leaves none of its facts (the
 caller, which has not answered or acted yet, does it again); a crash mid-``sweep`` leaves
 the rows as they were.
 
@@ -94,6 +95,7 @@ class FactStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False,
                                            isolation_level=None)
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file only
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._create()
@@ -180,7 +182,10 @@ class FactStore:
         and of transfers queued more than ``max(keep, horizon)`` ago that never ended here
         (a middle relay never hears the receipt; by then no copy is anywhere). A delivered
         transfer's row stays, without its facts, as the exactly-once memory until its
-        queued time is ``horizon`` seconds old (``None``: ``keep``). One transaction.
+        queued time is ``horizon`` seconds old (``None``: ``keep``). One transaction; then
+        the free pages are given back to the file system
+        (``incremental_vacuum``, its own transaction: a file made with ``auto_vacuum``
+        shrinks to what the window holds; an older file keeps its free pages for reuse).
         Returns how many transfers' facts were dropped."""
         if self._db is None or self.readonly:
             return 0
@@ -212,6 +217,8 @@ class FactStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            if db.execute("PRAGMA freelist_count").fetchone()[0]:
+                db.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page a call
         return n
 
     # -- reading ----------------------------------------------------------------------------

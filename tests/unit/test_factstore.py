@@ -126,6 +126,20 @@ def test_a_file_without_the_counts_table_is_counted_at_its_first_writable_open(t
         again.close()
 
 
+def test_a_sweep_gives_the_pages_it_freed_back_to_the_file_system(tmp_path, store):
+    path = tmp_path / "facts.sqlite"
+    tids = [f"{i:032x}" for i in range(300)]
+    store.put([f for t in tids for f in (_queued(t), _receipt(t))])
+    store.put([_queued("f" * 32, T0 + 50)])
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        full = db.execute("PRAGMA page_count").fetchone()[0]
+    assert store.sweep(T0 + 20, keep=15, horizon=DAY) == 300
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert db.execute("PRAGMA page_count").fetchone()[0] < full / 2
+    assert store.counts() == {"queued": 1} and store.delivered(tids[0])
+
+
 def test_since_follows_what_was_added(store):
     q = _queued("a" * 32)
     store.put([q])
