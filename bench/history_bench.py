@@ -30,7 +30,8 @@ Measured for each node (only NodeA runs; its peer is down, which costs nothing a
   the agent stopped, ``events -n 10``, ``route`` and ``queue`` (``READS``);
 - the agent's peak RSS (VmHWM) once it listens and status has run;
 - state on disk: the bytes of ``state/``, and apart its feed, fact store and snapshot;
-  the events the agent held at start and the transfers its sweeps dropped (its log).
+  the events the agent held at start and the transfers its sweeps dropped, with the
+  seconds they took (its log, ``history.swept``).
 
 Usage: PYTHONPATH=<checkout> python bench/history_bench.py [--files 20000 100000] [--workers N]
        [--names 1000] [--network 3000] [--days 13]
@@ -293,8 +294,9 @@ def measure(net: LocalNet, timeout: float) -> dict[str, float | None]:
     for part, names in DISK_PARTS.items():
         out[f"disk_{part}"] = sum(p.stat().st_size for n in names for p in state.glob(n)) / 2**20
     lines = node.log_path.read_text(errors="replace").splitlines()
-    out["held"] = _last_int(lines, "agent.started", "events=")
-    out["swept"] = sum(_last_int([ln], "history.swept", "transfers=") or 0 for ln in lines)
+    out["held"] = _last_float(lines, "agent.started", "events=")
+    out["swept"] = sum(_last_float([ln], "history.swept", "transfers=") or 0 for ln in lines)
+    out["sweep_s"] = sum(_last_float([ln], "history.swept", "seconds=") or 0 for ln in lines)
     return out
 
 
@@ -302,8 +304,8 @@ DISK_PARTS = {"feed": ("events.jsonl",), "facts": ("facts.sqlite*",), "snapshot"
 """The parts of ``state/`` reported apart (``disk`` is the whole folder)."""
 
 
-def _last_int(lines: list[str], key: str, field: str) -> float | None:
-    """The integer after ``field`` on the last agent log line holding ``key`` (None: none)."""
+def _last_float(lines: list[str], key: str, field: str) -> float | None:
+    """The number after ``field`` on the last agent log line holding ``key`` (None: none)."""
     for line in reversed(lines):
         if key in line and field in line:
             return float(line.split(field, 1)[1].split()[0])
@@ -325,7 +327,8 @@ def _cells(name: str, log_mib: float, m: dict[str, float | None]) -> str:
         _fmt(m["start2"], "s", m.get("start2_cpu")), _fmt(m.get("status2"), "s", m.get("status2_cpu")),
         _fmt(m.get("agent_rss2"), "m"), _fmt(m["disk"], "m"),
         " / ".join(f"{m[f'disk_{p}']:.1f}" for p in DISK_PARTS),
-        f"{m['held']:.0f}" if m["held"] is not None else "-", f"{m['swept']:.0f}"]) + " |"
+        f"{m['held']:.0f}" if m["held"] is not None else "-",
+        f"{m['swept']:.0f}" + (f" in {m['sweep_s']:.1f} s" if m["swept"] else "")]) + " |"
 
 
 def _print_row(name: str, log_mib: float, m: dict[str, float | None]) -> None:
