@@ -1105,6 +1105,7 @@ class Agent:
         and the exactly-once memory past its horizon (``transfers.expire_after`` +
         ``transfers.STALE_MARGIN``, the age from which offers are refused as ``stale``).
         Runs at start and every ``HISTORY_SWEEP_EVERY`` s; a failure is logged, never fatal."""
+        t0 = time.monotonic()
         try:
             n = self.log.facts.sweep(time.time(), self.config.history_keep,
                                      self.config.expire_after + STALE_MARGIN)
@@ -1112,7 +1113,8 @@ class Agent:
             log.exception("history.sweep.failed")
             return 0
         if n:
-            log.info("history.swept transfers=%d keep=%.0f", n, self.config.history_keep)
+            log.info("history.swept transfers=%d keep=%.0f seconds=%.2f", n, self.config.history_keep,
+                     time.monotonic() - t0)
         return n
 
     def _after_sweep(self) -> None:

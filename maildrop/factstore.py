@@ -9,14 +9,20 @@ never enters the ledger. This store keeps them, indexed by transfer id:
   can follow what was added since it last looked (``since``).
 - ``transfers``: one row per transfer id with its origin, destination, state (the fold of
   its facts, ``model``), queued time and ended time (POSIX seconds of the fact that ended
-  it: the receipt or the failure), so ``counts`` and ``sweep`` are one query each. A row
+  it: the receipt or the failure), so ``sweep`` is a few queries over indexes (the rows
+  it ends, and the exactly-once memory rows, ``transfers_memory``), never a scan. A row
   whose facts were swept but that was delivered stays as the destination's exactly-once
   memory (``delivered``) until the horizon passes.
+- ``counts``: transfers whose facts are held (``swept`` 0), by state, kept up to date by
+  ``put`` and ``sweep`` in their transaction, so ``counts()`` (every ``status``) reads a
+  handful of rows however many transfers the retention window holds. A file made before
+  this table existed is counted once, at its first writable open.
 
 Nothing about finished transfers is kept in memory: every query goes to the file.
 
 Crash behaviour: sqlite in WAL mode with ``synchronous=FULL``; each ``put`` and ``sweep`` is
-one transaction, durable when it returns. A crash mid-``put`` leaves none of its facts (the
+one transaction, durable when it returns (a sweep's vacuum after it is another; a crash
+there leaves free pages, given back at the next sweep). A crash mid-``put`` leaves none of its facts (the
 caller, which has not answered or acted yet, does it again); a crash mid-``sweep`` leaves
 the rows as they were.
 
@@ -61,7 +67,13 @@ CREATE TABLE IF NOT EXISTS transfers (
 );
 CREATE INDEX IF NOT EXISTS transfers_ended ON transfers (ended_ts);
 CREATE INDEX IF NOT EXISTS transfers_queued ON transfers (queued_ts);
+CREATE INDEX IF NOT EXISTS transfers_memory ON transfers (queued_ts) WHERE swept = 1;
+CREATE TABLE IF NOT EXISTS counts (
+    state TEXT PRIMARY KEY,
+    n INTEGER NOT NULL
+);
 """
+_COUNT_ALL = "SELECT state, count(*) FROM transfers WHERE swept = 0 GROUP BY state"
 
 
 class FactStore:
@@ -83,11 +95,30 @@ class FactStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT, check_same_thread=False,
                                            isolation_level=None)
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new file only
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(_SCHEMA)
+                self._create()
         except sqlite3.Error as exc:
             raise MaildropError(f"{path}: cannot open the fact store: {exc}") from None
+
+    def _create(self) -> None:
+        """The schema, in one transaction; a ``counts`` table new to an existing file is
+        filled from one scan of ``transfers``."""
+        assert self._db is not None
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            had = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'counts'").fetchone()
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if not had:
+                db.execute("INSERT INTO counts (state, n) " + _COUNT_ALL)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # -- writing ----------------------------------------------------------------------------
     def put(self, events: Sequence[Event]) -> list[Event]:
@@ -119,7 +150,7 @@ class FactStore:
         facts = self._facts(tid)
         net = fold(facts)
         claims = net.claims.get(tid, {})
-        row = self._db.execute("SELECT origin FROM transfers WHERE tid = ?", (tid,)).fetchone()
+        row = self._db.execute("SELECT origin, state, swept FROM transfers WHERE tid = ?", (tid,)).fetchone()
         origin = row[0] if row and row[0] in claims else min(claims, default=None)
         claim = claims.get(origin) if origin else None
         state = claim.state if claim else UNKNOWN
@@ -136,13 +167,25 @@ class FactStore:
             "destination = excluded.destination, state = excluded.state, "
             "queued_ts = excluded.queued_ts, ended_ts = excluded.ended_ts, swept = 0",
             (tid, origin, claim.destination if claim else None, state, queued, ended))
+        if row is not None and not row[2]:
+            self._count(row[1], -1)
+        self._count(state, 1)
+
+    def _count(self, state: str, n: int) -> None:
+        """Add ``n`` to the count of ``state`` (caller holds the transaction)."""
+        assert self._db is not None
+        self._db.execute("INSERT INTO counts (state, n) VALUES (?, ?) "
+                         "ON CONFLICT (state) DO UPDATE SET n = n + excluded.n", (state, n))
 
     def sweep(self, now: float, keep: float, horizon: float | None = None) -> int:
         """Retention: drop the facts of transfers that ended more than ``keep`` seconds ago,
         and of transfers queued more than ``max(keep, horizon)`` ago that never ended here
         (a middle relay never hears the receipt; by then no copy is anywhere). A delivered
         transfer's row stays, without its facts, as the exactly-once memory until its
-        queued time is ``horizon`` seconds old (``None``: ``keep``). One transaction.
+        queued time is ``horizon`` seconds old (``None``: ``keep``). One transaction; then
+        the free pages are given back to the file system
+        (``incremental_vacuum``, its own transaction: a file made with ``auto_vacuum``
+        shrinks to what the window holds; an older file keeps its free pages for reuse).
         Returns how many transfers' facts were dropped."""
         if self._db is None or self.readonly:
             return 0
@@ -160,7 +203,11 @@ class FactStore:
                     "((ended_ts IS NOT NULL AND ended_ts < ?) OR "
                     "(ended_ts IS NULL AND (queued_ts IS NULL OR queued_ts < ?)))",
                     (ended_before, open_before))
-                n = db.execute("SELECT count(*) FROM gone").fetchone()[0]
+                n = 0
+                for state, m in db.execute("SELECT t.state, count(*) FROM gone g JOIN transfers t "
+                                           "ON t.tid = g.tid GROUP BY t.state").fetchall():
+                    self._count(state, -m)
+                    n += m
                 db.execute("DELETE FROM facts WHERE tid IN (SELECT tid FROM gone)")
                 db.execute("UPDATE transfers SET swept = 1 WHERE tid IN (SELECT tid FROM gone)")
                 db.execute("DELETE FROM transfers WHERE swept = 1 AND "
@@ -170,6 +217,8 @@ class FactStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+            if db.execute("PRAGMA freelist_count").fetchone()[0]:
+                db.executescript("PRAGMA incremental_vacuum;")  # execute() frees one page a call
         return n
 
     # -- reading ----------------------------------------------------------------------------
@@ -231,8 +280,12 @@ class FactStore:
         return _parsed(r[0] for r in self._query("SELECT line FROM facts ORDER BY n", ()))
 
     def counts(self) -> dict[str, int]:
-        """Transfers by state (those whose facts are held)."""
-        return dict(self._query("SELECT state, count(*) FROM transfers WHERE swept = 0 GROUP BY state"))
+        """Transfers by state (those whose facts are held): the ``counts`` table, or one scan
+        of ``transfers`` in a file no writer has opened since that table came."""
+        try:
+            return dict(self._query("SELECT state, n FROM counts WHERE n > 0"))
+        except sqlite3.OperationalError:
+            return dict(self._query(_COUNT_ALL))
 
     def close(self) -> None:
         with self._lock:

@@ -1,5 +1,8 @@
 """The fact store (state/facts.sqlite): real sqlite files in a temp folder, real signed facts."""
 
+import contextlib
+import sqlite3
+
 import pytest
 
 from maildrop import events as E
@@ -80,6 +83,61 @@ def test_sweep_drops_ended_transfers_after_keep_and_the_memory_after_the_horizon
     assert store.sweep(T0 + 8 * DAY + 1, keep=60, horizon=8 * DAY) == 1
     assert not store.delivered(ended) and store.facts_of(running) == []
     assert store.counts() == {}
+
+
+def _scanned(path) -> dict[str, int]:
+    """The counts as one scan of the transfers table says (what ``counts`` keeps)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return dict(db.execute("SELECT state, count(*) FROM transfers WHERE swept = 0 GROUP BY state"))
+
+
+def test_counts_are_kept_through_puts_sweeps_and_a_swept_transfer_heard_of_again(tmp_path, store):
+    path = tmp_path / "facts.sqlite"
+    tids = [f"{i:032x}" for i in range(6)]
+    store.put([_queued(t) for t in tids])
+    store.put([_relayed(tids[0]), _receipt(tids[1]), _receipt(tids[2], T0 + 30)])
+    assert store.counts() == _scanned(path) == {"queued": 3, "relayed": 1, "delivered": 2}
+    store.put([_receipt(tids[0])])  # relayed -> delivered: one moves
+    assert store.counts() == _scanned(path) == {"queued": 3, "delivered": 3}
+    assert store.sweep(T0 + 20, keep=15, horizon=DAY) == 2  # two of the three delivered
+    assert store.counts() == _scanned(path) == {"queued": 3, "delivered": 1}
+    store.put([_relayed(tids[1], T0 + 40)])  # a late fact of a swept transfer: held again, alone
+    assert store.counts() == _scanned(path) == {"queued": 3, "delivered": 1, "unknown": 1}
+
+
+def test_a_file_without_the_counts_table_is_counted_at_its_first_writable_open(tmp_path, store):
+    path = tmp_path / "facts.sqlite"
+    store.put([_queued("a" * 32), _queued("b" * 32), _receipt("b" * 32)])
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DROP TABLE counts")
+        db.commit()
+    reader = FactStore(path, readonly=True)  # read only: counted by a scan
+    try:
+        assert reader.counts() == {"queued": 1, "delivered": 1}
+    finally:
+        reader.close()
+    again = FactStore(path)
+    try:
+        assert again.counts() == {"queued": 1, "delivered": 1}
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert dict(db.execute("SELECT state, n FROM counts")) == {"queued": 1, "delivered": 1}
+    finally:
+        again.close()
+
+
+def test_a_sweep_gives_the_pages_it_freed_back_to_the_file_system(tmp_path, store):
+    path = tmp_path / "facts.sqlite"
+    tids = [f"{i:032x}" for i in range(300)]
+    store.put([f for t in tids for f in (_queued(t), _receipt(t))])
+    store.put([_queued("f" * 32, T0 + 50)])
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        full = db.execute("PRAGMA page_count").fetchone()[0]
+    assert store.sweep(T0 + 20, keep=15, horizon=DAY) == 300
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+        assert db.execute("PRAGMA page_count").fetchone()[0] < full / 2
+    assert store.counts() == {"queued": 1} and store.delivered(tids[0])
 
 
 def test_since_follows_what_was_added(store):
