@@ -46,6 +46,10 @@ from .model import DELIVERED, FAILED, UNKNOWN, fold
 FILE = "facts.sqlite"
 BUSY_TIMEOUT = 30.0
 """Seconds a statement waits for another process's write lock before it fails."""
+SWEEP_BATCH = 5_000
+"""Transfers a sweep drops per transaction: a sweep of most of a big store (800,000
+transfers in one transaction took minutes and a 2 GiB write-ahead log) holds the write
+lock a fraction of a second at a time."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS facts (
@@ -182,27 +186,37 @@ class FactStore:
         and of transfers queued more than ``max(keep, horizon)`` ago that never ended here
         (a middle relay never hears the receipt; by then no copy is anywhere). A delivered
         transfer's row stays, without its facts, as the exactly-once memory until its
-        queued time is ``horizon`` seconds old (``None``: ``keep``). One transaction; then
-        the free pages are given back to the file system
-        (``incremental_vacuum``, its own transaction: a file made with ``auto_vacuum``
-        shrinks to what the window holds; an older file keeps its free pages for reuse).
-        Returns how many transfers' facts were dropped."""
+        queued time is ``horizon`` seconds old (``None``: ``keep``). In transactions of at
+        most ``SWEEP_BATCH`` transfers, the lock released between them (other writers go
+        on; a crash leaves the batches done, the next sweep does the rest); after each the
+        free pages are given back to the file system (``incremental_vacuum``, its own
+        transaction: a file made with ``auto_vacuum`` shrinks to what the window holds; an
+        older file keeps its free pages for reuse). Returns how many transfers' facts were
+        dropped."""
         if self._db is None or self.readonly:
             return 0
         horizon = keep if horizon is None else horizon
-        ended_before, open_before = now - keep, now - max(keep, horizon)
+        total = 0
+        while True:
+            n = self._sweep_batch(now - keep, now - max(keep, horizon), now - horizon)
+            total += n
+            if n < SWEEP_BATCH:
+                return total
+
+    def _sweep_batch(self, ended_before: float, open_before: float, memory_before: float) -> int:
+        """One transaction of ``sweep``: at most ``SWEEP_BATCH`` transfers."""
         with self._lock:
             db = self._db
+            assert db is not None
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS gone (tid TEXT PRIMARY KEY)")
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS gone (tid TEXT PRIMARY KEY)")
                 db.execute("DELETE FROM gone")
                 db.execute(
                     "INSERT INTO gone SELECT tid FROM transfers WHERE swept = 0 AND "
                     "((ended_ts IS NOT NULL AND ended_ts < ?) OR "
-                    "(ended_ts IS NULL AND (queued_ts IS NULL OR queued_ts < ?)))",
-                    (ended_before, open_before))
+                    "(ended_ts IS NULL AND (queued_ts IS NULL OR queued_ts < ?))) LIMIT ?",
+                    (ended_before, open_before, SWEEP_BATCH))
                 n = 0
                 for state, m in db.execute("SELECT t.state, count(*) FROM gone g JOIN transfers t "
                                            "ON t.tid = g.tid GROUP BY t.state").fetchall():
@@ -212,7 +226,7 @@ class FactStore:
                 db.execute("UPDATE transfers SET swept = 1 WHERE tid IN (SELECT tid FROM gone)")
                 db.execute("DELETE FROM transfers WHERE swept = 1 AND "
                            "(state != ? OR queued_ts IS NULL OR queued_ts < ?)",
-                           (DELIVERED, now - horizon))
+                           (DELIVERED, memory_before))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

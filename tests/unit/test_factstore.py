@@ -6,6 +6,7 @@ import sqlite3
 import pytest
 
 from maildrop import events as E
+from maildrop import factstore
 from maildrop.errors import InvalidEvent, MaildropError
 from maildrop.events import make_fact, parse_event
 from maildrop.factstore import FactStore
@@ -138,6 +139,16 @@ def test_a_sweep_gives_the_pages_it_freed_back_to_the_file_system(tmp_path, stor
         assert db.execute("PRAGMA freelist_count").fetchone()[0] == 0
         assert db.execute("PRAGMA page_count").fetchone()[0] < full / 2
     assert store.counts() == {"queued": 1} and store.delivered(tids[0])
+
+
+def test_a_sweep_bigger_than_a_batch_drops_all_in_several_transactions(monkeypatch, tmp_path, store):
+    monkeypatch.setattr(factstore, "SWEEP_BATCH", 4)
+    tids = [f"{i:032x}" for i in range(10)]
+    store.put([f for t in tids for f in (_queued(t), _receipt(t))] + [_queued("f" * 32, T0 + 50)])
+    assert store.sweep(T0 + 20, keep=15, horizon=DAY) == 10  # batches of 4, 4, 2
+    assert all(store.facts_of(t) == [] and store.delivered(t) for t in tids)
+    assert store.counts() == _scanned(tmp_path / "facts.sqlite") == {"queued": 1}
+    assert store.sweep(T0 + 20, keep=15, horizon=DAY) == 0
 
 
 def test_since_follows_what_was_added(store):
