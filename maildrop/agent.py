@@ -342,6 +342,7 @@ class Agent:
         self._snapshot_count = self.log.snapshot_count
         self._snapshot_at = time.monotonic()
         self._snapshotting: threading.Thread | None = None
+        self._sweeping: threading.Thread | None = None  # started and read by the main thread only
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -380,7 +381,7 @@ class Agent:
         if new:
             log.info("agent.announced events=%d", len(new))
         self.log.checkpoint_if_old(self.key, self.me, time.time())
-        self.sweep_history()
+        self._sweep_soon()
         self.custodian.adopt(self.custody.recover())
         self.control.start()  # saved holds apply before the custody service plans
         self.custodian.serving()
@@ -540,7 +541,7 @@ class Agent:
         while not self.stop.wait(STATUS_EVERY if wd is None else min(STATUS_EVERY, wd)):
             if time.monotonic() >= next_history:
                 next_history = time.monotonic() + HISTORY_SWEEP_EVERY
-                self.sweep_history()
+                self._sweep_soon()
             if reload is not None and reload.is_set():
                 reload.clear()
                 applied = self.reload()
@@ -622,6 +623,9 @@ class Agent:
         self._notice_senders.shutdown(wait=True, cancel_futures=True)
         self.write_status(running=False)
         self._snapshot_due(stopping=True)
+        sweeper = self._sweeping
+        if sweeper is not None:
+            sweeper.join(10.0)  # it stops after its batch (``sweep_history``)
         self.notices.close()
         self.log.close()
         logging.getLogger("maildrop").removeHandler(self._errors)
@@ -1100,15 +1104,25 @@ class Agent:
                               "%.0f s (or at the next start)", len(batch), BROKEN_RETRY)
                 unfinished_since = time.monotonic()
 
+    def _sweep_soon(self) -> None:
+        """Start ``sweep_history`` on a ``history-sweep`` thread unless one still runs: a
+        store mostly past its window takes a while to sweep (~75 s for 800,000 transfers),
+        and neither the start nor the main loop's watchdog pings may wait for it."""
+        if self._sweeping is not None and self._sweeping.is_alive():
+            return
+        self._sweeping = threading.Thread(target=self.sweep_history, name="history-sweep", daemon=True)
+        self._sweeping.start()
+
     def sweep_history(self) -> int:
         """Retention (``history.keep``): drop the facts of transfers that ended longer ago,
         and the exactly-once memory past its horizon (``transfers.expire_after`` +
         ``transfers.STALE_MARGIN``, the age from which offers are refused as ``stale``).
-        Runs at start and every ``HISTORY_SWEEP_EVERY`` s; a failure is logged, never fatal."""
+        Runs on its own thread (``_sweep_soon``) at start and every ``HISTORY_SWEEP_EVERY`` s,
+        in batches; a stop ends it after its batch. A failure is logged, never fatal."""
         t0 = time.monotonic()
         try:
             n = self.log.facts.sweep(time.time(), self.config.history_keep,
-                                     self.config.expire_after + STALE_MARGIN)
+                                     self.config.expire_after + STALE_MARGIN, until=self.stop.is_set)
         except Exception:
             log.exception("history.sweep.failed")
             return 0

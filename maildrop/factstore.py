@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from . import events as E
@@ -181,7 +181,8 @@ class FactStore:
         self._db.execute("INSERT INTO counts (state, n) VALUES (?, ?) "
                          "ON CONFLICT (state) DO UPDATE SET n = n + excluded.n", (state, n))
 
-    def sweep(self, now: float, keep: float, horizon: float | None = None) -> int:
+    def sweep(self, now: float, keep: float, horizon: float | None = None,
+              until: Callable[[], bool] | None = None) -> int:
         """Retention: drop the facts of transfers that ended more than ``keep`` seconds ago,
         and of transfers queued more than ``max(keep, horizon)`` ago that never ended here
         (a middle relay never hears the receipt; by then no copy is anywhere). A delivered
@@ -191,8 +192,9 @@ class FactStore:
         on; a crash leaves the batches done, the next sweep does the rest); after each the
         free pages are given back to the file system (``incremental_vacuum``, its own
         transaction: a file made with ``auto_vacuum`` shrinks to what the window holds; an
-        older file keeps its free pages for reuse). Returns how many transfers' facts were
-        dropped."""
+        older file keeps its free pages for reuse). ``until``: asked between batches; True
+        ends the sweep there (the agent stops; the next sweep does the rest). Returns how
+        many transfers' facts were dropped."""
         if self._db is None or self.readonly:
             return 0
         horizon = keep if horizon is None else horizon
@@ -200,7 +202,7 @@ class FactStore:
         while True:
             n = self._sweep_batch(now - keep, now - max(keep, horizon), now - horizon)
             total += n
-            if n < SWEEP_BATCH:
+            if n < SWEEP_BATCH or (until is not None and until()):
                 return total
 
     def _sweep_batch(self, ended_before: float, open_before: float, memory_before: float) -> int:
