@@ -98,8 +98,16 @@ def test_4_log_json_carries_every_field_as_a_key(make_net):
     and the values are the raw ones (the newline is a newline, not an escape)."""
     net = make_net(["NodeA", "NodeB"], [("NodeA", "NodeB")], settings={"log": {"json": True}})
     refused, got = drop_both(net)
-    logs = {n: [json.loads(ln) for ln in net[n].log_path.read_text().splitlines()]
-            for n in ("NodeA", "NodeB")}
+
+    def read() -> dict[str, list[dict]]:
+        return {n: [json.loads(ln) for ln in net[n].log_path.read_text().splitlines()]
+                for n in ("NodeA", "NodeB")}
+    # NodeA logs relay.hop.done once B's answer is back, which may be after the file is in
+    # B's inbox: wait for that line rather than read the logs once.
+    def done_logged() -> dict[str, list[dict]] | None:
+        logs = read()
+        return logs if any(r.get("event") == "relay.hop.done" for r in logs["NodeA"]) else None
+    logs = wait_until(done_logged, 30, "NodeA to log relay.hop.done")
     [r] = [r for r in logs["NodeA"] if r.get("event") == "outbox.refused"]
     assert r["path"] == str(refused) and r["reason"] == "unsafe-name" and r["level"] == "warning"
     assert r["msg"].startswith(f"outbox.refused path={refused} reason=unsafe-name")
